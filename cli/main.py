@@ -1,0 +1,104 @@
+"""The `l4q` command: parse options, call the library, print. No logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from llama4_quant import __version__
+from llama4_quant.errors import L4QError
+
+
+def one_line_errors(fn):
+    """Turn the library's user-facing errors into one line on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except L4QError as exc:
+            click.echo(f"l4q: error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("l4q: interrupted; rerun with --resume to continue", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9, '512MiB' -> 512 * 2**20, '1000' -> 1000 bytes."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size such as 5GB, 500MB or 2GiB")
+    unit = (m.group(2) or "").upper()
+    factor = 1024 ** "KMGT".index(unit[0]) * 1024 if "I" in unit else _UNITS[unit[:1]]
+    return int(float(m.group(1)) * factor)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="l4q")
+def main() -> None:
+    """l4q: turn BF16 Llama 4 checkpoints into quantized derivatives."""
+
+
+@main.command()
+@click.option("--model", "model", required=True, help="Source: a model directory, a hub repo id, or a preset (tiny, tiny-maverick, scout, maverick).")
+@click.option("--to", "scheme", required=True, type=click.Choice(["int4", "int8", "fp8"]), help="Quantization scheme.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output directory [default: ./<model>-<scheme>].")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
+@click.option("--ignore", multiple=True, metavar="REGEX", help="Keep matching Linear modules BF16 (regex matched from the start of the module name, e.g. '.*self_attn.*'). Repeatable.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished shard.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (or discard an interrupted one).")
+@click.option("--device", default="auto", show_default=True, help="Where the kernels run: auto, cpu, cuda, cuda:N.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@one_line_errors
+def quantize(model, scheme, out, max_shard_size, ignore, resume, overwrite, device, quiet):
+    """Stream a BF16 Llama 4 checkpoint into an int4 / int8 / FP8 compressed-tensors checkpoint."""
+    from llama4_quant import pipeline, sources
+
+    src = sources.resolve(model)
+    out = out or Path(f"{Path(src.label).name}-{scheme}")
+    result = pipeline.quantize(
+        src, out, scheme, ignore=ignore, max_shard_size=parse_size(max_shard_size),
+        resume=resume, overwrite=overwrite, device=device, show_progress=not quiet,
+    )
+    if not quiet:
+        click.echo(
+            f"wrote {result.out}: {result.plan.quantized_modules()} modules quantized to {scheme}, "
+            f"{human_bytes(result.source_bytes)} -> {human_bytes(result.output_bytes)} in {len(result.plan.shards)} shards"
+            + (f" ({result.shards_resumed} resumed)" if result.shards_resumed else "")
+        )
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@one_line_errors
+def inspect(model, as_json):
+    """Summarize a Llama 4 checkpoint: architecture, tensors by role, predicted output sizes."""
+    from llama4_quant import inspection, sources
+
+    report = inspection.inspect(sources.resolve(model))
+    click.echo(json.dumps(report, indent=2) if as_json else inspection.format_report(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""Streaming safetensors I/O: a validating reader of sharded checkpoints and a shard writer.
+
+Neither side maps files into memory. The reader parses headers itself and reads tensors (or one
+expert's slice of a fused tensor) with positioned reads, so resident memory is what is in flight,
+not what was touched; mapped pages would count towards the process's resident size and grow with
+the model. The writer knows every tensor of a shard up front, writes the header first and then
+appends each tensor's bytes as it arrives, so a shard is never held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CorruptCheckpointError, NonFiniteWeightError, SourceNotFoundError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# safetensors dtype name -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "BF16": (torch.bfloat16, 2),
+    "F16": (torch.float16, 2),
+    "F32": (torch.float32, 4),
+    "F64": (torch.float64, 8),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "I16": (torch.int16, 2),
+    "I32": (torch.int32, 4),
+    "I64": (torch.int64, 8),
+    "BOOL": (torch.bool, 1),
+}
+TORCH_TO_ST = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are: enough to read it, or any slice along dim 0, later."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute offset of the first byte in `file`
+    nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """Parse and validate a safetensors header; returns (entries, absolute data start).
+
+    Catches truncation (data shorter than the header promises), garbage headers, overlapping or
+    gapped tensors and sizes that disagree with shapes, before anything is written anywhere.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CorruptCheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(MAX_HEADER_BYTES, size - 8):
+                raise CorruptCheckpointError(
+                    f"{path}: corrupt or truncated safetensors file (header length {header_len}, file {size} bytes)"
+                )
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    data_len = size - data_start
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            itemsize = DTYPES[dtype][1]
+            numel = math.prod(int(d) for d in shape)
+        except (KeyError, TypeError, ValueError):
+            raise CorruptCheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
+        if end - begin != numel * itemsize or begin < 0:
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} {dtype}")
+        spans.append((begin, end, name))
+    spans.sort()
+    expected = 0
+    for begin, end, name in spans:
+        if begin != expected:
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} does not follow the previous one (gap or overlap)")
+        expected = end
+    if expected > data_len:
+        raise CorruptCheckpointError(
+            f"{path}: truncated safetensors file (header promises {expected} bytes of data, file holds {data_len})"
+        )
+    if expected < data_len:
+        raise CorruptCheckpointError(f"{path}: {data_len - expected} unexpected trailing bytes after the tensors")
+    return header, data_start
+
+
+class Checkpoint:
+    """A sharded (or single-file) safetensors checkpoint, validated and listed in storage order.
+
+    Storage order is shard by shard as the index names them (sorted by file name), and within a shard
+    by data offset: the order the base's bytes lie on disk, which derivatives keep.
+    """
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir)
+        index_path = self.dir / INDEX_NAME
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                raise CorruptCheckpointError(f"{index_path}: not a valid safetensors index (no weight_map)") from None
+        elif (self.dir / SINGLE_NAME).is_file():
+            header, _ = read_header(self.dir / SINGLE_NAME)
+            weight_map = {name: SINGLE_NAME for name in header}
+        else:
+            raise SourceNotFoundError(f"{self.dir}: no {INDEX_NAME} or {SINGLE_NAME} (no safetensors weights)")
+
+        files = sorted(set(weight_map.values()))
+        for file in files:
+            if not (self.dir / file).is_file():
+                raise CorruptCheckpointError(f"{index_path}: names shard {file}, which does not exist in {self.dir}")
+        self.tensors: list[TensorInfo] = []
+        for file in files:
+            path = self.dir / file
+            header, data_start = read_header(path)
+            wanted = {n for n, f in weight_map.items() if f == file}
+            missing = wanted - header.keys()
+            if missing:
+                raise CorruptCheckpointError(f"{index_path}: tensor {sorted(missing)[0]} is not in {file}")
+            entries = sorted((header[n]["data_offsets"][0], n) for n in wanted)
+            for _, name in entries:
+                e = header[name]
+                begin, end = e["data_offsets"]
+                self.tensors.append(
+                    TensorInfo(name, e["dtype"], tuple(int(d) for d in e["shape"]), path, data_start + begin, end - begin)
+                )
+        self.by_name = {t.name: t for t in self.tensors}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def _pread_exact(path: Path, offset: int, nbytes: int) -> bytearray:
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise CorruptCheckpointError(f"{path}: file ended while reading (was it truncated during the run?)")
+            done += n
+    finally:
+        os.close(fd)
+    return buf
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """The whole tensor, read into fresh memory (no mapping)."""
+    buf = _pread_exact(info.file, info.offset, info.nbytes)
+    return torch.frombuffer(buf, dtype=DTYPES[info.dtype][0]).reshape(info.shape) if info.nbytes else torch.empty(
+        info.shape, dtype=DTYPES[info.dtype][0]
+    )
+
+
+def read_slice(info: TensorInfo, index: int) -> torch.Tensor:
+    """`tensor[index]` along dim 0 (one expert of a fused [E, ...] tensor), reading only its bytes."""
+    per = info.nbytes // info.shape[0]
+    buf = _pread_exact(info.file, info.offset + index * per, per)
+    return torch.frombuffer(buf, dtype=DTYPES[info.dtype][0]).reshape(info.shape[1:])
+
+
+def iter_raw_chunks(info: TensorInfo, chunk_bytes: int = 64 * 1024 * 1024) -> Iterator[bytes]:
+    """The tensor's bytes in bounded chunks, for byte-identical copies of unquantized tensors."""
+    step = max(chunk_bytes - chunk_bytes % info.itemsize, info.itemsize)
+    for start in range(0, info.nbytes, step):
+        yield bytes(_pread_exact(info.file, info.offset + start, min(step, info.nbytes - start)))
+
+
+def count_non_finite(raw: bytes, dtype: str) -> int:
+    """NaN/Inf count of a raw little-endian float buffer; 0 for integer dtypes."""
+    if dtype not in FLOAT_DTYPES and not dtype.startswith("F8"):
+        return 0
+    if dtype == "BF16":
+        bits = np.frombuffer(raw, dtype=np.uint16)
+        return int(np.count_nonzero((bits & 0x7F80) == 0x7F80))
+    if dtype == "F8_E4M3":  # e4m3fn has no Inf; NaN is S.1111.111
+        return int(np.count_nonzero((np.frombuffer(raw, dtype=np.uint8) & 0x7F) == 0x7F))
+    if dtype == "F8_E5M2":
+        return int(np.count_nonzero((np.frombuffer(raw, dtype=np.uint8) & 0x7C) == 0x7C))
+    values = np.frombuffer(raw, dtype={"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype])
+    return int(values.size - np.count_nonzero(np.isfinite(values)))
+
+
+def check_raw_finite(raw: bytes, dtype: str, name: str) -> None:
+    bad = count_non_finite(raw, dtype)
+    if bad:
+        raise NonFiniteWeightError(f"{name}: {bad} non-finite values (NaN/Inf) in the source weight")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A tensor as it will appear in an output shard."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+def encode_header(entries: list[TensorEntry], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length plus JSON header of a safetensors file with `entries` in this order."""
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's little-endian bytes without a copy where it is already contiguous on the CPU."""
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+
+
+class ShardWriter:
+    """Writes one safetensors shard: header first, then each tensor's bytes in the declared order.
+
+    Writes to `<name>.tmp` and renames on `close()`, so a shard that exists is complete.
+    """
+
+    def __init__(self, path: Path, entries: list[TensorEntry]):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.entries = entries
+        self._next = 0
+        self._written = 0  # bytes of the current tensor so far
+        self._file = open(self.tmp, "wb")
+        self._file.write(encode_header(entries))
+
+    def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
+        """Append (part of) the next tensor's bytes; a tensor may arrive in several chunks."""
+        if self._next >= len(self.entries):
+            raise RuntimeError(f"{self.path.name}: unexpected tensor {name}")
+        entry = self.entries[self._next]
+        if name != entry.name:
+            raise RuntimeError(f"{self.path.name}: got {name}, expected {entry.name}")
+        if isinstance(data, torch.Tensor):
+            if TORCH_TO_ST.get(data.dtype) != entry.dtype or tuple(data.shape) != entry.shape:
+                raise RuntimeError(
+                    f"{name}: produced {data.dtype} {list(data.shape)}, planned {entry.dtype} {list(entry.shape)}"
+                )
+            data = tensor_bytes(data)
+        self._file.write(data)
+        self._written += len(data)
+        if self._written > entry.nbytes:
+            raise RuntimeError(f"{name}: more bytes than planned")
+        if self._written == entry.nbytes:
+            self._next += 1
+            self._written = 0
+
+    def close(self) -> None:
+        if self._next != len(self.entries):
+            raise RuntimeError(f"{self.path.name}: closed after {self._next} of {len(self.entries)} tensors")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write small in-memory tensors as one shard (tests, synthetic checkpoints)."""
+    entries = [TensorEntry(n, TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
+    writer = ShardWriter(path, entries)
+    for n, t in tensors.items():
+        writer.write(n, t)
+    writer.close()
+
+
+def write_index(model_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """`model.safetensors.index.json` as transformers writes it (keys sorted)."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(model_dir) / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

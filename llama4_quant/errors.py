@@ -1,0 +1,41 @@
+"""One exception type per user-facing failure kind.
+
+The CLI turns every `L4QError` into one line on stderr and a non-zero exit; anything else is a bug
+and keeps its traceback.
+"""
+
+
+class L4QError(Exception):
+    """Base class: a failure the user can act on, with a message that says what and where."""
+
+
+class SourceNotFoundError(L4QError):
+    """A local path, preset or hub repo that cannot be found or is not downloaded."""
+
+
+class NotLlama4Error(L4QError):
+    """The config describes some other architecture."""
+
+
+class CorruptCheckpointError(L4QError):
+    """A safetensors file or index that is truncated, malformed or inconsistent."""
+
+
+class ShapeMismatchError(L4QError):
+    """A tensor whose shape disagrees with what the config implies."""
+
+
+class NonFiniteWeightError(L4QError):
+    """A source weight holds NaN or Inf."""
+
+
+class OutputExistsError(L4QError):
+    """The output (or an interrupted run of it) is already there."""
+
+
+class ResumeMismatchError(L4QError):
+    """--resume on a partial output made from another source or other options."""
+
+
+class UsageError(L4QError):
+    """Options that contradict each other or the model."""

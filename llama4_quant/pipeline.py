@@ -1,0 +1,380 @@
+"""Plan and run a streaming quantization: source checkpoint -> compressed-tensors directory.
+
+The plan is computed from headers alone: every output tensor's name, dtype and shape, grouped into
+units of work (one tensor, or one expert's three projections) and units into size-bounded shards.
+Running it reads one unit's source bytes at a time, so memory is bounded by the largest expert slice,
+and writes each shard header-first. Shards are finished atomically and recorded in a progress file,
+so an interrupted run resumes at the first unfinished shard and yields the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import __version__, arch
+from .arch import Llama4Spec
+from .checkpoint import (
+    INDEX_NAME,
+    Checkpoint,
+    ShardWriter,
+    TensorEntry,
+    TensorInfo,
+    check_raw_finite,
+    iter_raw_chunks,
+    read_slice,
+    read_tensor,
+    write_index,
+)
+from .errors import CorruptCheckpointError, L4QError, OutputExistsError, ResumeMismatchError, UsageError
+from .formats import compressed_tensors as ct
+from .schemes import check_finite
+from .sources import Source
+
+PROGRESS_NAME = ".l4q-progress.json"
+PARTIAL_SUFFIX = ".l4q-partial"
+DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3
+# Non-weight files worth carrying over (tokenizer, chat template, generation and processor configs,
+# licence terms). The base's README is not: a derivative gets its own model card.
+SKIPPED_FILES = {"config.json", INDEX_NAME, "README.md"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One step of streaming work: read `sources`, emit `outputs` in order.
+
+    kind "copy": one tensor copied byte for byte; "linear": one Linear quantized;
+    "expert": expert `expert` of a fused MoE layer, read as its slices of gate_up_proj and down_proj
+    and written as three unfused modules (quantized, or BF16 when ignored).
+    """
+
+    kind: str
+    sources: tuple[TensorInfo, ...]
+    outputs: tuple[TensorEntry, ...]
+    module: str = ""
+    expert: int = -1
+    quantize: bool = True
+
+    @property
+    def source_bytes(self) -> int:
+        if self.kind == "expert":
+            return sum(s.nbytes // s.shape[0] for s in self.sources)
+        return sum(s.nbytes for s in self.sources)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(e.nbytes for e in self.outputs)
+
+
+@dataclass
+class Plan:
+    spec: Llama4Spec
+    scheme: ct.Scheme
+    ignore: list[str]
+    units: list[Unit]
+    shards: list[list[Unit]] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    @property
+    def shard_names(self) -> list[str]:
+        n = len(self.shards)
+        return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(u.source_bytes for u in self.units)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(u.output_bytes for u in self.units)
+
+    def quantized_modules(self) -> int:
+        return sum(3 if u.kind == "expert" else 1 for u in self.units if u.kind != "copy" and u.quantize)
+
+    def fingerprint(self, source_dir: Path) -> str:
+        """Identifies the source bytes' layout, the options and the output layout, for --resume."""
+        h = hashlib.sha256()
+        h.update(json.dumps([__version__, self.scheme.name, self.ignore, self.config], sort_keys=True).encode())
+        for s in sorted({s.file for u in self.units for s in u.sources}):
+            h.update(f"{s.name}:{s.stat().st_size}:{int(s.stat().st_mtime)}\n".encode())
+        for name, shard in zip(self.shard_names, self.shards):
+            for u in shard:
+                for e in u.outputs:
+                    h.update(f"{name}:{e.name}:{e.dtype}:{e.shape}\n".encode())
+        return h.hexdigest()
+
+
+def validate_checkpoint(ckpt: Checkpoint, spec: Llama4Spec) -> None:
+    """Every tensor the config implies is there, with the shape it implies."""
+    for name in arch.expected_tensor_names(spec):
+        if name not in ckpt.by_name:
+            raise CorruptCheckpointError(f"{ckpt.dir}: tensor {name} is missing from the checkpoint")
+    for info in ckpt.tensors:
+        arch.check_shape(info.name, arch.classify(info.name, spec), info.shape)
+
+
+def build_plan(
+    ckpt: Checkpoint,
+    spec: Llama4Spec,
+    scheme: ct.Scheme,
+    ignore: list[str] | tuple[str, ...] = (),
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    config: dict | None = None,
+) -> Plan:
+    """Decide every output tensor from headers alone, in the source's storage order."""
+    ignore = list(ct.ALWAYS_IGNORED) + [p.removeprefix("re:") for p in ignore]
+    units: list[Unit] = []
+    experts_done: set[int] = set()
+    for info in ckpt.tensors:
+        role = arch.classify(info.name, spec)
+        if role.role in arch.EXPERT_ROLES:
+            if role.layer not in experts_done:
+                experts_done.add(role.layer)
+                units += _expert_units(ckpt, spec, scheme, ignore, role.layer)
+            continue
+        module = info.name.removesuffix(".weight")
+        if (
+            role.role in arch.LINEAR_ROLES
+            and not ct.ignore_matches(ignore, module)
+            and ct.can_quantize(scheme, *info.shape)
+        ):
+            outputs = ct.linear_entries(module, info.shape[0], info.shape[1], scheme)
+            units.append(Unit("linear", (info,), tuple(outputs), module=module))
+        else:
+            if role.role in arch.LINEAR_ROLES and not ct.ignore_matches(ignore, module):
+                ignore.append(re_exact(module))  # cannot take this scheme's layout: keep it BF16
+            units.append(Unit("copy", (info,), (TensorEntry(info.name, info.dtype, info.shape),), quantize=False))
+    plan = Plan(spec, scheme, ignore, units, config=config or {})
+    plan.shards = _split_shards(units, max_shard_size)
+    return plan
+
+
+def re_exact(module: str) -> str:
+    """An ignore pattern for exactly this module, also under the text-only model's names."""
+    return ".*" + module.replace("language_model.model.", "").replace("model.layers.", "layers.").replace(".", "\\.") + "$"
+
+
+def _expert_units(ckpt: Checkpoint, spec: Llama4Spec, scheme: ct.Scheme, ignore: list[str], layer: int) -> list[Unit]:
+    base = f"{spec.layer_prefix}{layer}.feed_forward.experts"
+    gate_up, down = ckpt.by_name[f"{base}.gate_up_proj"], ckpt.by_name[f"{base}.down_proj"]
+    h, inter = spec.hidden_size, spec.intermediate_size
+    units = []
+    for i in range(spec.num_experts):
+        mods = [(f"{base}.{i}.gate_proj", inter, h), (f"{base}.{i}.up_proj", inter, h), (f"{base}.{i}.down_proj", h, inter)]
+        ignored = [ct.ignore_matches(ignore, m) for m, _, _ in mods]
+        if any(ignored) and not all(ignored):
+            raise UsageError(f"--ignore matches only some projections of {base}.{i}; an expert's three must share one scheme")
+        quantize = not ignored[0] and all(ct.can_quantize(scheme, o, n) for _, o, n in mods)
+        outputs = []
+        for module, o, n in mods:
+            outputs += ct.linear_entries(module, o, n, scheme) if quantize else [TensorEntry(f"{module}.weight", gate_up.dtype, (o, n))]
+            if not quantize and not ignored[0]:
+                ignore.append(re_exact(module))
+        units.append(Unit("expert", (gate_up, down), tuple(outputs), module=base, expert=i, quantize=quantize))
+    return units
+
+
+def _split_shards(units: list[Unit], max_shard_size: int) -> list[list[Unit]]:
+    """Greedy, in order; a unit is never split across shards (one expert's tensors stay together)."""
+    shards: list[list[Unit]] = [[]]
+    size = 0
+    for unit in units:
+        if shards[-1] and size + unit.output_bytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(unit)
+        size += unit.output_bytes
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def _produce(unit: Unit, scheme: ct.Scheme, device: torch.device):
+    """Yield (name, tensor-or-bytes) for the unit's outputs, in planned order."""
+    if unit.kind == "copy":
+        (info,) = unit.sources
+        for chunk in iter_raw_chunks(info):
+            check_raw_finite(chunk, info.dtype, info.name)
+            yield info.name, chunk
+        return
+    if unit.kind == "linear":
+        (info,) = unit.sources
+        weight = read_tensor(info).to(device)
+        check_finite(weight, info.name)
+        yield from ct.encode_linear(unit.module, weight, scheme)
+        return
+    gate_up_info, down_info = unit.sources
+    i, inter = unit.expert, gate_up_info.shape[2] // 2
+    gate_up = read_slice(gate_up_info, i).to(device)  # [hidden, 2 * inter], gate first
+    check_finite(gate_up, f"{gate_up_info.name}[{i}]")
+    slices = [("gate_proj", gate_up[:, :inter].T), ("up_proj", gate_up[:, inter:].T)]
+    for proj, weight in slices + [("down_proj", None)]:
+        if weight is None:
+            del gate_up, slices
+            weight = read_slice(down_info, i).to(device).T  # [hidden, inter]
+            check_finite(weight, f"{down_info.name}[{i}]")
+        module = f"{unit.module}.{i}.{proj}"
+        if unit.quantize:
+            yield from ct.encode_linear(module, weight, scheme)
+        else:
+            yield f"{module}.weight", weight.contiguous().cpu()
+        del weight
+
+
+def _load_progress(partial: Path) -> dict:
+    try:
+        return json.loads((partial / PROGRESS_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_progress(partial: Path, progress: dict) -> None:
+    tmp = partial / (PROGRESS_NAME + ".tmp")
+    tmp.write_text(json.dumps(progress, indent=1))
+    os.replace(tmp, partial / PROGRESS_NAME)
+
+
+def _prepare_partial(out: Path, fingerprint: str, resume: bool, overwrite: bool) -> tuple[Path, dict]:
+    partial = out.with_name(out.name + PARTIAL_SUFFIX)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    if partial.exists():
+        progress = _load_progress(partial)
+        if resume:
+            if progress.get("fingerprint") != fingerprint:
+                raise ResumeMismatchError(
+                    f"{partial} was started from another source or with other options; "
+                    "rerun with the same options, or pass --overwrite instead of --resume to start over"
+                )
+            for stray in partial.glob("*.tmp"):
+                stray.unlink()
+            return partial, progress
+        if not overwrite:
+            raise OutputExistsError(
+                f"an interrupted run left {partial}; pass --resume to continue it or --overwrite to start over"
+            )
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    progress = {"fingerprint": fingerprint, "done": []}
+    _save_progress(partial, progress)
+    return partial, progress
+
+
+def _copy_extra_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.name not in SKIPPED_FILES and not path.name.startswith(".") and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copyfile(path, dst / path.name)
+            copied.append(path.name)
+    return copied
+
+
+@dataclass
+class QuantizeResult:
+    out: Path
+    plan: Plan
+    shards_written: int
+    shards_resumed: int
+    source_bytes: int
+    output_bytes: int
+
+
+def quantize(
+    source: Source,
+    out: Path,
+    scheme_name: str,
+    *,
+    ignore: tuple[str, ...] = (),
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    show_progress: bool = True,
+) -> QuantizeResult:
+    """Stream `source` into a compressed-tensors checkpoint at `out`; `out` appears only when complete."""
+    scheme = ct.get_scheme(scheme_name)
+    config = arch.load_config(source.path)
+    spec = arch.spec_from_config(config, str(source.path / "config.json"))
+    ckpt = Checkpoint(source.path)
+    validate_checkpoint(ckpt, spec)
+    plan = build_plan(ckpt, spec, scheme, ignore, max_shard_size, config)
+    dev = resolve_device(device)
+    out = Path(out).absolute()
+    partial, progress = _prepare_partial(out, plan.fingerprint(source.path), resume, overwrite)
+    done = set(progress["done"])
+    try:
+        written = _write_shards(plan, partial, progress, dev, show_progress)
+        _finish(plan, source.path, partial)
+    except L4QError:
+        # Bad input: resuming would hit the same error, so leave nothing behind.
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _move_into_place(partial, out)
+    return QuantizeResult(out, plan, written, len(done), plan.source_bytes, plan.output_bytes)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def _write_shards(plan: Plan, partial: Path, progress: dict, device: torch.device, show_progress: bool) -> int:
+    done = set(progress["done"])
+    written = 0
+    with tqdm(
+        total=plan.source_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress,
+        desc="quantize", dynamic_ncols=True,
+    ) as bar:
+        for name, shard in zip(plan.shard_names, plan.shards):
+            entries = [e for u in shard for e in u.outputs]
+            if name in done and (partial / name).is_file():
+                bar.update(sum(u.source_bytes for u in shard))
+                continue
+            writer = ShardWriter(partial / name, entries)
+            try:
+                for unit in shard:
+                    for tensor_name, data in _produce(unit, plan.scheme, device):
+                        writer.write(tensor_name, data)
+                    bar.update(unit.source_bytes)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            progress["done"].append(name)
+            _save_progress(partial, progress)
+            written += 1
+    return written
+
+
+def _finish(plan: Plan, source_dir: Path, partial: Path) -> None:
+    weight_map = {e.name: name for name, shard in zip(plan.shard_names, plan.shards) for u in shard for e in u.outputs}
+    write_index(partial, weight_map, plan.output_bytes)
+    config = dict(plan.config)
+    config["quantization_config"] = ct.quantization_config(plan.scheme, plan.ignore)
+    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _copy_extra_files(source_dir, partial)
+    (partial / PROGRESS_NAME).unlink()
+
+
+def _move_into_place(partial: Path, out: Path) -> None:
+    if out.exists():  # --overwrite: swap, then drop the old output
+        old = out.with_name(out.name + ".l4q-old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, out)

@@ -1,0 +1,102 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from llama4_quant.checkpoint import Checkpoint, ShardWriter, TensorEntry, read_slice, read_tensor, write_safetensors
+from llama4_quant.errors import CorruptCheckpointError
+
+
+def test_reader_matches_safetensors_library(small_model):
+    ckpt = Checkpoint(small_model)
+    assert len({t.file for t in ckpt.tensors}) >= 3
+    for info in ckpt.tensors:
+        with safe_open(info.file, "pt") as f:
+            ref = f.get_tensor(info.name)
+        assert torch.equal(read_tensor(info), ref)
+        if ref.dim() == 3:
+            for e in (0, ref.shape[0] - 1):
+                assert torch.equal(read_slice(info, e), ref[e])
+
+
+def test_storage_order_is_file_then_offset(small_model):
+    ckpt = Checkpoint(small_model)
+    keys = [(t.file.name, t.offset) for t in ckpt.tensors]
+    assert keys == sorted(keys)
+
+
+def test_writer_output_loads_with_safetensors(tmp_path):
+    tensors = {
+        "b": torch.arange(6, dtype=torch.int32).reshape(2, 3),
+        "a": torch.randn(4, 8).to(torch.bfloat16),
+        "c": torch.tensor([3.0, -1.0]).to(torch.float8_e4m3fn),
+    }
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    loaded = load_file(tmp_path / "x.safetensors")
+    for name, t in tensors.items():
+        assert torch.equal(loaded[name].view(torch.uint8), t.view(torch.uint8))
+
+
+def test_writer_accepts_chunks_and_rejects_surprises(tmp_path):
+    entries = [TensorEntry("w", "BF16", (4, 4))]
+    w = ShardWriter(tmp_path / "a.safetensors", entries)
+    data = torch.ones(4, 4, dtype=torch.bfloat16)
+    raw = bytes(data.view(torch.uint8).numpy())
+    w.write("w", raw[:10])
+    w.write("w", raw[10:])
+    w.close()
+    assert torch.equal(load_file(tmp_path / "a.safetensors")["w"], data)
+    w = ShardWriter(tmp_path / "b.safetensors", entries)
+    with pytest.raises(RuntimeError):
+        w.write("other", data)
+    with pytest.raises(RuntimeError):
+        w.write("w", torch.ones(4, 5, dtype=torch.bfloat16))
+    w.abort()
+    assert not list(tmp_path.glob("b.safetensors*"))
+
+
+def _first_shard(path):
+    return sorted(path.glob("*.safetensors"))[0]
+
+
+def test_truncated_shard(model_copy):
+    shard = _first_shard(model_copy)
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        Checkpoint(model_copy)
+
+
+def test_garbage_header(model_copy):
+    shard = _first_shard(model_copy)
+    raw = bytearray(shard.read_bytes())
+    raw[8:20] = b"\xff" * 12
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match="corrupt"):
+        Checkpoint(model_copy)
+
+
+def test_absurd_header_length(model_copy):
+    shard = _first_shard(model_copy)
+    raw = bytearray(shard.read_bytes())
+    raw[:8] = struct.pack("<Q", 1 << 60)
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError):
+        Checkpoint(model_copy)
+
+
+def test_index_names_missing_shard(model_copy):
+    _first_shard(model_copy).unlink()
+    with pytest.raises(CorruptCheckpointError, match="does not exist"):
+        Checkpoint(model_copy)
+
+
+def test_index_names_tensor_not_in_shard(model_copy):
+    index_path = model_copy / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["language_model.model.layers.0.ghost.weight"] = sorted(set(index["weight_map"].values()))[0]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CorruptCheckpointError, match="ghost"):
+        Checkpoint(model_copy)
