@@ -1,0 +1,296 @@
+"""Numeric kernels: symmetric int4 / int8 / fp8 weight quantization in the compressed-tensors convention.
+
+Pure torch functions on one weight matrix `w` of shape [out_features, in_features] (any float dtype,
+BF16 in practice). They run on the tensor's own device (CPU or CUDA) and compute in float32.
+
+Convention (compressed-tensors 0.20 symmetric min-max observer, `calculate_qparams` and `_quantize`):
+
+    scale = absmax / (q_range / 2)          q_range = qmax - qmin
+    q     = clamp(round_half_even(w / scale), qmin, qmax)        int4 [-8, 7], int8 [-128, 127]
+    q     = clamp(w / scale, -448, 448).to(float8_e4m3fn)        fp8 (round to nearest even)
+    w'    = q * scale
+
+so int4 divides by 7.5, int8 by 127.5, fp8 by 448. absmax is taken per group of `group_size`
+input columns (int4) or per output row (int8, fp8).
+
+Where l4q deliberately differs from compressed-tensors (its decoders do not care, they only compute
+q * scale):
+
+* The stored scale (`scale_dtype`, BF16 = the model dtype) is rounded *up*: it is the smallest
+  `scale_dtype` value >= max(absmax / (q_range/2), finfo(scale_dtype).tiny). compressed-tensors rounds
+  to nearest, which about half the time lands below absmax / (q_range/2) and makes the clamp cut the
+  group's largest value by more than half a step. Quantizing always uses this stored scale.
+* All-zero (or all-subnormal) groups get scale = finfo(scale_dtype).tiny, a positive normal number,
+  and dequantize to exactly 0 (compressed-tensors replaces a zero scale with finfo.eps).
+* Near the top of the BF16 range, q * scale must stay finite when a decoder multiplies in BF16:
+  int4/int8 clamp at -qmax instead of qmin in groups where |qmin| * scale would overflow
+  `scale_dtype` (this only changes a -7.5 / -127.5 tie, same error), and fp8 steps such a scale
+  one value down (448 * scale overflows; the clamp to 448 then still costs < half an fp8 ulp).
+
+Error bounds, for BF16 or FP16 weights with BF16 scales (the pipeline's case), exactly:
+
+    int4, int8:  |w - q*s| <= s / 2
+    fp8:         |w - q*s| <= max(|w| * 2**-4, s * 2**-10)     (half an e4m3 ulp, subnormals incl.)
+
+No float32 rounding can break them: w / s is a quotient of two 8-bit significands, which is either
+exactly on a rounding midpoint or at least 2**-9 (relative) away from it, far beyond float32's
+2**-24; and q * s is exact in float32. For float32 weights or float32 scales, the float32 division
+and product add at most 2**-22 * (|w| + s) on top.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from .errors import NonFiniteWeightError
+
+INT4_GROUP_SIZE = 128
+INT4_MIN, INT4_MAX = -8, 7
+INT8_MIN, INT8_MAX = -128, 127
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+# Rows are processed in slices of at most this many elements, so quantizing a [16384, 5120] matrix
+# needs one 64 MiB float32 buffer rather than a full-size float32 copy.
+_CHUNK_ELEMENTS = 1 << 24
+
+# Same-width integer views: positive finite floats are ordered like their bit patterns.
+_BITS_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _check_weight(w: Tensor) -> None:
+    if w.ndim != 2:
+        raise ValueError(f"expected a [out_features, in_features] weight, got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"expected a floating-point weight, got {w.dtype}")
+
+
+def _check_groups(in_features: int, group_size: int) -> int:
+    if group_size <= 0 or in_features % group_size != 0:
+        raise ValueError(f"group_size {group_size} must divide in_features {in_features}")
+    return in_features // group_size
+
+
+def _check_scale(scale: Tensor, shape: tuple[int, int]) -> None:
+    if tuple(scale.shape) != shape:
+        raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {shape}")
+    if scale.dtype not in _BITS_VIEW:
+        raise ValueError(f"scale dtype must be one of {list(_BITS_VIEW)}, got {scale.dtype}")
+
+
+def _row_chunks(rows: int, cols: int) -> Iterator[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def _group_absmax(w: Tensor, group_size: int) -> Tensor:
+    """Float32 max |w| over consecutive groups of `group_size` columns: [out, in / group_size]."""
+    lo, hi = torch.aminmax(w.unflatten(-1, (w.shape[-1] // group_size, group_size)), dim=-1)
+    return torch.maximum(hi.float(), lo.float().neg_())
+
+
+def _step(s: Tensor, mask: Tensor, direction: int) -> Tensor:
+    """Move the positive finite entries of `s` selected by `mask` one representable value up (+1) or down (-1)."""
+    bits = s.view(_BITS_VIEW[s.dtype])
+    return torch.where(mask, bits + direction, bits).view(s.dtype)
+
+
+def _symmetric_scale(absmax: Tensor, half_range: float, scale_dtype: torch.dtype) -> Tensor:
+    """Smallest `scale_dtype` value >= max(absmax / half_range, tiny), elementwise.
+
+    The float32 quotient is cast to nearest and stepped up where that landed below the exact
+    quotient; the float64 check `s * half_range < absmax` is exact (both factors have few bits).
+    """
+    if scale_dtype not in _BITS_VIEW:
+        raise ValueError(f"scale_dtype must be one of {list(_BITS_VIEW)}, got {scale_dtype}")
+    if not bool(torch.isfinite(absmax).all()):
+        raise NonFiniteWeightError("the weight holds NaN/Inf values; check it with check_finite() first")
+    finfo = torch.finfo(scale_dtype)
+    s = (absmax / half_range).clamp_(min=finfo.tiny).to(scale_dtype)
+    s = _step(s, s.double() * half_range < absmax.double(), +1)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(
+            f"weights up to {float(absmax.max()):.4g} need scales beyond the {scale_dtype} range "
+            f"(max {finfo.max:.4g}); choose a wider scale dtype"
+        )
+    return s
+
+
+def _quantize_int(w: Tensor, scale: Tensor, group_size: int, qmin: int, qmax: int) -> Tensor:
+    """int8 q = clamp(round_half_even(w / scale), qmin, qmax) per group, one float32 row slice at a time."""
+    rows, cols = w.shape
+    groups = _check_groups(cols, group_size)
+    _check_scale(scale, (rows, groups))
+    s = scale.to(torch.float32).unsqueeze(-1)  # [rows, groups, 1]
+    # Where |qmin| * scale overflows the scale dtype, a decoder computing q * scale in that dtype
+    # would get -Inf for qmin; clamping at -qmax instead only changes the -(qmax + 0.5) tie.
+    overflow = scale.double() * -qmin > torch.finfo(scale.dtype).max
+    low = None
+    if bool(overflow.any()):
+        low = torch.where(overflow, float(-qmax), float(qmin)).to(torch.float32).unsqueeze(-1)
+    q = torch.empty((rows, cols), dtype=torch.int8, device=w.device)
+    for r in _row_chunks(rows, cols):
+        x = w[r].to(torch.float32, copy=True)
+        xg = x.unflatten(-1, (groups, group_size))
+        xg.div_(s[r]).round_().clamp_(qmin, qmax)
+        if low is not None:
+            xg.clamp_(min=low[r])
+        q[r].copy_(x)
+    return q
+
+
+def _dequantize(q: Tensor, scale: Tensor, group_size: int) -> Tensor:
+    """Float32 q * scale, scale broadcast over groups of `group_size` columns."""
+    if q.ndim != 2:
+        raise ValueError(f"expected a [out_features, in_features] tensor, got shape {tuple(q.shape)}")
+    rows, cols = q.shape
+    groups = _check_groups(cols, group_size)
+    _check_scale(scale, (rows, groups))
+    x = q.to(torch.float32)
+    x.unflatten(-1, (groups, group_size)).mul_(scale.to(torch.float32).unsqueeze(-1))
+    return x
+
+
+# ------------------------------------------------------------------------------------------ int4
+
+
+def int4_scales(w: Tensor, group_size: int = INT4_GROUP_SIZE, scale_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Per-group symmetric int4 scales [out, in / group_size] in `scale_dtype`.
+
+    The smallest `scale_dtype` value >= max(absmax / 7.5, tiny): rounding up guarantees the clamp to
+    [-8, 7] never costs more than half a step, and zero groups still get a positive scale.
+    """
+    _check_weight(w)
+    _check_groups(w.shape[1], group_size)
+    return _symmetric_scale(_group_absmax(w, group_size), (INT4_MAX - INT4_MIN) / 2, scale_dtype)
+
+
+def int4_quantize(w: Tensor, scale: Tensor, group_size: int = INT4_GROUP_SIZE) -> Tensor:
+    """int4 values as int8 [out, in] in [-8, 7]: clamp(round_half_even(w / scale)) with the stored scale."""
+    _check_weight(w)
+    return _quantize_int(w, scale, group_size, INT4_MIN, INT4_MAX)
+
+
+def int4_dequantize(q: Tensor, scale: Tensor, group_size: int = INT4_GROUP_SIZE) -> Tensor:
+    """Float32 [out, in] weight q * scale, as vLLM and transformers decode pack-quantized int4."""
+    return _dequantize(q, scale, group_size)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """Pack int8 [out, in] values in [-8, 7] into int32 [out, in / 8] (compressed-tensors pack-quantized).
+
+    Each value is offset by 8 to 0..15; element j goes to word j // 8 at bits 4 * (j % 8), lowest
+    nibble first; words are signed int32. in_features must be a multiple of 8.
+    """
+    if q.dtype != torch.int8 or q.ndim != 2:
+        raise ValueError(f"expected int8 [out_features, in_features] values, got {q.dtype} {tuple(q.shape)}")
+    rows, cols = q.shape
+    if cols % 8 != 0:
+        raise ValueError(f"in_features {cols} must be a multiple of 8 to pack int4 into int32 words")
+    if q.numel() > 0:
+        lo, hi = torch.aminmax(q)
+        if int(lo) < INT4_MIN or int(hi) > INT4_MAX:
+            raise ValueError(f"int4 values must lie in [-8, 7], got [{int(lo)}, {int(hi)}]")
+    # Two nibbles per byte: byte k of a little-endian word holds elements 2k (low) and 2k + 1 (high).
+    packed_bytes = (q[:, 0::2] + 8).view(torch.uint8)
+    packed_bytes |= (q[:, 1::2] + 8).view(torch.uint8).bitwise_left_shift_(4)
+    if sys.byteorder == "big" and packed_bytes.device.type == "cpu":
+        packed_bytes = packed_bytes.view(rows, cols // 8, 4).flip(-1).reshape(rows, cols // 2)
+    return packed_bytes.contiguous().view(torch.int32)
+
+
+def unpack_int4(packed: Tensor, in_features: int) -> Tensor:
+    """Inverse of `pack_int4`: int32 [out, words] -> int8 [out, in_features] in [-8, 7].
+
+    Accepts compressed-tensors' padded words too (in_features not a multiple of 8, trailing nibbles dropped).
+    """
+    if packed.dtype != torch.int32 or packed.ndim != 2:
+        raise ValueError(f"expected int32 [out_features, words], got {packed.dtype} {tuple(packed.shape)}")
+    rows, words = packed.shape
+    if not 8 * (words - 1) < in_features <= 8 * words:
+        raise ValueError(f"{words} packed int32 words per row cannot hold in_features {in_features}")
+    b = packed.contiguous().view(torch.uint8)  # [rows, 4 * words]
+    if sys.byteorder == "big" and b.device.type == "cpu":
+        b = b.view(rows, words, 4).flip(-1).reshape(rows, 4 * words)
+    nibbles = torch.stack((b & 0xF, b >> 4), dim=-1).view(rows, 8 * words)
+    return (nibbles[:, :in_features].view(torch.int8) - 8).contiguous()
+
+
+# ------------------------------------------------------------------------------------------ int8
+
+
+def int8_scales(w: Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Per-output-channel symmetric int8 scales [out, 1]: smallest `scale_dtype` value >= max(absmax / 127.5, tiny)."""
+    _check_weight(w)
+    return _symmetric_scale(_group_absmax(w, w.shape[1]), (INT8_MAX - INT8_MIN) / 2, scale_dtype)
+
+
+def int8_quantize(w: Tensor, scale: Tensor) -> Tensor:
+    """int8 [out, in] in [-128, 127]: clamp(round_half_even(w / scale)) with the stored per-row scale."""
+    _check_weight(w)
+    return _quantize_int(w, scale, w.shape[1], INT8_MIN, INT8_MAX)
+
+
+def int8_dequantize(q: Tensor, scale: Tensor) -> Tensor:
+    """Float32 [out, in] weight q * scale (per-row scale [out, 1])."""
+    return _dequantize(q, scale, q.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------- fp8
+
+
+def fp8_scales(w: Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Per-output-channel FP8 (e4m3) scales [out, 1]: smallest `scale_dtype` value >= max(absmax / 448, tiny).
+
+    Exception at the top of the range: where 448 * scale would overflow `scale_dtype` (a decoder
+    multiplying in BF16 would get Inf), the scale steps one value down; absmax / scale then stays
+    below 464, so the clamp to 448 still costs less than half an e4m3 ulp.
+    """
+    _check_weight(w)
+    s = _symmetric_scale(_group_absmax(w, w.shape[1]), FP8_MAX, scale_dtype)
+    return _step(s, s.double() * FP8_MAX > torch.finfo(scale_dtype).max, -1)
+
+
+def fp8_quantize(w: Tensor, scale: Tensor) -> Tensor:
+    """float8_e4m3fn [out, in]: clamp(w / scale, -448, 448) rounded to nearest even, with the stored per-row scale."""
+    _check_weight(w)
+    rows, cols = w.shape
+    _check_scale(scale, (rows, 1))
+    s = scale.to(torch.float32)
+    q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=w.device)
+    for r in _row_chunks(rows, cols):
+        x = w[r].to(torch.float32, copy=True)
+        x.div_(s[r]).clamp_(-FP8_MAX, FP8_MAX)
+        q[r].copy_(x)
+    return q
+
+
+def fp8_dequantize(q: Tensor, scale: Tensor) -> Tensor:
+    """Float32 [out, in] weight q * scale (per-row scale [out, 1])."""
+    return _dequantize(q, scale, q.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def check_finite(w: Tensor, name: str) -> None:
+    """Raise NonFiniteWeightError naming `name` and the count if `w` holds NaN or +-Inf.
+
+    The common path is one min/max reduction with no full-size temporary; counting happens only on failure.
+    """
+    if not w.is_floating_point() or w.numel() == 0:
+        return
+    if w.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        lo, hi = torch.aminmax(w)
+        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+            return
+    count = int((~torch.isfinite(w.float())).sum())
+    if count:
+        raise NonFiniteWeightError(f"{name}: {count} non-finite values (NaN/Inf) in the source weight")

@@ -1,0 +1,385 @@
+"""Tests for llama4_quant.schemes: float64 references, compressed-tensors as an independent implementation, edges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama4_quant import schemes as S
+from llama4_quant.errors import NonFiniteWeightError
+
+BF16 = torch.bfloat16
+TINY = torch.finfo(BF16).tiny
+BF16_MAX = torch.finfo(BF16).max
+
+
+# ----------------------------------------------------------------------------- float64 references
+
+
+def ceil_bf16(x: torch.Tensor) -> torch.Tensor:
+    """Smallest bf16 value >= x (x positive, normal), computed in float64 from the significand."""
+    m, e = torch.frexp(x.double())  # x = m * 2**e, m in [0.5, 1)
+    return torch.ldexp(torch.ceil(m * 256) / 256, e.double())
+
+
+def ref_scales(w: torch.Tensor, group: int, half_range: float) -> torch.Tensor:
+    absmax = w.double().abs().unflatten(-1, (w.shape[1] // group, group)).amax(-1)
+    return ceil_bf16(torch.clamp(absmax / half_range, min=TINY))
+
+
+def ref_int(w: torch.Tensor, s: torch.Tensor, group: int, qmin: int, qmax: int) -> torch.Tensor:
+    x = w.double().unflatten(-1, (w.shape[1] // group, group)) / s.double().unsqueeze(-1)
+    return torch.round(x).clamp(qmin, qmax).flatten(-2)  # torch.round: half to even
+
+
+def e4m3_table() -> tuple[torch.Tensor, torch.Tensor]:
+    """All non-negative finite e4m3fn values (ascending) and their 7-bit codes, from the format definition."""
+    values, codes = [], []
+    for exp in range(16):
+        for man in range(8):
+            if exp == 15 and man == 7:
+                continue  # NaN
+            values.append(man * 2.0**-9 if exp == 0 else (1 + man / 8) * 2.0 ** (exp - 7))
+            codes.append(exp * 8 + man)
+    return torch.tensor(values, dtype=torch.float64), torch.tensor(codes)
+
+
+def ref_fp8(x: torch.Tensor) -> torch.Tensor:
+    """Nearest e4m3fn value (ties to even code) of float64 x, saturating at 448."""
+    values, codes = e4m3_table()
+    a = x.abs().clamp(max=448.0)
+    hi = torch.searchsorted(values, a).clamp(max=len(values) - 1)
+    lo = (hi - 1).clamp(min=0)
+    d_lo, d_hi = a - values[lo], values[hi] - a
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (codes[hi] % 2 == 0))
+    return torch.where(pick_hi, values[hi], values[lo]) * torch.sign(x)
+
+
+def random_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """BF16 matrix ~N(0, 0.02) with outliers, a zero group, a tiny-valued group and one wide-range row."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    idx = torch.randint(0, rows * cols, (rows * cols // 200,), generator=g)
+    w.view(-1)[idx] *= 40.0
+    w[0, :128] = 0.0
+    w[1, :128] *= 1e-30
+    w[2] *= torch.logspace(-20, 20, cols)
+    return w.to(BF16)
+
+
+def fp8_bound(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(w.double().abs() * 2.0**-4, s.double() * 2.0**-10)
+
+
+# ------------------------------------------------------------------------------------- int4 / int8
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_int4_matches_float64_reference(seed: int) -> None:
+    w = random_weight(48, 1024, seed)
+    s = S.int4_scales(w)
+    assert s.dtype == BF16 and s.shape == (48, 8)
+    ref_s = ref_scales(w, 128, 7.5)
+    assert torch.equal(s.double(), ref_s)
+    q = S.int4_quantize(w, s)
+    assert q.dtype == torch.int8 and q.shape == w.shape
+    assert torch.equal(q.double(), ref_int(w, ref_s, 128, -8, 7))
+    d = S.int4_dequantize(q, s)
+    assert d.dtype == torch.float32
+    s_full = ref_s.repeat_interleave(128, dim=1)
+    assert torch.equal(d.double(), q.double() * s_full)
+    err = (w.double() - d.double()).abs()
+    assert bool((err <= s_full / 2).all())
+    assert float((err / s_full).max()) > 0.4  # the bound is tight: a wrong scale would fail one side
+
+
+def test_int8_matches_float64_reference() -> None:
+    w = random_weight(64, 384, 3)
+    s = S.int8_scales(w)
+    assert s.dtype == BF16 and s.shape == (64, 1)
+    ref_s = ref_scales(w, 384, 127.5)
+    assert torch.equal(s.double(), ref_s)
+    q = S.int8_quantize(w, s)
+    assert q.dtype == torch.int8
+    assert torch.equal(q.double(), ref_int(w, ref_s, 384, -128, 127))
+    d = S.int8_dequantize(q, s)
+    assert torch.equal(d.double(), q.double() * ref_s)
+    err = (w.double() - d.double()).abs()
+    assert bool((err <= ref_s / 2).all())
+    assert float((err / ref_s).max()) > 0.4
+
+
+def test_fp8_matches_float64_reference() -> None:
+    w = random_weight(64, 384, 4)
+    s = S.fp8_scales(w)
+    assert s.dtype == BF16 and s.shape == (64, 1)
+    ref_s = ref_scales(w, 384, 448.0)
+    assert torch.equal(s.double(), ref_s)
+    q = S.fp8_quantize(w, s)
+    assert q.dtype == torch.float8_e4m3fn
+    assert torch.equal(q.double(), ref_fp8(w.double() / ref_s))
+    d = S.fp8_dequantize(q, s)
+    assert torch.equal(d.double(), q.double() * ref_s)
+    err = (w.double() - d.double()).abs()
+    bound = fp8_bound(w, ref_s)
+    assert bool((err <= bound).all())
+    assert float((err / bound).max()) > 0.4
+
+
+def test_scales_round_up_never_clamp() -> None:
+    """The stored scale covers absmax, and is the smallest bf16 that does."""
+    w = random_weight(64, 1024, 5)
+    absmax = w.double().abs().unflatten(-1, (8, 128)).amax(-1)
+    s = S.int4_scales(w)
+    below = (s.view(torch.int16) - 1).view(BF16).double()  # the previous bf16 value
+    assert bool((s.double() * 7.5 >= absmax).all())
+    assert bool(((below * 7.5 < absmax) | (s == TINY)).all())
+
+
+def test_float32_input_within_slack() -> None:
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(32, 512, generator=g) * 3.0
+    w_before = w.clone()
+    for scale_dtype in (BF16, torch.float32):
+        s = S.int4_scales(w, scale_dtype=scale_dtype)
+        assert s.dtype == scale_dtype
+        d = S.int4_dequantize(S.int4_quantize(w, s), s)
+        s_full = s.double().repeat_interleave(128, dim=1)
+        err = (w.double() - d.double()).abs()
+        assert bool((err <= s_full / 2 + 2.0**-22 * (w.double().abs() + s_full)).all())
+    assert torch.equal(w, w_before)  # the input is never modified in place
+
+
+def test_other_group_sizes_and_fp16_scales() -> None:
+    w = (torch.randn(16, 256, generator=torch.Generator().manual_seed(7)) * 100).to(BF16)
+    s = S.int4_scales(w, group_size=32, scale_dtype=torch.float16)
+    assert s.shape == (16, 8) and s.dtype == torch.float16
+    d = S.int4_dequantize(S.int4_quantize(w, s, 32), s, 32)
+    assert bool(((w.double() - d.double()).abs() <= s.double().repeat_interleave(32, 1) / 2).all())
+    with pytest.raises(ValueError, match="group_size"):
+        S.int4_scales(w, group_size=100)
+    with pytest.raises(ValueError, match="float16"):
+        S.int4_scales(torch.full((2, 128), 1e6, dtype=BF16), scale_dtype=torch.float16)
+
+
+# ----------------------------------------------------------------------------------------- packing
+
+
+def all_values_all_positions() -> torch.Tensor:
+    """Rows (v, p): value v at position p of every 8-word, the other positions a different pattern."""
+    rows = []
+    for v in range(-8, 8):
+        for p in range(8):
+            row = torch.tensor([(v + 3 * k + 5) % 16 - 8 for k in range(8)] * 4, dtype=torch.int8)
+            row[p::8] = v
+            rows.append(row)
+    return torch.stack(rows)
+
+
+def test_pack_layout_and_roundtrip() -> None:
+    q = all_values_all_positions()  # [128, 32]
+    packed = S.pack_int4(q)
+    assert packed.dtype == torch.int32 and packed.shape == (128, 4)
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    for j in range(32):
+        nibble = (words[:, j // 8] >> (4 * (j % 8))) & 0xF
+        assert torch.equal(nibble, q[:, j].to(torch.int64) + 8)
+    assert bool((packed < 0).any())  # top nibble >= 8 makes a negative signed word
+    assert torch.equal(S.unpack_int4(packed, 32), q)
+
+
+def test_pack_matches_compressed_tensors() -> None:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    g = torch.Generator().manual_seed(8)
+    for q in (all_values_all_positions(), torch.randint(-8, 8, (37, 256), generator=g, dtype=torch.int8)):
+        ours = S.pack_int4(q)
+        theirs = pack_to_int32(q, 4)
+        assert torch.equal(ours, theirs)
+        assert torch.equal(unpack_from_int32(ours, 4, q.shape), q)
+        assert torch.equal(S.unpack_int4(theirs, q.shape[1]), q)
+    # compressed-tensors pads rows that are not a multiple of 8; unpack accepts its words
+    q = torch.randint(-8, 8, (5, 20), generator=g, dtype=torch.int8)
+    assert torch.equal(S.unpack_int4(pack_to_int32(q, 4), 20), q)
+
+
+def test_pack_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="multiple of 8"):
+        S.pack_int4(torch.zeros(2, 12, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        S.pack_int4(torch.full((2, 8), 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="int8"):
+        S.pack_int4(torch.zeros(2, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="in_features"):
+        S.unpack_int4(torch.zeros(2, 4, dtype=torch.int32), 40)
+
+
+# ------------------------------------------------------------------------- compressed-tensors agreement
+
+
+def ct_args(**kw):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(symmetric=True, **kw)
+
+
+def test_agrees_with_compressed_tensors_quantize_dequantize() -> None:
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+
+    w = random_weight(32, 512, 9)
+    cases = [
+        (S.int4_scales, S.int4_quantize, S.int4_dequantize, ct_args(num_bits=4, type="int", strategy="group", group_size=128), torch.int8),
+        (S.int8_scales, S.int8_quantize, S.int8_dequantize, ct_args(num_bits=8, type="int", strategy="channel"), torch.int8),
+        (S.fp8_scales, S.fp8_quantize, S.fp8_dequantize, ct_args(num_bits=8, type="float", strategy="channel"), torch.float8_e4m3fn),
+    ]
+    for scales, quant, dequant, args, qdtype in cases:
+        s = scales(w)
+        q = quant(w, s)
+        # same stored scale, float32 arithmetic: identical values
+        ct_q = quantize(x=w.float(), scale=s.float(), zero_point=None, args=args, dtype=qdtype)
+        assert torch.equal(ct_q.view(torch.int8), q.view(torch.int8))
+        ours = dequant(q, s)
+        assert torch.equal(dequantize(x_q=q, scale=s.float(), args=args, dtype=torch.float32), ours)
+        # with the bf16 scale compressed-tensors multiplies in bf16: the bf16 rounding of ours
+        assert torch.equal(dequantize(x_q=q, scale=s, args=args), ours.to(BF16))
+
+
+def test_scale_is_compressed_tensors_scale_or_one_step_above() -> None:
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    w = random_weight(64, 1024, 10)
+    groups = w.unflatten(-1, (8, 128))
+    ct_s, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), ct_args(num_bits=4, type="int", strategy="group", group_size=128))
+    s = S.int4_scales(w)
+    nonzero = ct_s > torch.finfo(BF16).eps  # compressed-tensors gives zero groups eps, l4q gives tiny
+    assert bool((s[nonzero] >= ct_s[nonzero]).all())
+    step_up = (ct_s.view(torch.int16) + 1).view(BF16)
+    assert bool(((s == ct_s) | (s == step_up))[nonzero].all())
+
+
+# ------------------------------------------------------------------------------------------- edges
+
+
+def all_quantizers(w: torch.Tensor):
+    """(name, dequantized float32, scale broadcast to w, q, per-element bound, bf16 decode) for each scheme."""
+    out = []
+    s = S.int4_scales(w)
+    q = S.int4_quantize(w, s)
+    sf = s.double().repeat_interleave(128, 1)
+    bf16_decode = q.to(BF16).unflatten(-1, (w.shape[1] // 128, 128)) * s.unsqueeze(-1)
+    out.append(("int4", S.int4_dequantize(q, s), sf, q, sf / 2, bf16_decode))
+    s = S.int8_scales(w)
+    q = S.int8_quantize(w, s)
+    out.append(("int8", S.int8_dequantize(q, s), s.double().expand_as(w), q, s.double() / 2, q.to(BF16) * s))
+    s = S.fp8_scales(w)
+    q = S.fp8_quantize(w, s)
+    out.append(("fp8", S.fp8_dequantize(q, s), s.double().expand_as(w), q, fp8_bound(w, s), q.to(BF16) * s))
+    return out
+
+
+def assert_sound(w: torch.Tensor) -> None:
+    for name, d, s, q, bound, bf16_decode in all_quantizers(w):
+        assert bool(torch.isfinite(s).all() & (s > 0).all()), name
+        assert bool(torch.isfinite(d).all()), name
+        assert bool(torch.isfinite(bf16_decode).all()), name  # what transformers computes on load
+        assert bool(((w.double() - d.double()).abs() <= bound).all()), name
+        assert bool((d[w == 0] == 0).all()), name
+        if name != "fp8":
+            assert int(q.min()) >= (-8 if name == "int4" else -128) and int(q.max()) <= (7 if name == "int4" else 127)
+
+
+def test_all_zero_matrix() -> None:
+    w = torch.zeros(4, 256, dtype=BF16)
+    for name, d, s, q, _, _ in all_quantizers(w):
+        assert bool((s == TINY).all()), name
+        assert bool((q.float() == 0).all()) and bool((d == 0).all()), name
+    assert_sound(w)
+
+
+@pytest.mark.parametrize(
+    "fill",
+    [
+        pytest.param({(0, 0): 3e38}, id="huge"),
+        pytest.param({(0, 5): -3e38, (1, 200): 3e38}, id="huge-negative"),
+        pytest.param({(0, 0): BF16_MAX, (1, 0): -BF16_MAX, (2, 0): -torch.finfo(BF16).min}, id="bf16-max"),
+        pytest.param({(0, 0): 1e-40, (0, 1): -9.2e-41, (1, 3): TINY / 2}, id="subnormal"),
+        pytest.param({(0, 0): 3e38, (0, 1): 1e-40, (0, 2): -1.0, (0, 3): 1e-30}, id="mixed"),
+    ],
+)
+def test_extreme_values(fill: dict) -> None:
+    w = torch.zeros(3, 256, dtype=BF16)
+    for (r, c), v in fill.items():
+        w[r, c] = v
+    assert_sound(w)
+
+
+def test_every_positive_bf16_magnitude() -> None:
+    """Rows [a, -a, 0, ...] for all 32640 finite positive bf16 a (subnormals to max): every bound and decode holds."""
+    a = torch.arange(1, 0x7F80, dtype=torch.int16).view(BF16)
+    w = torch.zeros(a.numel(), 128, dtype=BF16)
+    w[:, 0], w[:, 1] = a, -a
+    assert_sound(w)
+
+
+def test_top_range_negative_tie_clamps_at_minus_qmax() -> None:
+    """-bf16 max is an exact -127.5 tie for int8 (scale 2**121): q must be -127, since -128 * 2**121 is Inf."""
+    w = torch.zeros(1, 128, dtype=BF16)
+    w[0, 0] = -BF16_MAX
+    s = S.int8_scales(w)
+    assert float(s) == 2.0**121
+    assert int(S.int8_quantize(w, s)[0, 0]) == -127
+    w[0, 0] = -127.5  # scale 1.0, an ordinary -127.5 tie keeps compressed-tensors' -128 (round half to even, clamp at qmin)
+    s = S.int8_scales(w)
+    assert int(S.int8_quantize(w, s)[0, 0]) == -128
+
+
+def test_non_finite_input_to_scales_raises() -> None:
+    w = torch.zeros(2, 128, dtype=BF16)
+    w[1, 7] = float("nan")
+    with pytest.raises(NonFiniteWeightError):
+        S.int4_scales(w)
+
+
+# ---------------------------------------------------------------------------------------- check_finite
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_check_finite_raises_with_name_and_count(bad: float) -> None:
+    w = torch.randn(8, 64).to(BF16)
+    w[1, 2] = w[5, 60] = w[7, 0] = bad
+    with pytest.raises(NonFiniteWeightError) as info:
+        S.check_finite(w, "model.layers.0.mlp.down_proj.weight")
+    assert str(info.value) == "model.layers.0.mlp.down_proj.weight: 3 non-finite values (NaN/Inf) in the source weight"
+
+
+def test_check_finite_passes_finite() -> None:
+    w = torch.tensor([[BF16_MAX, -BF16_MAX, 1e-40, 0.0]], dtype=BF16)
+    S.check_finite(w, "w")
+    S.check_finite(torch.zeros(0, 8, dtype=BF16), "empty")
+    S.check_finite(torch.randn(4, 4, dtype=torch.float32), "f32")
+
+
+# --------------------------------------------------------------------------- determinism and layout
+
+
+def quantize_all_bytes(w: torch.Tensor) -> list[bytes]:
+    s4 = S.int4_scales(w)
+    s8 = S.int8_scales(w)
+    sf = S.fp8_scales(w)
+    tensors = [s4, S.pack_int4(S.int4_quantize(w, s4)), s8, S.int8_quantize(w, s8), sf, S.fp8_quantize(w, sf)]
+    return [t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors]
+
+
+def test_deterministic_and_chunking_invariant(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = random_weight(96, 512, 11)
+    first = quantize_all_bytes(w)
+    assert quantize_all_bytes(w.clone()) == first
+    monkeypatch.setattr(S, "_CHUNK_ELEMENTS", 3 * 512)  # 32 row slices, the last one short
+    assert quantize_all_bytes(w) == first
+
+
+def test_non_contiguous_input() -> None:
+    w = random_weight(256, 128, 12)
+    wt = w.t().contiguous().t()  # same values, column-major strides
+    assert not wt.is_contiguous()
+    assert quantize_all_bytes(wt) == quantize_all_bytes(w)
