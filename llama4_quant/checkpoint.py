@@ -196,14 +196,14 @@ def read_slice(info: TensorInfo, index: int) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=DTYPES[info.dtype][0]).reshape(info.shape[1:])
 
 
-def iter_raw_chunks(info: TensorInfo, chunk_bytes: int = 64 * 1024 * 1024) -> Iterator[bytes]:
+def iter_raw_chunks(info: TensorInfo, chunk_bytes: int = 64 * 1024 * 1024) -> Iterator[bytearray]:
     """The tensor's bytes in bounded chunks, for byte-identical copies of unquantized tensors."""
     step = max(chunk_bytes - chunk_bytes % info.itemsize, info.itemsize)
     for start in range(0, info.nbytes, step):
-        yield bytes(_pread_exact(info.file, info.offset + start, min(step, info.nbytes - start)))
+        yield _pread_exact(info.file, info.offset + start, min(step, info.nbytes - start))
 
 
-def count_non_finite(raw: bytes, dtype: str) -> int:
+def count_non_finite(raw: bytes | bytearray, dtype: str) -> int:
     """NaN/Inf count of a raw little-endian float buffer; 0 for integer dtypes."""
     if dtype not in FLOAT_DTYPES and not dtype.startswith("F8"):
         return 0
@@ -218,7 +218,7 @@ def count_non_finite(raw: bytes, dtype: str) -> int:
     return int(values.size - np.count_nonzero(np.isfinite(values)))
 
 
-def check_raw_finite(raw: bytes, dtype: str, name: str) -> None:
+def check_raw_finite(raw: bytes | bytearray, dtype: str, name: str) -> None:
     bad = count_non_finite(raw, dtype)
     if bad:
         raise NonFiniteWeightError(f"{name}: {bad} non-finite values (NaN/Inf) in the source weight")
@@ -274,7 +274,7 @@ class ShardWriter:
         self._file = open(self.tmp, "wb")
         self._file.write(encode_header(entries))
 
-    def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
+    def write(self, name: str, data: torch.Tensor | bytes | bytearray | memoryview) -> None:
         """Append (part of) the next tensor's bytes; a tensor may arrive in several chunks."""
         if self._next >= len(self.entries):
             raise RuntimeError(f"{self.path.name}: unexpected tensor {name}")

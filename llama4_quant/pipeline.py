@@ -217,18 +217,21 @@ def _produce(unit: Unit, scheme: ct.Scheme, device: torch.device):
     i, inter = unit.expert, gate_up_info.shape[2] // 2
     gate_up = read_slice(gate_up_info, i).to(device)  # [hidden, 2 * inter], gate first
     check_finite(gate_up, f"{gate_up_info.name}[{i}]")
-    slices = [("gate_proj", gate_up[:, :inter].T), ("up_proj", gate_up[:, inter:].T)]
-    for proj, weight in slices + [("down_proj", None)]:
-        if weight is None:
-            del gate_up, slices
-            weight = read_slice(down_info, i).to(device).T  # [hidden, inter]
-            check_finite(weight, f"{down_info.name}[{i}]")
-        module = f"{unit.module}.{i}.{proj}"
-        if unit.quantize:
-            yield from ct.encode_linear(module, weight, scheme)
-        else:
-            yield f"{module}.weight", weight.contiguous().cpu()
-        del weight
+    yield from _expert_projection(unit, "gate_proj", gate_up[:, :inter].T, scheme)
+    yield from _expert_projection(unit, "up_proj", gate_up[:, inter:].T, scheme)
+    del gate_up
+    down = read_slice(down_info, i).to(device)  # [inter, hidden]
+    check_finite(down, f"{down_info.name}[{i}]")
+    yield from _expert_projection(unit, "down_proj", down.T, scheme)
+
+
+def _expert_projection(unit: Unit, proj: str, weight: torch.Tensor, scheme: ct.Scheme):
+    module = f"{unit.module}.{unit.expert}.{proj}"
+    weight = weight.contiguous()  # the kernels run about twice as fast on rows as on a transposed view
+    if unit.quantize:
+        yield from ct.encode_linear(module, weight, scheme)
+    else:
+        yield f"{module}.weight", weight.cpu()
 
 
 def _load_progress(partial: Path) -> dict:
