@@ -41,10 +41,13 @@ from .sources import Source
 PROGRESS_NAME = ".l4q-progress.json"
 PARTIAL_SUFFIX = ".l4q-partial"
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3
-# Non-weight files worth carrying over (tokenizer, chat template, generation and processor configs,
-# licence terms). The base's README is not: a derivative gets its own model card.
-SKIPPED_FILES = {"config.json", INDEX_NAME, "README.md"}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+# Non-weight files a derivative needs or must carry: tokenizer, chat template, generation and processor
+# configs, licence terms. The base's README is not among them: a derivative gets its own model card.
+CARRIED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja",
+    "generation_config.json", "preprocessor_config.json", "processor_config.json", "LICENSE", "USE_POLICY.md",
+)
 
 
 @dataclass(frozen=True)
@@ -274,11 +277,9 @@ def _prepare_partial(out: Path, fingerprint: str, resume: bool, overwrite: bool)
 
 
 def _copy_extra_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for path in sorted(src.iterdir()):
-        if path.is_file() and path.name not in SKIPPED_FILES and not path.name.startswith(".") and not path.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copyfile(path, dst / path.name)
-            copied.append(path.name)
+    copied = [name for name in CARRIED_FILES if (src / name).is_file()]
+    for name in copied:
+        shutil.copyfile(src / name, dst / name)
     return copied
 
 
