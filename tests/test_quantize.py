@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from cli.main import main
-from llama4_quant import arch, pipeline
+from llama4_quant import arch, pipeline, sources
 from llama4_quant.checkpoint import Checkpoint, read_tensor
 from llama4_quant.formats import compressed_tensors as ct
 from llama4_quant.sources import Source
@@ -321,3 +322,21 @@ def test_existing_output_is_kept_unless_overwrite(small_model, tmp_path):
     )
     assert result.exit_code == 0, result.stderr
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_hub_repo_resolves_from_local_cache(small_model, tmp_path, monkeypatch):
+    """A repo id resolves to its snapshot in the Hugging Face cache, offline."""
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hf"
+    repo = cache / "models--someone--small-llama4"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(small_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    src = sources.resolve("someone/small-llama4")
+    assert src.repo_id == "someone/small-llama4"
+    assert src.path == repo / "snapshots" / commit
