@@ -1,22 +1,91 @@
-"""Next-token agreement of a derivative with its base: windows of token ids, logits, KLD, top-1.
+"""`l4q eval`: how far a derivative's next-token distributions and weights moved from its base.
 
-Every model sees the same token ids: text is tokenized once with the base's tokenizer and cut into
-fixed windows, which are fed to each model as ids.
+Every model sees the same token ids: the data is tokenized once with the base's tokenizer and cut
+into fixed windows fed as ids. The base runs once; what the metrics need of it (its top-K
+log-probabilities, the log-probability of each next token, its routing) is stored compactly on disk
+and reused for every candidate, so only one model is in memory at a time.
+
+KLD is KL(base || candidate) per predicted token over the base's top-K tokens plus one bucket for
+the remaining probability mass: exact when that mass is negligible (its mean is reported), a lower
+bound otherwise, and exactly 0 for identical models.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm import tqdm
+
+from . import __version__, arch
+from .checkpoint import Checkpoint, read_slice, read_tensor
+from .errors import SourceNotFoundError, UsageError
+from .formats import compressed_tensors as ct
+from .sources import Source
+
+TOP_K = 256
+LLAMA_CPP_CHUNK = 8192  # llama.cpp's Llama 4 loader hard-codes the attention chunk
+HIST_EDGES = np.logspace(-8, 1, 46)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_text(paths: list[Path] | None, text_field: str = "text") -> tuple[str, str]:
+    """(text, description): the tiny models' held-out text by default, else text or jsonl files."""
+    if not paths:
+        from .tiny_models import tiny_heldout_path
+
+        return tiny_heldout_path().read_text(), "built-in held-out text of the tiny models (never used in training)"
+    parts = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise SourceNotFoundError(f"{path}: no such data file")
+        if str(path).endswith(".jsonl"):
+            for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+                if line.strip():
+                    try:
+                        parts.append(json.loads(line)[text_field])
+                    except (ValueError, KeyError, TypeError):
+                        raise UsageError(f"{path}:{n}: not a JSON object with a {text_field!r} field") from None
+        else:
+            parts.append(Path(path).read_text())
+    return "\n\n".join(parts), ", ".join(str(p) for p in paths)
+
+
+def token_windows(tokenizer_dir: Path, text: str, ctx: int, max_tokens: int | None = None) -> torch.Tensor:
+    """[n, ctx] token ids: the text tokenized once (no special tokens), cut into whole windows."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_tokens:
+        ids = ids[:max_tokens]
+    n = len(ids) // ctx
+    if n == 0:
+        raise UsageError(f"the data has {len(ids)} tokens, fewer than one window of --ctx {ctx}")
+    return torch.tensor(ids[: n * ctx], dtype=torch.long).reshape(n, ctx)
+
+
+def ids_digest(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
 
 
 def load_causal_lm(model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """The text model of a Llama 4 checkpoint through transformers; compressed-tensors checkpoints
-    are decompressed on load (the CPU has no kernels for them)."""
+    are decompressed on load (there are no CPU kernels for them)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -38,58 +107,364 @@ def load_causal_lm(model_dir: Path, device: str = "cpu", dtype: torch.dtype = to
     return model.to(device).eval()
 
 
-def token_windows(tokenizer_dir: Path, text: str, ctx: int, max_tokens: int | None = None) -> torch.Tensor:
-    """[n, ctx] token ids: the text tokenized once (no special tokens), cut into whole windows."""
-    from transformers import AutoTokenizer
+class TransformersRunner:
+    """Log-probabilities and top-1 routes of a safetensors checkpoint, window by window."""
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if max_tokens:
-        ids = ids[:max_tokens]
-    n = len(ids) // ctx
-    if n == 0:
-        raise ValueError(f"need at least {ctx} tokens, the text has {len(ids)}")
-    return torch.tensor(ids[: n * ctx], dtype=torch.long).reshape(n, ctx)
+    kind = "safetensors"
+
+    def __init__(self, model_dir: Path, device: str):
+        self.model = load_causal_lm(model_dir, device)
+        self.device = device
+        self._routes: dict[int, torch.Tensor] = {}
+        self.moe_layers = []
+        for i, layer in enumerate(self.model.model.layers):
+            router = getattr(layer.feed_forward, "router", None)
+            if router is not None:
+                self.moe_layers.append(i)
+                router.register_forward_hook(self._hook(i))
+
+    def _hook(self, layer: int):
+        def hook(_module, _inputs, output):
+            _scores, logits = output
+            self._routes[layer] = logits.argmax(-1).cpu()
+
+        return hook
+
+    @torch.no_grad()
+    def __call__(self, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.model(window[None].to(self.device)).logits[0].float()
+        routes = torch.stack([self._routes[i] for i in self.moe_layers], dim=1) if self.moe_layers else None
+        return torch.log_softmax(logits, -1).cpu(), routes
 
 
-@torch.no_grad()
-def window_logits(model, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """float32 log-probabilities [n, ctx, vocab] for each window."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(windows), batch_size):
-        logits = model(windows[start : start + batch_size].to(device)).logits.float()
-        out.append(torch.log_softmax(logits, dim=-1).cpu())
-    return torch.cat(out)
+class LlamaCppRunner:
+    """Log-probabilities of a GGUF file through llama.cpp (llama-cpp-python), fed the same token ids."""
+
+    kind = "gguf"
+
+    def __init__(self, path: Path, n_ctx: int):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise UsageError("GGUF candidates need llama-cpp-python: pip install llama-cpp-python") from None
+        self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False)
+        self.moe_layers = []
+
+    def __call__(self, window: torch.Tensor) -> tuple[torch.Tensor, None]:
+        self.llm.reset()
+        self.llm.eval(window.tolist())
+        logits = torch.from_numpy(np.array(self.llm.scores[: len(window)], dtype=np.float32))
+        return torch.log_softmax(logits, -1), None
+
+
+# ---------------------------------------------------------------------------------------------
+# The base, once
 
 
 @dataclass
-class Agreement:
-    tokens: int
-    mean_kld: float
-    median_kld: float
-    p99_kld: float
-    max_kld: float
-    top1: float
-    ppl_base: float
-    ppl_candidate: float
+class BaseReference:
+    """What the metrics need of the base, per window position."""
+
+    topk_ids: np.ndarray  # int32 [n, ctx, K], by descending probability
+    topk_logp: np.ndarray  # float32 [n, ctx, K]
+    target_logp: np.ndarray  # float32 [n, ctx - 1], log p(next token)
+    routes: np.ndarray | None  # int16 [n, ctx, moe layers]: chosen expert
+    moe_layers: list[int]
+
+    def save(self, path: Path, key: str) -> None:
+        tmp = path.with_name(path.name + ".tmp.npz")
+        arrays = dict(topk_ids=self.topk_ids, topk_logp=self.topk_logp, target_logp=self.target_logp,
+                      moe_layers=np.array(self.moe_layers, dtype=np.int32), key=np.array(key))
+        if self.routes is not None:
+            arrays["routes"] = self.routes
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> BaseReference | None:
+        try:
+            with np.load(path) as f:
+                if str(f["key"]) != key:
+                    return None
+                return cls(f["topk_ids"], f["topk_logp"], f["target_logp"],
+                           f["routes"] if "routes" in f else None, [int(x) for x in f["moe_layers"]])
+        except (OSError, KeyError, ValueError):
+            return None
 
 
-def compare(base_logprobs: torch.Tensor, cand_logprobs: torch.Tensor, windows: torch.Tensor) -> Agreement:
-    """KLD(base || candidate) per predicted token, top-1 agreement, and both perplexities."""
-    b = base_logprobs[:, :-1].reshape(-1, base_logprobs.shape[-1]).double()
-    c = cand_logprobs[:, :-1].reshape(-1, cand_logprobs.shape[-1]).double()
-    kld = (b.exp() * (b - c)).sum(-1).clamp_min(0)
-    targets = windows[:, 1:].reshape(-1, 1)
-    nll_b = -b.gather(1, targets).mean()
-    nll_c = -c.gather(1, targets).mean()
-    return Agreement(
-        tokens=len(kld),
-        mean_kld=kld.mean().item(),
-        median_kld=kld.median().item(),
-        p99_kld=torch.quantile(kld, 0.99).item(),
-        max_kld=kld.max().item(),
-        top1=(b.argmax(-1) == c.argmax(-1)).double().mean().item(),
-        ppl_base=nll_b.exp().item(),
-        ppl_candidate=nll_c.exp().item(),
+def compute_base_reference(runner: TransformersRunner, windows: torch.Tensor, k: int, progress: bool) -> BaseReference:
+    n, ctx = windows.shape
+    k = min(k, runner.model.config.vocab_size)
+    ids = np.zeros((n, ctx, k), np.int32)
+    logp = np.zeros((n, ctx, k), np.float32)
+    target = np.zeros((n, ctx - 1), np.float32)
+    routes = np.zeros((n, ctx, len(runner.moe_layers)), np.int16) if runner.moe_layers else None
+    for w in tqdm(range(n), desc="base", disable=not progress, unit="window"):
+        lp, r = runner(windows[w])
+        top = torch.topk(lp, k, dim=-1)
+        ids[w], logp[w] = top.indices.numpy(), top.values.numpy()
+        target[w] = lp[:-1].gather(1, windows[w, 1:, None]).squeeze(1).numpy()
+        if routes is not None:
+            routes[w] = r.numpy()
+    return BaseReference(ids, logp, target, routes, runner.moe_layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+@dataclass
+class WindowScores:
+    kld: torch.Tensor  # float64 per scored position
+    top1: torch.Tensor  # bool
+    top_prob_change: torch.Tensor
+    base_nll: torch.Tensor
+    cand_nll: torch.Tensor
+    rest_mass: torch.Tensor
+    route_match: torch.Tensor | None  # bool [positions, moe layers]
+
+
+def score_window(base: BaseReference, w: int, window: torch.Tensor, cand_logp: torch.Tensor,
+                 cand_routes: torch.Tensor | None, positions: int) -> WindowScores:
+    """Metrics of one window's first `positions` predictions (position t predicts token t + 1)."""
+    p_ids = torch.from_numpy(base.topk_ids[w, :positions]).long()
+    lp = torch.from_numpy(base.topk_logp[w, :positions]).double()
+    lq_all = cand_logp[:positions].double()
+    lq = lq_all.gather(1, p_ids)
+    p = lp.exp()
+    # The rest bucket: base and candidate mass outside the base's top-K.
+    p_rest = (1 - p.sum(-1)).clamp_min(0)
+    q_rest = (1 - lq.exp().sum(-1)).clamp_min(0)
+    rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-300).log() - q_rest.clamp_min(1e-300).log()), 0.0)
+    kld = ((p * (lp - lq)).sum(-1) + rest).clamp_min(0)
+    targets = window[1 : positions + 1, None]
+    scored = min(positions, len(window) - 1)
+    base_nll = -torch.from_numpy(base.target_logp[w, :scored]).double()
+    cand_nll = -lq_all[:scored].gather(1, targets[:scored]).squeeze(1)
+    route_match = None
+    if cand_routes is not None and base.routes is not None:
+        route_match = cand_routes[:positions].numpy() == base.routes[w, :positions]
+        route_match = torch.from_numpy(route_match)
+    return WindowScores(
+        kld=kld, top1=lq_all.argmax(-1) == p_ids[:, 0], top_prob_change=lq[:, 0].exp() - p[:, 0],
+        base_nll=base_nll, cand_nll=cand_nll, rest_mass=p_rest, route_match=route_match,
     )
+
+
+def summarize(scores: list[WindowScores], moe_layers: list[int]) -> dict:
+    kld = torch.cat([s.kld for s in scores])
+    k = kld.numpy()
+    base_nll = torch.cat([s.base_nll for s in scores])
+    cand_nll = torch.cat([s.cand_nll for s in scores])
+    change = torch.cat([s.top_prob_change for s in scores])
+    ppl_b, ppl_c = math.exp(base_nll.mean().item()), math.exp(cand_nll.mean().item())
+    counts, _ = np.histogram(np.clip(k, HIST_EDGES[0], HIST_EDGES[-1]), bins=HIST_EDGES)
+    out = {
+        "base_perplexity": ppl_b,
+        "perplexity": ppl_c,
+        "perplexity_ratio": ppl_c / ppl_b,
+        "perplexity_diff": ppl_c - ppl_b,
+        "kld": {
+            "mean": float(k.mean()),
+            "stderr": float(k.std(ddof=1) / math.sqrt(len(k))) if len(k) > 1 else 0.0,
+            "median": float(np.median(k)),
+            "p90": float(np.quantile(k, 0.9)),
+            "p99": float(np.quantile(k, 0.99)),
+            "p999": float(np.quantile(k, 0.999)),
+            "max": float(k.max()),
+            "histogram": {"edges": HIST_EDGES.tolist(), "counts": counts.tolist()},
+        },
+        "top1_agreement": torch.cat([s.top1 for s in scores]).double().mean().item(),
+        "top_prob_change": {"mean": change.mean().item(), "rms": change.pow(2).mean().sqrt().item()},
+        "rest_mass_mean": torch.cat([s.rest_mass for s in scores]).mean().item(),
+        "routing_agreement": None,
+    }
+    if scores and scores[0].route_match is not None:
+        match = torch.cat([s.route_match for s in scores]).double().mean(0)
+        out["routing_agreement"] = {
+            "mean": match.mean().item(),
+            "per_layer": [{"layer": layer, "agreement": match[i].item()} for i, layer in enumerate(moe_layers)],
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight error, from the weights alone
+
+
+_FORMAT_TO_SCHEME = {s.format: s for s in ct.SCHEMES.values()}
+
+
+def _linear_modules(base: Checkpoint, spec: arch.Llama4Spec) -> Iterator[tuple[str, str, int, int | None, callable]]:
+    """(module, component, layer, expert, load) for every Linear of the base, experts unfused."""
+    for info in base.tensors:
+        role = arch.classify(info.name, spec)
+        if role.role in arch.LINEAR_ROLES:
+            yield info.name.removesuffix(".weight"), role.role, role.layer, None, lambda info=info: read_tensor(info)
+        elif role.role == arch.EXPERTS_GATE_UP:
+            base_name = info.name.removesuffix(".gate_up_proj")
+            inter = info.shape[2] // 2
+            for e in range(info.shape[0]):
+                yield f"{base_name}.{e}.gate_proj", "experts", role.layer, e, lambda info=info, e=e: read_slice(info, e)[:, :inter].T
+                yield f"{base_name}.{e}.up_proj", "experts", role.layer, e, lambda info=info, e=e: read_slice(info, e)[:, inter:].T
+        elif role.role == arch.EXPERTS_DOWN:
+            base_name = info.name.removesuffix(".down_proj")
+            for e in range(info.shape[0]):
+                yield f"{base_name}.{e}.down_proj", "experts", role.layer, e, lambda info=info, e=e: read_slice(info, e).T
+
+
+def weight_errors(base_dir: Path, cand_dir: Path) -> dict | None:
+    """Relative Frobenius error per layer component and per (layer, expert) of a compressed-tensors
+    candidate against its base, streaming one module at a time."""
+    config = json.loads((cand_dir / "config.json").read_text())
+    qc = config.get("quantization_config")
+    if not qc or qc.get("format") not in _FORMAT_TO_SCHEME:
+        return None
+    scheme = _FORMAT_TO_SCHEME[qc["format"]]
+    spec = arch.spec_from_config(arch.load_config(base_dir))
+    base, cand = Checkpoint(base_dir), Checkpoint(cand_dir)
+    err2: dict[tuple[int, str], float] = {}
+    ref2: dict[tuple[int, str], float] = {}
+    exp_err2: dict[tuple[int, int], float] = {}
+    exp_ref2: dict[tuple[int, int], float] = {}
+    for module, component, layer, expert, load in _linear_modules(base, spec):
+        w = load().double()
+        if f"{module}.weight_scale" in cand.by_name:
+            parts = {s: read_tensor(cand.by_name[f"{module}.{s}"]) for s in _suffixes(scheme)}
+            wq = ct.decode_linear(parts, scheme).double()
+        elif f"{module}.weight" in cand.by_name:
+            wq = read_tensor(cand.by_name[f"{module}.weight"]).double()
+        else:
+            continue
+        e2, r2 = (wq - w).pow(2).sum().item(), w.pow(2).sum().item()
+        err2[(layer, component)] = err2.get((layer, component), 0.0) + e2
+        ref2[(layer, component)] = ref2.get((layer, component), 0.0) + r2
+        if expert is not None:
+            exp_err2[(layer, expert)] = exp_err2.get((layer, expert), 0.0) + e2
+            exp_ref2[(layer, expert)] = exp_ref2.get((layer, expert), 0.0) + r2
+
+    def rel(e, r):
+        return math.sqrt(e / r) if r > 0 else 0.0
+
+    per_layer = []
+    for layer in range(spec.num_layers):
+        row = {"layer": layer}
+        for component in (arch.ATTN, arch.SHARED_EXPERT, arch.DENSE_MLP, "experts"):
+            key = (layer, component)
+            row[component] = rel(err2[key], ref2[key]) if key in err2 else None
+        per_layer.append(row)
+    expert_layers = list(spec.moe_layers)
+    experts = [[rel(exp_err2.get((l, e), 0.0), exp_ref2.get((l, e), 0.0)) for e in range(spec.num_experts)] for l in expert_layers]
+    return {"metric": "relative Frobenius error ||W_q - W|| / ||W||", "per_layer": per_layer,
+            "expert_layers": expert_layers, "experts": experts}
+
+
+def _suffixes(scheme: ct.Scheme) -> tuple[str, ...]:
+    return ("weight_packed", "weight_scale", "weight_shape") if scheme.name == "int4" else ("weight", "weight_scale")
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole evaluation
+
+
+def candidate_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def evaluate(
+    base: Source,
+    candidates: list[Path],
+    *,
+    data: list[Path] | None = None,
+    ctx: int | None = None,
+    max_tokens: int | None = 32768,
+    device: str = "cpu",
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Compare each candidate with the base; returns the report dict (see llama4_quant/report.py)."""
+    for c in candidates:
+        if not c.exists():
+            raise SourceNotFoundError(f"{c}: no such candidate (a compressed-tensors directory or a .gguf file)")
+        if c.is_dir() and not (c / "config.json").is_file():
+            raise SourceNotFoundError(f"{c}: not a model directory (no config.json)")
+    spec = arch.spec_from_config(arch.load_config(base.path), str(base.path / "config.json"))
+    chunk = spec.attention_chunk_size
+    ctx = ctx or (2 * chunk if chunk else 2048)
+    text, description = load_text(data)
+    windows = token_windows(base.path, text, ctx, max_tokens)
+    digest = ids_digest(windows)
+
+    key = hashlib.sha256(f"{__version__}:{base.path}:{digest}:{TOP_K}".encode()).hexdigest()
+    cache_path = (cache_dir / f"base-{key[:16]}.npz") if cache_dir else None
+    reference = BaseReference.load(cache_path, key) if cache_path and cache_path.is_file() else None
+    if reference is None:
+        runner = TransformersRunner(base.path, device)
+        reference = compute_base_reference(runner, windows, TOP_K, progress)
+        del runner
+        if cache_path:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            reference.save(cache_path, key)
+
+    full_scored = ctx - 1
+    base_ppl = math.exp(-float(reference.target_logp.mean()))
+    report = {
+        "l4q_version": __version__,
+        "created_by": "l4q eval",
+        "base": {"source": base.label, "path": str(base.path), "size_bytes": candidate_size(base.path), "perplexity": base_ppl},
+        "data": {"description": description, "tokens": int(windows.numel()), "ctx": ctx, "windows": len(windows),
+                 "token_ids_sha256": digest},
+        "kld_method": f"KL(base || candidate) per predicted token over the base's top-{reference.topk_ids.shape[-1]} "
+                      "tokens plus one bucket for the remaining probability mass",
+        "candidates": [],
+    }
+    for path in candidates:
+        path = Path(path)
+        gguf = path.is_file() and path.suffix == ".gguf"
+        positions, note = full_scored, None
+        if gguf and chunk and chunk != LLAMA_CPP_CHUNK and ctx > chunk:
+            positions = chunk
+            note = (f"llama.cpp fixes the Llama 4 attention chunk at {LLAMA_CPP_CHUNK}; this model's chunk is {chunk}, "
+                    f"so only positions 0-{chunk - 1} of each window are scored (same token ids, shorter context)")
+        runner = LlamaCppRunner(path, n_ctx=min(ctx, positions + 1)) if gguf else TransformersRunner(path, device)
+        scores, fed = [], []
+        for w in tqdm(range(len(windows)), desc=path.name, disable=not progress, unit="window"):
+            feed = windows[w, : positions + 1] if gguf else windows[w]
+            fed.append(feed)
+            logp, routes = runner(feed)
+            scores.append(score_window(reference, w, windows[w], logp, routes, positions))
+        del runner
+        entry = {
+            "name": path.name.removesuffix(".gguf"),
+            "path": str(path.absolute()),
+            "kind": "gguf" if gguf else "safetensors",
+            "scheme": _scheme_name(path),
+            "size_bytes": candidate_size(path),
+            "windows": {"count": len(windows), "length": len(fed[0]), "scored_positions_per_window": positions,
+                        "tokens_scored": positions * len(windows), "note": note},
+            "token_ids_sha256": ids_digest(torch.stack(fed)),
+        }
+        entry.update(summarize(scores, reference.moe_layers))
+        entry["weight_error"] = None if gguf else weight_errors(base.path, path)
+        report["candidates"].append(entry)
+    return report
+
+
+def _scheme_name(path: Path) -> str:
+    if path.is_file():
+        try:
+            from gguf import GGUFReader
+
+            file_type = GGUFReader(str(path)).get_field("general.file_type")
+            if file_type is not None:
+                from gguf import LlamaFileType
+
+                return LlamaFileType(int(file_type.contents())).name.removeprefix("MOSTLY_")
+        except (ValueError, KeyError, OSError):  # an unreadable or unknown file type only loses the label
+            pass
+        return "gguf"
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    scheme = _FORMAT_TO_SCHEME.get(qc.get("format"))
+    return scheme.name if scheme else "bf16"
