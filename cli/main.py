@@ -100,5 +100,29 @@ def inspect(model, as_json):
     click.echo(json.dumps(report, indent=2) if as_json else inspection.format_report(report))
 
 
+@main.command("eval")
+@click.option("--base", required=True, help="The BF16 source: directory, hub repo id or preset.")
+@click.option("--candidate", "candidates", multiple=True, required=True, type=click.Path(path_type=Path), help="A compressed-tensors directory or a .gguf file. Repeatable.")
+@click.option("--data", multiple=True, type=click.Path(path_type=Path), help="Text or .jsonl (field 'text') files [default: the tiny models' held-out text]. Repeatable.")
+@click.option("--ctx", type=int, help="Window length in tokens [default: twice the attention chunk].")
+@click.option("--max-tokens", type=int, default=32768, show_default=True, help="Evaluate at most this many tokens.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=Path("l4q-report"), show_default=True, help="Where report.json, report.md, report.html and the plots go.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@one_line_errors
+def eval_command(base, candidates, data, ctx, max_tokens, report_dir, device, quiet):
+    """Perplexity drift, KL divergence, top-token and routing agreement of derivatives against their base."""
+    from llama4_quant import evaluate, pipeline, report, sources
+
+    result = evaluate.evaluate(
+        sources.resolve(base), list(candidates), data=list(data) or None, ctx=ctx, max_tokens=max_tokens,
+        device=str(pipeline.resolve_device(device)), cache_dir=report_dir / ".cache", progress=not quiet,
+    )
+    paths = report.write_reports(result, report_dir)
+    click.echo(report.summary_table_markdown(result))
+    if not quiet:
+        click.echo(f"report: {paths['html']}")
+
+
 if __name__ == "__main__":
     main()

@@ -39,3 +39,7 @@ class ResumeMismatchError(L4QError):
 
 class UsageError(L4QError):
     """Options that contradict each other or the model."""
+
+
+class ReportFormatError(L4QError):
+    """A report dict or report.json that does not follow the documented schema."""

@@ -17,6 +17,7 @@ import json
 import math
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,12 +62,31 @@ def load_text(paths: list[Path] | None, text_field: str = "text") -> tuple[str, 
     return "\n\n".join(parts), ", ".join(str(p) for p in paths)
 
 
+@contextmanager
+def quiet_transformers():
+    """transformers' loading bars and config chatter, silenced: l4q prints its own progress."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            # It warns that a checkpoint's own quantization_config wins; only `dequantize` is ours.
+            warnings.filterwarnings("ignore", message=".*quantization_config.*", category=UserWarning)
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+
+
 def token_windows(tokenizer_dir: Path, text: str, ctx: int, max_tokens: int | None = None) -> torch.Tensor:
     """[n, ctx] token ids: the text tokenized once (no special tokens), cut into whole windows."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_tokens:
         ids = ids[:max_tokens]
     n = len(ids) // ctx
@@ -86,7 +106,6 @@ def ids_digest(windows: torch.Tensor) -> str:
 def load_causal_lm(model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """The text model of a Llama 4 checkpoint through transformers; compressed-tensors checkpoints
     are decompressed on load (there are no CPU kernels for them)."""
-    import transformers
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype}
@@ -95,15 +114,8 @@ def load_causal_lm(model_dir: Path, device: str = "cpu", dtype: torch.dtype = to
         from transformers.utils.quantization_config import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            # transformers warns that the checkpoint's own quantization_config wins; only `dequantize` is ours.
-            warnings.filterwarnings("ignore", message=".*quantization_config.*", category=UserWarning)
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     return model.to(device).eval()
 
 
@@ -132,6 +144,7 @@ class TransformersRunner:
 
     @torch.no_grad()
     def __call__(self, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.received = window
         logits = self.model(window[None].to(self.device)).logits[0].float()
         routes = torch.stack([self._routes[i] for i in self.moe_layers], dim=1) if self.moe_layers else None
         return torch.log_softmax(logits, -1).cpu(), routes
@@ -153,6 +166,7 @@ class LlamaCppRunner:
     def __call__(self, window: torch.Tensor) -> tuple[torch.Tensor, None]:
         self.llm.reset()
         self.llm.eval(window.tolist())
+        self.received = torch.from_numpy(np.array(self.llm.input_ids[: self.llm.n_tokens], dtype=np.int64))
         logits = torch.from_numpy(np.array(self.llm.scores[: len(window)], dtype=np.float32))
         return torch.log_softmax(logits, -1), None
 
@@ -432,8 +446,8 @@ def evaluate(
         scores, fed = [], []
         for w in tqdm(range(len(windows)), desc=path.name, disable=not progress, unit="window"):
             feed = windows[w, : positions + 1] if gguf else windows[w]
-            fed.append(feed)
             logp, routes = runner(feed)
+            fed.append(runner.received)  # the ids as the model received them, for the report's digest
             scores.append(score_window(reference, w, windows[w], logp, routes, positions))
         del runner
         entry = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from cli.main import main
 from llama4_quant import evaluate, pipeline, sources
 from llama4_quant.checkpoint import Checkpoint, read_tensor, write_safetensors
 
+REPO = Path(__file__).resolve().parents[1]
 CTX, TOKENS = 256, 4 * 256
 
 
@@ -77,3 +79,29 @@ def test_eval_errors_are_one_line(tmp_path):
     result = CliRunner().invoke(main, ["eval", "--base", "tiny", "--candidate", str(tmp_path / "missing"), "--quiet"])
     assert result.exit_code == 1
     assert result.stderr.strip().count("\n") == 0 and "no such candidate" in result.stderr
+
+
+def test_gguf_and_safetensors_candidates_get_identical_token_ids(tiny, tmp_path):
+    """A GGUF made by llama.cpp's own converter runs in llama.cpp on the very ids transformers gets."""
+    import importlib.util
+
+    from llama4_quant.evaluate import ids_digest, token_windows
+
+    spec = importlib.util.spec_from_file_location("llama_cpp_reference", REPO / "scripts" / "llama_cpp_reference.py")
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    gguf = reference.convert(tiny.path, tmp_path / "tiny-f16.gguf", "f16")
+    st = tmp_path / "tiny-int8"
+    pipeline.quantize(tiny, st, "int8", show_progress=False)
+
+    report = evaluate.evaluate(tiny, [st, gguf], ctx=CTX, max_tokens=TOKENS, progress=False)
+    s, g = report["candidates"]
+    windows = token_windows(tiny.path, evaluate.load_text(None)[0], CTX, TOKENS)
+    # tiny's attention chunk is 128 and llama.cpp fixes it at 8192: the GGUF gets each window's first
+    # 129 ids (positions 0-127 scored), the safetensors candidate the whole windows.
+    assert s["token_ids_sha256"] == report["data"]["token_ids_sha256"] == ids_digest(windows)
+    assert g["windows"]["length"] == 129 and g["windows"]["scored_positions_per_window"] == 128
+    assert g["token_ids_sha256"] == ids_digest(windows[:, :129])
+    assert g["kind"] == "gguf" and g["scheme"] == "F16" and g["windows"]["note"]
+    # F16 in llama.cpp vs BF16 in transformers: the same model, so near-zero divergence.
+    assert g["kld"]["mean"] < 1e-3 and g["top1_agreement"] > 0.99

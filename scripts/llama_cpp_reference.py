@@ -1,0 +1,91 @@
+"""llama.cpp's own tools, as an independent reference for tests and benchmarks (not used by l4q).
+
+The llama-cpp-python source distribution carries llama.cpp, whose `convert_hf_to_gguf.py` is the
+converter llama.cpp users run. This module fetches that sdist (the same version as the installed
+llama-cpp-python) from the package registry once, keeps the converter under the l4q cache, and runs
+it. The only change: llama.cpp identifies a BPE pre-tokenizer by hashing a test string's token ids,
+which no list can know for the tiny models' own vocabulary, so the detection is told "llama4", the
+pre-tokenizer those vocabularies are built for.
+
+    python scripts/llama_cpp_reference.py convert MODEL_DIR OUT.gguf [--outtype f16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+WANTED = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/")
+
+RUN_CONVERTER = """
+import runpy, sys
+root = sys.argv[1]
+sys.path.insert(0, root)
+sys.argv = [root + "/convert_hf_to_gguf.py"] + sys.argv[2:]
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "llama4"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("L4Q_CACHE", Path.home() / ".cache" / "l4q"))
+
+
+def sdist(ver: str | None = None) -> Path:
+    """The llama-cpp-python source archive for `ver` (default: the installed version), downloaded once."""
+    ver = ver or version("llama-cpp-python")
+    target = cache_root() / "llama.cpp" / f"llama_cpp_python-{ver}.tar.gz"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                 f"llama-cpp-python=={ver}", "-d", tmp],
+                check=True,
+            )
+            (downloaded,) = Path(tmp).glob("*.tar.gz")
+            os.replace(downloaded, target)
+    return target
+
+
+def converter_dir(ver: str | None = None) -> Path:
+    """llama.cpp's directory holding convert_hf_to_gguf.py, conversion/ and gguf-py/."""
+    archive = sdist(ver)
+    src = archive.parent / archive.name.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
+    if not (src / "convert_hf_to_gguf.py").is_file():
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if any(w in m.name for w in WANTED)]
+            tar.extractall(archive.parent, members=members, filter="data")
+    return src
+
+
+def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> Path:
+    """Run llama.cpp's own HF -> GGUF converter on `model_dir`."""
+    subprocess.run(
+        [sys.executable, "-c", RUN_CONVERTER, str(converter_dir()), str(model_dir), "--outfile", str(outfile),
+         "--outtype", outtype],
+        check=True, capture_output=True, text=True,
+    )
+    return outfile
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert")
+    c.add_argument("model_dir", type=Path)
+    c.add_argument("outfile", type=Path)
+    c.add_argument("--outtype", default="f16")
+    args = parser.parse_args()
+    print(convert(args.model_dir, args.outfile, args.outtype))
+
+
+if __name__ == "__main__":
+    main()
