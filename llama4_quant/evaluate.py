@@ -411,7 +411,10 @@ def evaluate(
     windows = token_windows(base.path, text, ctx, max_tokens)
     digest = ids_digest(windows)
 
-    key = hashlib.sha256(f"{__version__}:{base.path}:{digest}:{TOP_K}".encode()).hexdigest()
+    # The cached base reference is valid for these ids, this l4q and these exact base files.
+    files = sorted(p for p in base.path.iterdir() if p.suffix in (".json", ".safetensors"))
+    stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    key = hashlib.sha256(f"{__version__}:{base.path}:{stamp}:{digest}:{TOP_K}".encode()).hexdigest()
     cache_path = (cache_dir / f"base-{key[:16]}.npz") if cache_dir else None
     reference = BaseReference.load(cache_path, key) if cache_path and cache_path.is_file() else None
     if reference is None:
