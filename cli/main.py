@@ -100,6 +100,32 @@ def inspect(model, as_json):
     click.echo(json.dumps(report, indent=2) if as_json else inspection.format_report(report))
 
 
+@main.group()
+def export():
+    """Export a BF16 Llama 4 checkpoint to another runtime's format."""
+
+
+@export.command("gguf")
+@click.argument("model")
+@click.option("--type", "ftype", default="Q4_K_M", show_default=True, type=click.Choice(["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q4_K_M"]), help="GGUF file type.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output file [default: ./<model>-<type>.gguf].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@one_line_errors
+def export_gguf(model, ftype, out, overwrite, quiet):
+    """Write a GGUF file for llama.cpp straight from BF16 safetensors, in one streaming pass."""
+    from llama4_quant import sources
+    from llama4_quant.formats import gguf
+
+    src = sources.resolve(model)
+    out = out or Path(f"{Path(src.label).name}-{ftype}.gguf")
+    result = gguf.export_gguf(src, out, ftype, overwrite=overwrite, show_progress=not quiet)
+    for warning in result.warnings:
+        click.echo(f"l4q: warning: {warning}", err=True)
+    if not quiet:
+        click.echo(f"wrote {result.out}: {len(result.tensors)} tensors, {human_bytes(result.source_bytes)} -> {human_bytes(result.output_bytes)}")
+
+
 @main.command("eval")
 @click.option("--base", required=True, help="The BF16 source: directory, hub repo id or preset.")
 @click.option("--candidate", "candidates", multiple=True, required=True, type=click.Path(path_type=Path), help="A compressed-tensors directory or a .gguf file. Repeatable.")

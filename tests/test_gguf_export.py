@@ -1,0 +1,109 @@
+"""`l4q export gguf`: parity with llama.cpp's own converter, llama.cpp runs every type, type rules."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from gguf import GGUFReader
+
+from cli.main import main
+from llama4_quant import arch, evaluate, sources
+from llama4_quant.formats import gguf as l4q_gguf
+
+REPO = Path(__file__).resolve().parents[1]
+L4Q_ONLY_KEYS = {"general.base_model.count", "general.base_model.0.name", "general.quantized_by"}
+CTX, TOKENS = 256, 4 * 256
+
+
+def llama_cpp_reference():
+    spec = importlib.util.spec_from_file_location("llama_cpp_reference", REPO / "scripts" / "llama_cpp_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_gguf(path: Path) -> tuple[dict, dict]:
+    reader = GGUFReader(str(path))
+    kv = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors = {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape), t.data.tobytes()) for t in reader.tensors}
+    return kv, tensors
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return sources.resolve("tiny")
+
+
+def test_f16_matches_llama_cpp_converter(tiny, tmp_path):
+    theirs = llama_cpp_reference().convert(tiny.path, tmp_path / "theirs.gguf", "f16")
+    ours = l4q_gguf.export_gguf(tiny, tmp_path / "ours.gguf", "F16", show_progress=False).out
+    their_kv, their_t = read_gguf(theirs)
+    our_kv, our_t = read_gguf(ours)
+    assert set(our_kv) - set(their_kv) == L4Q_ONLY_KEYS
+    assert set(their_kv) <= set(our_kv)
+    for key, value in their_kv.items():
+        assert our_kv[key] == value, key
+    assert set(our_t) == set(their_t)
+    for name, (qtype, shape, data) in their_t.items():
+        assert our_t[name][:2] == (qtype, shape), name
+        assert our_t[name][2] == data, name  # same F16 (and F32) bytes
+    assert "rope_freqs.weight" in our_t  # llama3 rope scaling
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-maverick"])
+def test_llama_cpp_runs_every_type_close_to_bf16(model, tmp_path):
+    """Each exported type loads in llama.cpp and agrees with BF16 transformers on the same ids."""
+    src = sources.resolve(model)
+    types = list(l4q_gguf.FILE_TYPES)
+    files = [l4q_gguf.export_gguf(src, tmp_path / f"{model}-{t}.gguf", t, show_progress=False).out for t in types]
+    report = evaluate.evaluate(src, files, ctx=CTX, max_tokens=TOKENS, progress=False)
+    results = {t: c for t, c in zip(types, report["candidates"])}
+    for t, c in results.items():
+        assert c["kind"] == "gguf" and c["windows"]["scored_positions_per_window"] == 128
+    assert results["F32"]["kld"]["mean"] < 1e-3
+    assert results["F16"]["kld"]["mean"] < 1e-3
+    assert results["BF16"]["kld"]["mean"] < 1e-3
+    assert results["Q8_0"]["kld"]["mean"] < 1e-2
+    for t in ("Q6_K", "Q4_K_M", "Q4_0"):
+        assert results[t]["kld"]["mean"] < 0.1, (t, results[t]["kld"])
+        assert results[t]["top1_agreement"] > 0.8, t
+    # more bits, less divergence
+    assert results["Q6_K"]["kld"]["mean"] < results["Q4_K_M"]["kld"]["mean"] < results["Q4_0"]["kld"]["mean"] * 1.5
+
+
+def test_q4_k_m_type_rules(tiny, tmp_path):
+    out = l4q_gguf.export_gguf(tiny, tmp_path / "m.gguf", "Q4_K_M", show_progress=False).out
+    _, tensors = read_gguf(out)
+    types = {name: t[0] for name, t in tensors.items()}
+    n = 4  # use_more_bits picks layers 0 and 3 of 4 (i < n/8, i >= 7n/8, (i - n/8) % 3 == 2)
+    assert [l4q_gguf.use_more_bits(i, n) for i in range(n)] == [True, False, True, True]
+    assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
+    for i in range(n):
+        more = l4q_gguf.use_more_bits(i, n)
+        for name in (f"blk.{i}.attn_v.weight", f"blk.{i}.ffn_down_exps.weight", f"blk.{i}.ffn_down_shexp.weight"):
+            assert types[name] == ("Q6_K" if more else "Q4_K"), name
+        for name in (f"blk.{i}.attn_q.weight", f"blk.{i}.ffn_gate_exps.weight", f"blk.{i}.ffn_up_shexp.weight"):
+            assert types[name] == "Q4_K", name
+        assert types[f"blk.{i}.ffn_gate_inp.weight"] == "F32"
+        assert types[f"blk.{i}.attn_norm.weight"] == "F32"
+
+
+def test_export_warns_about_settings_llama_cpp_ignores(small_model):
+    spec = arch.spec_from_config(arch.load_config(small_model))  # 4 experts with qk-norm, chunk 64
+    assert len(l4q_gguf.llama_cpp_warnings(spec)) == 1
+    no_qk_norm = arch.Llama4Spec(**{**spec.__dict__, "use_qk_norm": False, "attention_chunk_size": 8192})
+    (warning,) = l4q_gguf.llama_cpp_warnings(no_qk_norm)
+    assert "qk-norm" in warning and "4 experts" in warning
+
+
+def test_cli_export_and_existing_output(tmp_path):
+    out = tmp_path / "t.gguf"
+    result = CliRunner().invoke(main, ["export", "gguf", "tiny", "--type", "Q8_0", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert "8192" in result.stderr  # the chunk warning
+    assert out.is_file() and not list(tmp_path.glob("*.l4q-partial"))
+    result = CliRunner().invoke(main, ["export", "gguf", "tiny", "--type", "Q8_0", "--out", str(out), "--quiet"])
+    assert result.exit_code == 1 and "already exists" in result.stderr
