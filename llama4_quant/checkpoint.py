@@ -196,6 +196,21 @@ def read_slice(info: TensorInfo, index: int) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=DTYPES[info.dtype][0]).reshape(info.shape[1:])
 
 
+def read_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """`tensor[start:stop]` along dim 0, reading only those rows' bytes."""
+    per = info.nbytes // info.shape[0]
+    buf = _pread_exact(info.file, info.offset + start * per, (stop - start) * per)
+    return torch.frombuffer(buf, dtype=DTYPES[info.dtype][0]).reshape(stop - start, *info.shape[1:])
+
+
+def iter_row_blocks(info: TensorInfo, block_bytes: int = 64 * 1024 * 1024) -> Iterator[torch.Tensor]:
+    """The tensor in consecutive blocks of whole rows, each about `block_bytes` (at least one row)."""
+    per = max(info.nbytes // max(info.shape[0], 1), 1)
+    step = max(block_bytes // per, 1)
+    for start in range(0, info.shape[0], step):
+        yield read_rows(info, start, min(start + step, info.shape[0]))
+
+
 def iter_raw_chunks(info: TensorInfo, chunk_bytes: int = 64 * 1024 * 1024) -> Iterator[bytearray]:
     """The tensor's bytes in bounded chunks, for byte-identical copies of unquantized tensors."""
     step = max(chunk_bytes - chunk_bytes % info.itemsize, info.itemsize)

@@ -8,6 +8,7 @@ which no list can know for the tiny models' own vocabulary, so the detection is 
 pre-tokenizer those vocabularies are built for.
 
     python scripts/llama_cpp_reference.py convert MODEL_DIR OUT.gguf [--outtype f16]
+    python scripts/llama_cpp_reference.py build-quantize      # builds llama-quantize
 """
 
 from __future__ import annotations
@@ -66,6 +67,33 @@ def converter_dir(ver: str | None = None) -> Path:
     return src
 
 
+def quantize_tool(ver: str | None = None) -> Path:
+    """llama.cpp's `llama-quantize`, built once from the same source distribution (a few minutes)."""
+    archive = sdist(ver)
+    root = archive.parent / archive.name.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
+    binary = root / "build" / "bin" / "llama-quantize"
+    if binary.is_file():
+        return binary
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
+        tar.extractall(archive.parent, members=members, filter="data")
+    subprocess.run(
+        ["cmake", "-S", str(root), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_NATIVE=ON"],
+        check=True, capture_output=True,
+    )
+    subprocess.run(["cmake", "--build", str(root / "build"), "--target", "llama-quantize", "-j", str(os.cpu_count() or 2)],
+                   check=True, capture_output=True)
+    return binary
+
+
+def llama_quantize(src_gguf: Path, out_gguf: Path, ftype: str, imatrix: Path | None = None) -> Path:
+    """Run llama.cpp's own quantizer, e.g. F16 GGUF -> Q4_K_M."""
+    cmd = [str(quantize_tool())] + (["--imatrix", str(imatrix)] if imatrix else []) + [str(src_gguf), str(out_gguf), ftype]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out_gguf
+
+
 def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> Path:
     """Run llama.cpp's own HF -> GGUF converter on `model_dir`."""
     subprocess.run(
@@ -83,8 +111,12 @@ def main() -> None:
     c.add_argument("model_dir", type=Path)
     c.add_argument("outfile", type=Path)
     c.add_argument("--outtype", default="f16")
+    sub.add_parser("build-quantize")
     args = parser.parse_args()
-    print(convert(args.model_dir, args.outfile, args.outtype))
+    if args.command == "convert":
+        print(convert(args.model_dir, args.outfile, args.outtype))
+    else:
+        print(quantize_tool())
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .. import __version__, arch
 from ..arch import Llama4Spec
-from ..checkpoint import Checkpoint, read_slice, read_tensor
+from ..checkpoint import Checkpoint, iter_row_blocks, read_slice
 from ..errors import OutputExistsError, UsageError
 from ..sources import Source
 
@@ -63,8 +63,8 @@ _LAYER_NAMES = {
 class GGUFTensor:
     """One planned GGUF tensor: its name, numpy-order shape, type, and how to produce its rows.
 
-    `produce` yields float or raw arrays whose concatenation along dim 0 is the whole tensor (one
-    expert at a time for expert tensors)."""
+    `produce` yields blocks whose concatenation along dim 0 is the whole tensor: one expert at a time
+    for expert tensors, bounded blocks of whole rows otherwise."""
 
     name: str
     shape: tuple[int, ...]
@@ -172,7 +172,7 @@ def plan(ckpt: Checkpoint, spec: Llama4Spec, ftype: str) -> list[GGUFTensor]:
             continue
         qtype = tensor_type(name, len(info.shape), info.shape[-1], ftype, role.layer, n, attn_v_seen)
         attn_v_seen += ".attn_v." in name
-        out.append(GGUFTensor(name, info.shape, qtype, lambda info=info: iter([read_tensor(info)]), role.layer,
+        out.append(GGUFTensor(name, info.shape, qtype, lambda info=info: iter_row_blocks(info), role.layer,
                               info.nbytes, importance_key=info.name.removesuffix(".weight")))
     return out
 
@@ -391,7 +391,7 @@ def export_gguf(
                 fout.write(b"\0" * (-fout.tell() % GGUF_ALIGNMENT))
                 written = 0
                 imp = importance(t.importance_key) if importance and t.importance_key else None
-                for e, part in enumerate(t.produce()):
+                for e, part in enumerate(t.produce()):  # e: the expert, for expert tensors
                     if not torch.isfinite(part).all():
                         from ..errors import NonFiniteWeightError
 
