@@ -1,5 +1,6 @@
 """`l4q export gguf` against llama.cpp's own pipeline, and at Scout's real shapes.
 
+0. Every type of `tiny` and `tiny-maverick`, run by llama.cpp, against the BF16 model in transformers.
 1. On `tiny`: l4q's one-pass Q4_K_M versus llama.cpp's two programs (its converter to F16, then its
    `llama-quantize` built from the llama-cpp-python source distribution): wall time, and mean KLD of
    each against the BF16 model measured by `l4q eval` (llama.cpp runs both files).
@@ -63,6 +64,25 @@ def versus_llama_cpp(windows: int) -> None:
               f"{k['median']:.6f} | {k['p99']:.4f} | {c['top1_agreement']:.2%} |")
 
 
+def quality(models: list[str], windows: int) -> None:
+    """Every exported type of each tiny model, run by llama.cpp, against BF16 transformers."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            src = sources.resolve(model)
+            types = list(l4q_gguf.FILE_TYPES)
+            files = [l4q_gguf.export_gguf(src, Path(tmp) / f"{model}-{t}.gguf", t, show_progress=False).out for t in types]
+            report = evaluate.evaluate(src, files, ctx=256, max_tokens=windows * 256, progress=False)
+            rows += [(model, t, report["base"]["size_bytes"], c) for t, c in zip(types, report["candidates"])]
+    print(f"\nl4q GGUF exports in llama.cpp vs BF16 transformers, {windows} held-out windows, positions 0-127 scored")
+    print("| model | type | size | mean KLD | median KLD | p99 KLD | top-1 agree |")
+    print("|---|---|---|---|---|---|---|")
+    for model, t, base_size, c in rows:
+        k = c["kld"]
+        print(f"| {model} | {t} | {c['size_bytes'] / base_size:.0%} | {k['mean']:.5f} | {k['median']:.6f} | "
+              f"{k['p99']:.4f} | {c['top1_agreement']:.2%} |")
+
+
 def scout_shapes(workdir: Path, layers: int, types: list[str]) -> None:
     src = ensure_checkpoint(workdir, layers)
     tiny = sources.resolve("tiny").path
@@ -94,7 +114,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/l4q-bench"))
     parser.add_argument("--skip-scout", action="store_true")
     parser.add_argument("--skip-tiny", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args()
+    if not args.skip_quality:
+        quality(["tiny", "tiny-maverick"], args.windows)
     if not args.skip_tiny:
         versus_llama_cpp(args.windows)
     if not args.skip_scout:

@@ -78,8 +78,8 @@ def test_q4_k_m_type_rules(tiny, tmp_path):
     out = l4q_gguf.export_gguf(tiny, tmp_path / "m.gguf", "Q4_K_M", show_progress=False).out
     _, tensors = read_gguf(out)
     types = {name: t[0] for name, t in tensors.items()}
-    n = 4  # use_more_bits picks layers 0 and 3 of 4 (i < n/8, i >= 7n/8, (i - n/8) % 3 == 2)
-    assert [l4q_gguf.use_more_bits(i, n) for i in range(n)] == [True, False, True, True]
+    n = 4  # use_more_bits picks layers 2 and 3 of 4 (i < n/8, i >= 7n/8 or (i - n/8) % 3 == 2)
+    assert [l4q_gguf.use_more_bits(i, n) for i in range(n)] == [False, False, True, True]
     assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
     for i in range(n):
         more = l4q_gguf.use_more_bits(i, n)
@@ -107,3 +107,14 @@ def test_cli_export_and_existing_output(tmp_path):
     assert out.is_file() and not list(tmp_path.glob("*.l4q-partial"))
     result = CliRunner().invoke(main, ["export", "gguf", "tiny", "--type", "Q8_0", "--out", str(out), "--quiet"])
     assert result.exit_code == 1 and "already exists" in result.stderr
+
+
+def test_q4_k_m_types_match_llama_quantize(tiny, tmp_path):
+    """Per-tensor types of l4q's Q4_K_M equal llama.cpp's llama-quantize output for the same model."""
+    ref = llama_cpp_reference()
+    f16 = ref.convert(tiny.path, tmp_path / "f16.gguf", "f16")
+    theirs = ref.llama_quantize(f16, tmp_path / "theirs.gguf", "Q4_K_M")
+    ours = l4q_gguf.export_gguf(tiny, tmp_path / "ours.gguf", "Q4_K_M", show_progress=False).out
+    their_types = {n: t[:2] for n, t in read_gguf(theirs)[1].items()}
+    our_types = {n: t[:2] for n, t in read_gguf(ours)[1].items()}
+    assert our_types == their_types
