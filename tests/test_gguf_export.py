@@ -118,3 +118,23 @@ def test_q4_k_m_types_match_llama_quantize(tiny, tmp_path):
     their_types = {n: t[:2] for n, t in read_gguf(theirs)[1].items()}
     our_types = {n: t[:2] for n, t in read_gguf(ours)[1].items()}
     assert our_types == their_types
+
+
+@pytest.mark.parametrize("ftype, qtype", [("Q8_0", "Q8_0"), ("Q4_0", "Q4_0")])
+def test_exported_blocks_equal_gguf_py_quantize(tiny, tmp_path, ftype, qtype):
+    """Whole exported tensors (an expert tensor included) equal gguf-py's reference quantizer's bytes."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    from llama4_quant.checkpoint import Checkpoint, read_tensor
+
+    out = l4q_gguf.export_gguf(tiny, tmp_path / "x.gguf", ftype, show_progress=False).out
+    ours = read_gguf(out)[1]
+    ckpt = Checkpoint(tiny.path)
+    q = read_tensor(ckpt.by_name["language_model.model.layers.1.self_attn.q_proj.weight"]).float().numpy()
+    gate_up = read_tensor(ckpt.by_name["language_model.model.layers.2.feed_forward.experts.gate_up_proj"]).float()
+    up = gate_up[:, :, gate_up.shape[2] // 2 :].transpose(1, 2).contiguous().numpy()  # [E, inter, hidden]
+    for name, src in (("blk.1.attn_q.weight", q), ("blk.2.ffn_up_exps.weight", up)):
+        assert ours[name][0] == qtype
+        reference = quants.quantize(src, GGMLQuantizationType[qtype])
+        assert ours[name][2] == np.ascontiguousarray(reference).tobytes(), name
