@@ -26,6 +26,7 @@ from ..arch import Llama4Spec
 from ..checkpoint import Checkpoint, iter_row_blocks, read_slice
 from ..errors import OutputExistsError, UsageError
 from ..sources import Source
+from . import gguf_quants
 
 GGUF_ALIGNMENT = 32
 LLAMA_CPP_CHUNK = 8192
@@ -39,7 +40,6 @@ FILE_TYPES = {
     "Q6_K": ("MOSTLY_Q6_K", "Q6_K"),
     "Q4_K_M": ("MOSTLY_Q4_K_M", "Q4_K"),
 }
-K_QUANTS = ("Q4_K", "Q6_K")
 
 # HF names inside a decoder layer -> GGUF names (llama.cpp's tensor map for llama4)
 _LAYER_NAMES = {
@@ -101,7 +101,7 @@ def tensor_type(name: str, ndim: int, cols: int, ftype: str, layer: int | None, 
     default = FILE_TYPES[ftype][1]
     if default in ("F32", "F16", "BF16"):
         return default
-    if default in K_QUANTS and cols % 256 != 0:
+    if default in gguf_quants.K_QUANTS and cols % 256 != 0:
         return "Q8_0"  # llama.cpp's fallback for rows that are not whole super-blocks
     if name == "output.weight":
         return "Q8_0" if default == "Q8_0" else "Q6_K"
@@ -332,10 +332,8 @@ def encode(data: torch.Tensor, qtype: str, importance: np.ndarray | None) -> np.
         # bf16 -> f32 is exact; f32 -> f16 rounds to nearest even, as llama.cpp's converter does.
         arr = data.to(torch.float32).numpy()
         return (arr if qtype == "F32" else arr.astype(np.float16)).reshape(-1).view(np.uint8)
-    from . import gguf_quants
-
     rows = data.reshape(-1, data.shape[-1]).to(torch.float32).numpy()
-    return gguf_quants.quantize(rows, qtype, importance if qtype in K_QUANTS else None).reshape(-1)
+    return gguf_quants.quantize(rows, qtype, importance if qtype in gguf_quants.K_QUANTS else None).reshape(-1)
 
 
 @dataclass
