@@ -22,7 +22,6 @@ from tqdm import tqdm
 from . import __version__, arch
 from .arch import Llama4Spec
 from .checkpoint import (
-    INDEX_NAME,
     Checkpoint,
     ShardWriter,
     TensorEntry,
