@@ -332,6 +332,20 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     writer.close()
 
 
+def split_in_order(items: list, size_of, max_bytes: int) -> list[list]:
+    """Consecutive groups of `items`, each at most `max_bytes` by `size_of` unless one item alone is
+    larger: how shards are cut, greedily and in order, never splitting an item."""
+    groups: list[list] = [[]]
+    size = 0
+    for item in items:
+        if groups[-1] and size + size_of(item) > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += size_of(item)
+    return groups
+
+
 def write_index(model_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
     """`model.safetensors.index.json` as transformers writes it (keys sorted)."""
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}

@@ -30,6 +30,7 @@ from .checkpoint import (
     iter_raw_chunks,
     read_slice,
     read_tensor,
+    split_in_order,
     write_index,
 )
 from .errors import CorruptCheckpointError, L4QError, OutputExistsError, ResumeMismatchError, UsageError
@@ -155,7 +156,8 @@ def build_plan(
                 ignore.append(re_exact(module))  # cannot take this scheme's layout: keep it BF16
             units.append(Unit("copy", (info,), (TensorEntry(info.name, info.dtype, info.shape),), quantize=False))
     plan = Plan(spec, scheme, ignore, units, config=config or {})
-    plan.shards = _split_shards(units, max_shard_size)
+    # Units are never split: one expert's tensors stay together in one shard.
+    plan.shards = split_in_order(units, lambda u: u.output_bytes, max_shard_size)
     return plan
 
 
@@ -182,19 +184,6 @@ def _expert_units(ckpt: Checkpoint, spec: Llama4Spec, scheme: ct.Scheme, ignore:
                 ignore.append(re_exact(module))
         units.append(Unit("expert", (gate_up, down), tuple(outputs), module=base, expert=i, quantize=quantize))
     return units
-
-
-def _split_shards(units: list[Unit], max_shard_size: int) -> list[list[Unit]]:
-    """Greedy, in order; a unit is never split across shards (one expert's tensors stay together)."""
-    shards: list[list[Unit]] = [[]]
-    size = 0
-    for unit in units:
-        if shards[-1] and size + unit.output_bytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(unit)
-        size += unit.output_bytes
-    return shards
 
 
 # ---------------------------------------------------------------------------------------------

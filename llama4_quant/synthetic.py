@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import arch
-from .checkpoint import ShardWriter, TensorEntry, write_index
+from .checkpoint import ShardWriter, TensorEntry, split_in_order, write_index
 
 SLICE_BYTES = 64 * 1024 * 1024
 
@@ -130,14 +130,7 @@ def write_synthetic_checkpoint(
         base = f"{spec.layer_prefix}{layer}.feed_forward.experts"
         overrides[(f"{base}.gate_up_proj", expert)] = s
         overrides[(f"{base}.down_proj", expert)] = s
-    shards: list[list[TensorEntry]] = [[]]
-    size = 0
-    for e in entries:
-        if shards[-1] and size + e.nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += e.nbytes
+    shards = split_in_order(entries, lambda e: e.nbytes, max_shard_size)
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

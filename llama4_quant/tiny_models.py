@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import write_index, write_safetensors
+from .checkpoint import split_in_order, write_index, write_safetensors
 
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
 HELDOUT_FILE = "heldout.txt"
@@ -228,14 +228,7 @@ def write_sharded(
     sizes = [t.numel() * t.element_size() for _, t in tensors]
     total = sum(sizes)
     limit = min(max_shard_bytes, max(1, total // min_shards))
-    groups: list[list[int]] = [[]]
-    used = 0
-    for i, size in enumerate(sizes):
-        if groups[-1] and used + size > limit:
-            groups.append([])
-            used = 0
-        groups[-1].append(i)
-        used += size
+    groups = split_in_order(list(range(len(tensors))), lambda i: sizes[i], limit)
     n = len(groups)
     weight_map = {}
     for k, group in enumerate(groups, start=1):
