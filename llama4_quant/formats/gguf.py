@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .. import __version__, arch
 from ..arch import Llama4Spec
 from ..checkpoint import Checkpoint, iter_row_blocks, read_slice
-from ..errors import OutputExistsError, UsageError
+from ..errors import NonFiniteWeightError, OutputExistsError, UsageError
 from ..sources import Source
 from . import gguf_quants
 
@@ -391,8 +391,6 @@ def export_gguf(
                 imp = importance(t.importance_key) if importance and t.importance_key else None
                 for e, part in enumerate(t.produce()):  # e: the expert, for expert tensors
                     if not torch.isfinite(part).all():
-                        from ..errors import NonFiniteWeightError
-
                         raise NonFiniteWeightError(f"{t.name}: NaN/Inf in the source weight")
                     imp_part = imp[e] if imp is not None and imp.ndim == 2 else imp
                     raw = encode(part, t.qtype, imp_part)

@@ -129,21 +129,21 @@ def quantize_q4_0(w: Any) -> np.ndarray:
 
 def quantize_q4_k(w: Any, importance: Any = None) -> np.ndarray:
     """Q4_K as ggml's quantize_q4_K: 8 sub-blocks of 32 with 6-bit scale and min per 256 values."""
-    src, rows, cols = _matrix(w, "Q4_K")
-    qw = _as_importance(importance, cols)
-    out = np.empty((rows, cols // QK_K * 144), dtype=np.uint8)
-    for r0, r1, chunk in _float_chunks(src, rows, cols):
-        out[r0:r1] = _q4_k_chunk(chunk, qw).reshape(r1 - r0, -1)
-    return out
+    return _k_quant(w, "Q4_K", importance, _q4_k_chunk)
 
 
 def quantize_q6_k(w: Any, importance: Any = None) -> np.ndarray:
     """Q6_K as ggml's quantize_q6_K: 16 sub-blocks of 16 with int8 scales and an f16 d per 256 values."""
-    src, rows, cols = _matrix(w, "Q6_K")
+    return _k_quant(w, "Q6_K", importance, _q6_k_chunk)
+
+
+def _k_quant(w: Any, qtype: str, importance: Any, encode_chunk) -> np.ndarray:
+    """Encode a matrix chunk of rows at a time with `encode_chunk(chunk, importance)`."""
+    src, rows, cols = _matrix(w, qtype)
     qw = _as_importance(importance, cols)
-    out = np.empty((rows, cols // QK_K * 210), dtype=np.uint8)
+    out = np.empty((rows, cols // QK_K * TYPE_SIZE[qtype]), dtype=np.uint8)
     for r0, r1, chunk in _float_chunks(src, rows, cols):
-        out[r0:r1] = _q6_k_chunk(chunk, qw).reshape(r1 - r0, -1)
+        out[r0:r1] = encode_chunk(chunk, qw).reshape(r1 - r0, -1)
     return out
 
 
