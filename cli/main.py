@@ -63,6 +63,8 @@ def main() -> None:
 @click.option("--model", "model", required=True, help="Source: a model directory, a hub repo id, or a preset (tiny, tiny-maverick, scout, maverick).")
 @click.option("--to", "scheme", required=True, type=click.Choice(["int4", "int8", "fp8"]), help="Quantization scheme.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory [default: ./<model>-<scheme>].")
+@click.option("--method", default="rtn", show_default=True, type=click.Choice(["rtn", "mse", "gptq"]), help="rtn: absmax round-to-nearest; mse: searched scales (importance-weighted with --calib); gptq: GPTQ, needs --calib.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration statistics from `l4q calibrate` (required for --method gptq).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--ignore", multiple=True, metavar="REGEX", help="Keep matching Linear modules BF16 (regex matched from the start of the module name, e.g. '.*self_attn.*'). Repeatable.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished shard.")
@@ -70,22 +72,53 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="Where the kernels run: auto, cpu, cuda, cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def quantize(model, scheme, out, max_shard_size, ignore, resume, overwrite, device, quiet):
+def quantize(model, scheme, out, method, calib, max_shard_size, ignore, resume, overwrite, device, quiet):
     """Stream a BF16 Llama 4 checkpoint into an int4 / int8 / FP8 compressed-tensors checkpoint."""
     from llama4_quant import pipeline, sources
 
     src = sources.resolve(model)
     out = out or Path(f"{Path(src.label).name}-{scheme}")
     result = pipeline.quantize(
-        src, out, scheme, ignore=ignore, max_shard_size=parse_size(max_shard_size),
+        src, out, scheme, method=method, calib=calib, ignore=ignore, max_shard_size=parse_size(max_shard_size),
         resume=resume, overwrite=overwrite, device=device, show_progress=not quiet,
     )
     if not quiet:
         click.echo(
-            f"wrote {result.out}: {result.plan.quantized_modules()} modules quantized to {scheme}, "
+            f"wrote {result.out}: {len(result.plan.quantized_modules())} modules quantized to {scheme}, "
             f"{human_bytes(result.source_bytes)} -> {human_bytes(result.output_bytes)} in {len(result.plan.shards)} shards"
             + (f" ({result.shards_resumed} resumed)" if result.shards_resumed else "")
         )
+
+
+@main.command()
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The statistics directory to write.")
+@click.option("--data", multiple=True, type=click.Path(path_type=Path), help="Text or .jsonl (field 'text') files [default: the built-in corpus's training split]. Repeatable.")
+@click.option("--samples", default=128, show_default=True, help="Calibration sequences.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per sequence.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished layer.")
+@click.option("--overwrite", is_flag=True, help="Replace existing statistics (or discard an interrupted run).")
+@click.option("--json", "as_json", is_flag=True, help="Print stats.json instead of the summary.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@one_line_errors
+def calibrate(model, out, data, samples, seq_len, device, resume, overwrite, as_json, quiet):
+    """Collect per-expert routing and importance statistics, one decoder layer at a time."""
+    from llama4_quant import sources
+    from llama4_quant.calibrate.data import calibration_ids
+    from llama4_quant.calibrate.stats import calibrate as run_calibration
+
+    src = sources.resolve(model)
+    ids, description = calibration_ids(src.path, list(data) or None, samples, seq_len)
+    result = run_calibration(src, out, ids, description, device=device, resume=resume, overwrite=overwrite,
+                             show_progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(result.stats, indent=1))
+    elif not quiet:
+        fallback = result.stats["all_token_experts"]
+        click.echo(f"wrote {result.out}: {ids.numel()} tokens through {len(result.stats['moe_layers'])} MoE layers; "
+                   f"{len(fallback)} experts had too few routed tokens and were calibrated on all tokens"
+                   + (f" ({', '.join(fallback)})" if fallback else "") + f"; see {result.out / 'report.md'}")
 
 
 @main.command()
@@ -109,17 +142,25 @@ def export():
 @click.argument("model")
 @click.option("--type", "ftype", default="Q4_K_M", show_default=True, type=click.Choice(["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q4_K_M"]), help="GGUF file type.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output file [default: ./<model>-<type>.gguf].")
+@click.option("--imatrix", type=click.Path(path_type=Path), help="Calibration statistics from `l4q calibrate`: importance-weighted K-quant search.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def export_gguf(model, ftype, out, overwrite, quiet):
+def export_gguf(model, ftype, out, imatrix, overwrite, quiet):
     """Write a GGUF file for llama.cpp straight from BF16 safetensors, in one streaming pass."""
     from llama4_quant import sources
     from llama4_quant.formats import gguf
 
     src = sources.resolve(model)
     out = out or Path(f"{Path(src.label).name}-{ftype}.gguf")
-    result = gguf.export_gguf(src, out, ftype, overwrite=overwrite, show_progress=not quiet)
+    importance = None
+    if imatrix:
+        from llama4_quant.calibrate.stats import Stats
+
+        stats = Stats(imatrix)
+        stats.check_model(src.path)
+        importance = stats.importance
+    result = gguf.export_gguf(src, out, ftype, importance=importance, overwrite=overwrite, show_progress=not quiet)
     for warning in result.warnings:
         click.echo(f"l4q: warning: {warning}", err=True)
     if not quiet:
@@ -134,15 +175,18 @@ def export_gguf(model, ftype, out, overwrite, quiet):
 @click.option("--max-tokens", type=int, default=32768, show_default=True, help="Evaluate at most this many tokens.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=Path("l4q-report"), show_default=True, help="Where report.json, report.md, report.html and the plots go.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "transformers", "streaming"]), help="How safetensors models run: transformers, or the layer-streaming engine (one decoder layer in memory); auto streams models that do not fit.")
+@click.option("--batch-windows", default=8, show_default=True, help="Windows per pass of the streaming engine (each pass reads every layer once).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
-def eval_command(base, candidates, data, ctx, max_tokens, report_dir, device, quiet):
+def eval_command(base, candidates, data, ctx, max_tokens, report_dir, device, engine, batch_windows, quiet):
     """Perplexity drift, KL divergence, top-token and routing agreement of derivatives against their base."""
     from llama4_quant import evaluate, pipeline, report, sources
 
     result = evaluate.evaluate(
         sources.resolve(base), list(candidates), data=list(data) or None, ctx=ctx, max_tokens=max_tokens,
-        device=str(pipeline.resolve_device(device)), cache_dir=report_dir / ".cache", progress=not quiet,
+        device=str(pipeline.resolve_device(device)), engine=engine, batch_windows=batch_windows,
+        cache_dir=report_dir / ".cache", progress=not quiet,
     )
     paths = report.write_reports(result, report_dir)
     click.echo(report.summary_table_markdown(result))

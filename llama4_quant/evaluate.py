@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -171,6 +172,65 @@ class LlamaCppRunner:
         return torch.log_softmax(logits, -1), None
 
 
+class StreamingRunner:
+    """Log-probabilities and routes through the layer-streaming engine: for models that do not fit in
+    memory. Windows go through in batches; each batch reads every layer once."""
+
+    kind = "safetensors"
+
+    def __init__(self, model_dir: Path, device: str, batch_size: int = 8):
+        from .calibrate.weights import WeightSource
+
+        self.src = WeightSource(model_dir, device)
+        self.moe_layers = list(self.src.spec.moe_layers)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def run(self, windows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        from .calibrate.engine import Engine
+
+        engine = Engine(self.src, record_routes=True)
+        logp = engine.log_probs(engine.run_layers(engine.embed(windows.to(self.src.device))))
+        routes = None
+        if self.moe_layers:
+            routes = torch.stack([engine.routes[i].view(windows.shape) for i in self.moe_layers], dim=-1)
+        return [(lp, routes[w] if routes is not None else None) for w, lp in enumerate(logp)]
+
+
+def run_windows(runner, windows: torch.Tensor, progress: bool, desc: str):
+    """(log-probs, routes, ids as received) per window, batch by batch for the streaming runner."""
+    step = getattr(runner, "batch_size", 1)
+    with tqdm(total=len(windows), desc=desc, disable=not progress, unit="window") as bar:
+        for start in range(0, len(windows), step):
+            batch = windows[start : start + step]
+            if isinstance(runner, StreamingRunner):
+                for w, (lp, routes) in enumerate(runner.run(batch)):
+                    yield lp, routes, batch[w]
+            else:
+                lp, routes = runner(batch[0])
+                yield lp, routes, runner.received
+            bar.update(len(batch))
+
+
+def fits_in_memory(model_dir: Path, device: str) -> bool:
+    """Whether transformers can hold the model as float32 on `device` (with room to spare)."""
+    ckpt = Checkpoint(model_dir)
+    params = sum(math.prod(t.shape) for t in ckpt.tensors)  # packed int4 undercounts; the margin covers it
+    if str(device).startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 4 * params < 0.6 * free
+
+
+def make_runner(model_dir: Path, device: str, engine: str, batch_size: int):
+    if engine == "auto":
+        engine = "transformers" if fits_in_memory(model_dir, device) else "streaming"
+    if engine == "streaming":
+        return StreamingRunner(model_dir, device, batch_size)
+    return TransformersRunner(model_dir, device)
+
+
 # ---------------------------------------------------------------------------------------------
 # The base, once
 
@@ -206,15 +266,14 @@ class BaseReference:
             return None
 
 
-def compute_base_reference(runner: TransformersRunner, windows: torch.Tensor, k: int, progress: bool) -> BaseReference:
+def compute_base_reference(runner, windows: torch.Tensor, k: int, vocab_size: int, progress: bool) -> BaseReference:
     n, ctx = windows.shape
-    k = min(k, runner.model.config.vocab_size)
+    k = min(k, vocab_size)
     ids = np.zeros((n, ctx, k), np.int32)
     logp = np.zeros((n, ctx, k), np.float32)
     target = np.zeros((n, ctx - 1), np.float32)
     routes = np.zeros((n, ctx, len(runner.moe_layers)), np.int16) if runner.moe_layers else None
-    for w in tqdm(range(n), desc="base", disable=not progress, unit="window"):
-        lp, r = runner(windows[w])
+    for w, (lp, r, _ids) in enumerate(run_windows(runner, windows, progress, "base")):
         top = torch.topk(lp, k, dim=-1)
         ids[w], logp[w] = top.indices.numpy(), top.values.numpy()
         target[w] = lp[:-1].gather(1, windows[w, 1:, None]).squeeze(1).numpy()
@@ -395,10 +454,18 @@ def evaluate(
     ctx: int | None = None,
     max_tokens: int | None = 32768,
     device: str = "cpu",
+    engine: str = "auto",
+    batch_windows: int = 8,
     cache_dir: Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Compare each candidate with the base; returns the report dict (see llama4_quant/report.py)."""
+    """Compare each candidate with the base; returns the report dict (see llama4_quant/report.py).
+
+    Safetensors models run through transformers when they fit in memory as float32 and through the
+    layer-streaming engine otherwise (`engine` auto), or as `engine` says.
+    """
+    if engine not in ("auto", "transformers", "streaming"):
+        raise UsageError(f"unknown engine {engine!r}; choose auto, transformers or streaming")
     for c in candidates:
         if not c.exists():
             raise SourceNotFoundError(f"{c}: no such candidate (a compressed-tensors directory or a .gguf file)")
@@ -418,8 +485,8 @@ def evaluate(
     cache_path = (cache_dir / f"base-{key[:16]}.npz") if cache_dir else None
     reference = BaseReference.load(cache_path, key) if cache_path and cache_path.is_file() else None
     if reference is None:
-        runner = TransformersRunner(base.path, device)
-        reference = compute_base_reference(runner, windows, TOP_K, progress)
+        runner = make_runner(base.path, device, engine, batch_windows)
+        reference = compute_base_reference(runner, windows, TOP_K, spec.vocab_size, progress)
         del runner
         if cache_path:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -445,12 +512,11 @@ def evaluate(
             positions = chunk
             note = (f"llama.cpp fixes the Llama 4 attention chunk at {LLAMA_CPP_CHUNK}; this model's chunk is {chunk}, "
                     f"so only positions 0-{chunk - 1} of each window are scored (same token ids, shorter context)")
-        runner = LlamaCppRunner(path, n_ctx=min(ctx, positions + 1)) if gguf else TransformersRunner(path, device)
+        runner = LlamaCppRunner(path, n_ctx=min(ctx, positions + 1)) if gguf else make_runner(path, device, engine, batch_windows)
+        feed = windows[:, : positions + 1] if gguf else windows
         scores, fed = [], []
-        for w in tqdm(range(len(windows)), desc=path.name, disable=not progress, unit="window"):
-            feed = windows[w, : positions + 1] if gguf else windows[w]
-            logp, routes = runner(feed)
-            fed.append(runner.received)  # the ids as the model received them, for the report's digest
+        for w, (logp, routes, received) in enumerate(run_windows(runner, feed, progress, path.name)):
+            fed.append(received)  # the ids as the model received them, for the report's digest
             scores.append(score_window(reference, w, windows[w], logp, routes, positions))
         del runner
         entry = {

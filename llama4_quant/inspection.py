@@ -24,7 +24,7 @@ def inspect(source: Source) -> dict:
     predicted = {}
     for name, scheme in ct.SCHEMES.items():
         plan = build_plan(ckpt, spec, scheme, config=config)
-        predicted[name] = {"bytes": plan.output_bytes, "quantized_modules": plan.quantized_modules()}
+        predicted[name] = {"bytes": plan.output_bytes, "quantized_modules": len(plan.quantized_modules())}
     return {
         "source": source.label,
         "path": str(source.path),

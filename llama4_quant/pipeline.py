@@ -33,13 +33,23 @@ from .checkpoint import (
     split_in_order,
     write_index,
 )
-from .errors import CorruptCheckpointError, L4QError, OutputExistsError, ResumeMismatchError, UsageError
+from .errors import (
+    CorruptCheckpointError,
+    L4QError,
+    OutputExistsError,
+    ResumeMismatchError,
+    UsageError,
+)
 from .formats import compressed_tensors as ct
+from .scale_search import search_scales
 from .schemes import check_finite
 from .sources import Source
 
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROGRESS_NAME = ".l4q-progress.json"
 PARTIAL_SUFFIX = ".l4q-partial"
+RECIPE_NAME = "l4q_recipe.json"
+GPTQ_DIR = "gptq"  # inside the partial output: the GPTQ pass's per-layer results
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3
 # Non-weight files a derivative needs or must carry: tokenizer, chat template, generation and processor
 # configs, licence terms. The base's README is not among them: a derivative gets its own model card.
@@ -85,6 +95,8 @@ class Plan:
     units: list[Unit]
     shards: list[list[Unit]] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    method: str = "rtn"
+    calib_digest: str = ""  # identifies the calibration statistics used, if any
 
     @property
     def shard_names(self) -> list[str]:
@@ -99,13 +111,21 @@ class Plan:
     def output_bytes(self) -> int:
         return sum(u.output_bytes for u in self.units)
 
-    def quantized_modules(self) -> int:
-        return sum(3 if u.kind == "expert" else 1 for u in self.units if u.kind != "copy" and u.quantize)
+    def quantized_modules(self) -> list[str]:
+        """Names of the Linears this plan quantizes (experts unfused)."""
+        names = []
+        for u in self.units:
+            if u.kind == "linear" and u.quantize:
+                names.append(u.module)
+            elif u.kind == "expert" and u.quantize:
+                names += [f"{u.module}.{u.expert}.{p}" for p in EXPERT_PROJECTIONS]
+        return names
 
     def fingerprint(self, source_dir: Path) -> str:
         """Identifies the source bytes' layout, the options and the output layout, for --resume."""
         h = hashlib.sha256()
-        h.update(json.dumps([__version__, self.scheme.name, self.ignore, self.config], sort_keys=True).encode())
+        options = [__version__, self.scheme.name, self.ignore, self.config, self.method, self.calib_digest]
+        h.update(json.dumps(options, sort_keys=True).encode())
         for s in sorted({s.file for u in self.units for s in u.sources}):
             h.update(f"{s.name}:{s.stat().st_size}:{int(s.stat().st_mtime)}\n".encode())
         for name, shard in zip(self.shard_names, self.shards):
@@ -190,7 +210,27 @@ def _expert_units(ckpt: Checkpoint, spec: Llama4Spec, scheme: ct.Scheme, ignore:
 # Running
 
 
-def _produce(unit: Unit, scheme: ct.Scheme, device: torch.device):
+class Encoder:
+    """Turns one planned Linear into its stored tensors with the chosen method (see calibrate.methods)."""
+
+    def __init__(self, scheme: ct.Scheme, method: str = "rtn", stats=None, gptq=None):
+        self.scheme, self.method, self.stats, self.gptq = scheme, method, stats, gptq
+
+    def precomputed(self, unit: Unit) -> bool:
+        return self.gptq is not None and unit.quantize and unit.kind in ("linear", "expert")
+
+    def encode(self, module: str, weight: torch.Tensor, key: str, expert: int | None):
+        if self.method != "mse":
+            return ct.encode_linear(module, weight, self.scheme)
+        importance = None
+        if self.stats is not None:
+            found = self.stats.importance(key)
+            if found is not None:
+                importance = torch.from_numpy(found[expert] if expert is not None else found).to(weight.device)
+        return ct.encode_linear(module, weight, self.scheme, scale=search_scales(weight, self.scheme.name, importance))
+
+
+def _produce(unit: Unit, encoder: Encoder, device: torch.device):
     """Yield (name, tensor-or-bytes) for the unit's outputs, in planned order."""
     if unit.kind == "copy":
         (info,) = unit.sources
@@ -198,29 +238,33 @@ def _produce(unit: Unit, scheme: ct.Scheme, device: torch.device):
             check_raw_finite(chunk, info.dtype, info.name)
             yield info.name, chunk
         return
+    if encoder.precomputed(unit):
+        for entry in unit.outputs:
+            yield entry.name, encoder.gptq.get(entry.name)
+        return
     if unit.kind == "linear":
         (info,) = unit.sources
         weight = read_tensor(info).to(device)
         check_finite(weight, info.name)
-        yield from ct.encode_linear(unit.module, weight, scheme)
+        yield from encoder.encode(unit.module, weight, unit.module, None)
         return
     gate_up_info, down_info = unit.sources
     i, inter = unit.expert, gate_up_info.shape[2] // 2
     gate_up = read_slice(gate_up_info, i).to(device)  # [hidden, 2 * inter], gate first
     check_finite(gate_up, f"{gate_up_info.name}[{i}]")
-    yield from _expert_projection(unit, "gate_proj", gate_up[:, :inter].T, scheme)
-    yield from _expert_projection(unit, "up_proj", gate_up[:, inter:].T, scheme)
+    yield from _expert_projection(unit, "gate_proj", gate_up[:, :inter].T, encoder)
+    yield from _expert_projection(unit, "up_proj", gate_up[:, inter:].T, encoder)
     del gate_up
     down = read_slice(down_info, i).to(device)  # [inter, hidden]
     check_finite(down, f"{down_info.name}[{i}]")
-    yield from _expert_projection(unit, "down_proj", down.T, scheme)
+    yield from _expert_projection(unit, "down_proj", down.T, encoder)
 
 
-def _expert_projection(unit: Unit, proj: str, weight: torch.Tensor, scheme: ct.Scheme):
+def _expert_projection(unit: Unit, proj: str, weight: torch.Tensor, encoder: Encoder):
     module = f"{unit.module}.{unit.expert}.{proj}"
     weight = weight.contiguous()  # the kernels run about twice as fast on rows as on a transposed view
     if unit.quantize:
-        yield from ct.encode_linear(module, weight, scheme)
+        yield from encoder.encode(module, weight, f"{unit.module}.{proj.removesuffix('_proj')}", unit.expert)
     else:
         yield f"{module}.weight", weight.cpu()
 
@@ -286,6 +330,8 @@ def quantize(
     out: Path,
     scheme_name: str,
     *,
+    method: str = "rtn",
+    calib: Path | None = None,
     ignore: tuple[str, ...] = (),
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     resume: bool = False,
@@ -293,26 +339,60 @@ def quantize(
     device: str = "auto",
     show_progress: bool = True,
 ) -> QuantizeResult:
-    """Stream `source` into a compressed-tensors checkpoint at `out`; `out` appears only when complete."""
+    """Stream `source` into a compressed-tensors checkpoint at `out`; `out` appears only when complete.
+
+    `method` is rtn, mse or gptq (see `calibrate.methods`); gptq needs `calib`, the STATS directory
+    of `l4q calibrate`, whose token ids it runs; mse uses its importance matrix when given.
+    """
+    from .calibrate.methods import METHODS
+
     scheme = ct.get_scheme(scheme_name)
+    if method not in METHODS:
+        raise UsageError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     config = arch.load_config(source.path)
     spec = arch.spec_from_config(config, str(source.path / "config.json"))
+    stats = None
+    if calib is not None:
+        from .calibrate.stats import Stats
+
+        stats = Stats(calib)
+        stats.check_model(source.path)
+    elif method == "gptq":
+        raise UsageError("--method gptq needs --calib STATS: run `l4q calibrate` on this model first")
     ckpt = Checkpoint(source.path)
     validate_checkpoint(ckpt, spec)
     plan = build_plan(ckpt, spec, scheme, ignore, max_shard_size, config)
+    plan.method, plan.calib_digest = method, stats.digest() if stats else ""
     dev = resolve_device(device)
     out = Path(out).absolute()
     partial, progress = _prepare_partial(out, plan.fingerprint(source.path), resume, overwrite)
     done = set(progress["done"])
     try:
-        written = _write_shards(plan, partial, progress, dev, show_progress)
-        _finish(plan, source.path, partial)
+        encoder = Encoder(scheme, method, stats)
+        if method == "gptq":
+            encoder.gptq = _gptq_pass(plan, source, stats, partial, dev, show_progress)
+        written = _write_shards(plan, partial, progress, encoder, dev, show_progress)
+        _finish(plan, source.path, partial, _recipe(plan, stats, partial))
     except L4QError:
         # Bad input: resuming would hit the same error, so leave nothing behind.
         shutil.rmtree(partial, ignore_errors=True)
         raise
     _move_into_place(partial, out)
     return QuantizeResult(out, plan, written, len(done), plan.source_bytes, plan.output_bytes)
+
+
+def _gptq_pass(plan: Plan, source: Source, stats, partial: Path, device: torch.device, show_progress: bool):
+    """Run (or resume) the layer-sequential GPTQ pass into `partial/gptq`; returns its results."""
+    from .calibrate.methods import GPTQPass, GPTQResults
+    from .calibrate.sequential import run_pass
+    from .calibrate.weights import WeightSource
+
+    work = partial / GPTQ_DIR
+    work.mkdir(exist_ok=True)
+    handler = GPTQPass(plan.spec, plan.scheme, set(plan.quantized_modules()))
+    run_pass(WeightSource(source.path, device), stats.ids, handler, work, plan.fingerprint(source.path),
+             show_progress, desc="gptq")
+    return GPTQResults(work, plan.spec.num_layers)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -323,7 +403,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _write_shards(plan: Plan, partial: Path, progress: dict, device: torch.device, show_progress: bool) -> int:
+def _write_shards(plan: Plan, partial: Path, progress: dict, encoder: Encoder, device: torch.device,
+                  show_progress: bool) -> int:
     done = set(progress["done"])
     written = 0
     with tqdm(
@@ -338,7 +419,7 @@ def _write_shards(plan: Plan, partial: Path, progress: dict, device: torch.devic
             writer = ShardWriter(partial / name, entries)
             try:
                 for unit in shard:
-                    for tensor_name, data in _produce(unit, plan.scheme, device):
+                    for tensor_name, data in _produce(unit, encoder, device):
                         writer.write(tensor_name, data)
                     bar.update(unit.source_bytes)
                 writer.close()
@@ -351,14 +432,37 @@ def _write_shards(plan: Plan, partial: Path, progress: dict, device: torch.devic
     return written
 
 
-def _finish(plan: Plan, source_dir: Path, partial: Path) -> None:
+def _recipe(plan: Plan, stats, partial: Path) -> dict:
+    """What `l4q_recipe.json` records: how the values were chosen, and for GPTQ what each expert saw."""
+    recipe = {"l4q_version": __version__, "scheme": plan.scheme.name, "method": plan.method, "ignore": plan.ignore}
+    if stats is not None:
+        recipe["calibration"] = {"stats_digest": plan.calib_digest, "source": stats.meta["source"]["label"],
+                                 "data": stats.meta["data"]}
+    if plan.method == "gptq":
+        from .calibrate.methods import GPTQ_BLOCK, GPTQ_DAMP
+
+        logs = [e for p in sorted((partial / GPTQ_DIR).glob("gptq-layer-*.json")) for e in json.loads(p.read_text())]
+        routing = [r for p in sorted((partial / GPTQ_DIR).glob("routing-layer-*.json")) for r in json.loads(p.read_text())]
+        recipe["gptq"] = {
+            "damp": GPTQ_DAMP, "block_size": GPTQ_BLOCK, "act_order": "static", "scales": "mse search weighted by diag(H)",
+            "modules": len(logs),
+            "fell_back_to_rtn": [e for e in logs if e["fell_back_to_rtn"]],
+            "all_token_experts": [f"layer {r['layer']} expert {e} ({c} routed < {r['threshold']})"
+                                  for r in routing for e, (c, f) in enumerate(zip(r["counts"], r["all_token_stats"])) if f],
+        }
+    return recipe
+
+
+def _finish(plan: Plan, source_dir: Path, partial: Path, recipe: dict) -> None:
     weight_map = {e.name: name for name, shard in zip(plan.shard_names, plan.shards) for u in shard for e in u.outputs}
     write_index(partial, weight_map, plan.output_bytes)
     config = dict(plan.config)
     config["quantization_config"] = ct.quantization_config(plan.scheme, plan.ignore)
     (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_extra_files(source_dir, partial)
+    (partial / RECIPE_NAME).write_text(json.dumps(recipe, indent=1) + "\n")
     (partial / PROGRESS_NAME).unlink()
+    shutil.rmtree(partial / GPTQ_DIR, ignore_errors=True)
 
 
 def _move_into_place(partial: Path, out: Path) -> None:

@@ -63,19 +63,28 @@ def linear_entries(module: str, out_features: int, in_features: int, scheme: Sch
     ]
 
 
-def encode_linear(module: str, weight: torch.Tensor, scheme: Scheme) -> list[tuple[str, torch.Tensor]]:
-    """Quantize one [out, in] weight; returns (name, tensor) in `linear_entries` order, on the CPU."""
+def encode_linear(module: str, weight: torch.Tensor, scheme: Scheme, scale: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Quantize one [out, in] weight (absmax scales unless `scale` is given); returns (name, tensor) in
+    `linear_entries` order, on the CPU."""
     if scheme.name == "int4":
-        scale = schemes.int4_scales(weight)
-        packed = schemes.pack_int4(schemes.int4_quantize(weight, scale))
-        shape = torch.tensor(list(weight.shape), dtype=torch.int64)
-        out = [("weight_packed", packed), ("weight_scale", scale), ("weight_shape", shape)]
+        scale = schemes.int4_scales(weight) if scale is None else scale
+        q = schemes.int4_quantize(weight, scale)
     elif scheme.name == "int8":
-        scale = schemes.int8_scales(weight)
-        out = [("weight", schemes.int8_quantize(weight, scale)), ("weight_scale", scale)]
+        scale = schemes.int8_scales(weight) if scale is None else scale
+        q = schemes.int8_quantize(weight, scale)
     else:
-        scale = schemes.fp8_scales(weight)
-        out = [("weight", schemes.fp8_quantize(weight, scale)), ("weight_scale", scale)]
+        scale = schemes.fp8_scales(weight) if scale is None else scale
+        q = schemes.fp8_quantize(weight, scale)
+    return encode_quantized(module, q, scale, scheme)
+
+
+def encode_quantized(module: str, q: torch.Tensor, scale: torch.Tensor, scheme: Scheme) -> list[tuple[str, torch.Tensor]]:
+    """Already-quantized values (int8 holding int4/int8, or float8) and their scales, as stored tensors."""
+    if scheme.name == "int4":
+        shape = torch.tensor(list(q.shape), dtype=torch.int64)
+        out = [("weight_packed", schemes.pack_int4(q)), ("weight_scale", scale), ("weight_shape", shape)]
+    else:
+        out = [("weight", q), ("weight_scale", scale)]
     return [(f"{module}.{suffix}", t.cpu()) for suffix, t in out]
 
 
@@ -89,6 +98,12 @@ def decode_linear(tensors: dict[str, torch.Tensor], scheme: Scheme) -> torch.Ten
     if scheme.name == "int8":
         return schemes.int8_dequantize(tensors["weight"], scale)
     return schemes.fp8_dequantize(tensors["weight"], scale)
+
+
+def decode_linear_as_loaded(tensors: dict[str, torch.Tensor], scheme: Scheme) -> torch.Tensor:
+    """Float32 copy of the weight transformers decompresses to: q * scale rounded to the scale's dtype
+    (the model dtype, BF16), as compressed-tensors' decompressor and half-precision kernels compute it."""
+    return decode_linear(tensors, scheme).to(tensors["weight_scale"].dtype).float()
 
 
 def ignore_matches(patterns: list[str], module: str) -> bool:

@@ -1,0 +1,204 @@
+"""GPTQ (Frantar et al., 2022) for one Linear weight with fixed ("static") scales.
+
+GPTQ quantizes the columns of W one at a time and spreads each column's rounding error over the
+not-yet-quantized columns, weighted by the inverse of the input Hessian H = sum x x^T, so that the
+layer output error ||(W - Wq) X|| rather than the weight error is minimized.
+
+Conventions here:
+
+* The scales are chosen before GPTQ (RTN or `scale_search`) and never change, so the static
+  act-order (columns in decreasing diag(H)) cannot break the int4 group structure, and the result
+  is stored like any RTN result of `schemes`.
+* Quantizing one column uses exactly `schemes`' float32 rounding and clamping, so with a diagonal H
+  (no error to spread) the result is bit-identical to RTN with the same scales.
+* H is first normalized by the mean diagonal of its live channels (only ratios matter), dead input
+  channels (zero diagonal) become decoupled unit channels, and damp * mean(diag) is added to the
+  diagonal. If the Cholesky factorization fails, the dampening rises tenfold a few times; if it
+  still fails, or H or the updates are not finite, the result is plain RTN with `fell_back` set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import schemes
+
+_DAMP_RETRIES = 3  # extra tries, each with ten times the previous dampening
+
+_INT_RANGE = {"int4": (schemes.INT4_MIN, schemes.INT4_MAX), "int8": (schemes.INT8_MIN, schemes.INT8_MAX)}
+
+
+@dataclass
+class GPTQResult:
+    """q: int8 values (int4, int8) or float8_e4m3fn (fp8), [out, in] in the original column order.
+    scale: the scale that was passed in. fell_back/reason: whether and why q is plain RTN instead."""
+
+    q: Tensor
+    scale: Tensor
+    fell_back: bool = False
+    reason: str = ""
+
+
+def rtn_quantize(w: Tensor, scale: Tensor, scheme: str) -> Tensor:
+    """`schemes`' round-to-nearest quantization of w with the given stored scale."""
+    if scheme == "int4":
+        return schemes.int4_quantize(w, scale)
+    if scheme == "int8":
+        return schemes.int8_quantize(w, scale)
+    if scheme == "fp8":
+        return schemes.fp8_quantize(w, scale)
+    raise ValueError(f"unknown scheme {scheme!r}; choose one of int4, int8, fp8")
+
+
+def _prepare_hessian(hessian: Tensor, in_features: int, device: torch.device) -> tuple[Tensor | None, str]:
+    """Float64 symmetric H normalized to mean live diagonal 1, dead channels decoupled; or (None, why)."""
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({in_features}, {in_features})")
+    h = hessian.to(device=device, dtype=torch.float64)
+    if not bool(torch.isfinite(h).all()):
+        return None, "the Hessian holds NaN/Inf values"
+    h = (h + h.T) / 2
+    diag = h.diagonal()
+    if bool((diag < 0).any()):
+        return None, "the Hessian has negative diagonal entries"
+    dead = diag == 0
+    live = ~dead
+    if bool(live.any()):
+        h = h / diag[live].mean()
+    # A PSD matrix with a zero diagonal entry has that whole row and column zero; make it exactly so
+    # and give the channel a unit diagonal: its column then quantizes as RTN and spreads no error.
+    h[dead, :] = 0
+    h[:, dead] = 0
+    h.diagonal()[dead] = 1
+    return h, ""
+
+
+def _inverse_cholesky_upper(h: Tensor) -> Tensor | None:
+    """Upper-triangular U with U^T U = h^-1 (the factor GPTQ propagates errors with), or None.
+
+    With J the reversal permutation and J h J = L L^T: h^-1 = (J L^-T J)(J L^-1 J), and J L^-1 J is
+    upper triangular. One Cholesky and one triangular solve, no explicit inverse.
+    """
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    if int(info) != 0:
+        return None
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    u = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+    if not bool(torch.isfinite(u).all()) or not bool((u.diagonal() > 0).all()):
+        return None
+    return u
+
+
+def _check_scale(w: Tensor, scale: Tensor, scheme: str) -> None:
+    rows, cols = w.shape
+    if scheme == "int4":
+        shape = (rows, schemes._check_groups(cols, schemes.INT4_GROUP_SIZE))
+    elif scheme in ("int8", "fp8"):
+        shape = (rows, 1)
+    else:
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of int4, int8, fp8")
+    schemes._check_scale(scale, shape)
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ValueError("scale must be finite and positive")
+
+
+def gptq_quantize(
+    w: Tensor,
+    hessian: Tensor,
+    scheme: str,
+    scale: Tensor,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> GPTQResult:
+    """GPTQ-quantize `w` [out, in] with fixed `scale` (the shape `schemes.<scheme>_quantize` takes).
+
+    `hessian` [in, in] is sum x x^T over the layer's inputs at any positive scaling. Columns are
+    processed in decreasing diag(H) order when `act_order`, in lazy batches of `block_size`; the
+    weight updates run in float32 on w's device, the factorization in float64. The result is always
+    valid for `scale`: on a failed factorization or non-finite values it is RTN with `fell_back` set.
+    """
+    schemes._check_weight(w)
+    _check_scale(w, scale, scheme)
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if not damp >= 0 or damp == float("inf"):
+        raise ValueError(f"damp must be a finite non-negative number, got {damp}")
+    schemes.check_finite(w, "weight")
+    rows, cols = w.shape
+    device = w.device
+
+    def fallback(reason: str) -> GPTQResult:
+        return GPTQResult(rtn_quantize(w, scale, scheme), scale, True, reason)
+
+    h, reason = _prepare_hessian(hessian, cols, device)
+    if h is None:
+        return fallback(reason)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(hessian.diagonal().to(device), descending=True, stable=True)
+        h = h[perm][:, perm]
+
+    mean_diag = float(h.diagonal().mean())
+    u = None
+    dampings = [damp] + [max(damp, 0.01) * 10**k for k in range(1, _DAMP_RETRIES + 1)]
+    for d in dampings:
+        u = _inverse_cholesky_upper(h + torch.diag(h.new_full((cols,), d * mean_diag)))
+        if u is not None:
+            break
+    if u is None:
+        return fallback(f"Cholesky failed even with dampening {dampings[-1]:g} * mean(diag H)")
+    u = u.to(torch.float32)
+
+    # Per-column scale and (for int) lower clamp, looked up through the column's group.
+    group_size = schemes.INT4_GROUP_SIZE if scheme == "int4" else cols
+    col_group = torch.arange(cols, device=device) // group_size
+    if perm is not None:
+        col_group = col_group[perm]
+    s_all = scale.to(torch.float32)
+    low_all = None
+    if scheme != "fp8":
+        qmin, qmax = _INT_RANGE[scheme]
+        overflow = scale.double() * -qmin > torch.finfo(scale.dtype).max
+        if bool(overflow.any()):
+            low_all = torch.where(overflow, float(-qmax), float(qmin)).to(torch.float32)
+
+    work = (w if perm is None else w[:, perm]).to(torch.float32, copy=True)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        blk = work[:, i1:i2]  # a view: updated in place, quantized columns overwritten by their q values
+        s_blk = s_all[:, col_group[i1:i2]]
+        low_blk = low_all[:, col_group[i1:i2]] if low_all is not None else None
+        err_blk = torch.empty((rows, i2 - i1), dtype=torch.float32, device=device)
+        for i in range(i2 - i1):
+            x = blk[:, i]
+            s = s_blk[:, i]
+            q = x / s
+            if scheme == "fp8":
+                q = q.clamp_(-schemes.FP8_MAX, schemes.FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+            else:
+                q.round_().clamp_(qmin, qmax)
+                if low_blk is not None:
+                    q = torch.maximum(q, low_blk[:, i])
+            err = (x - q * s).div_(u[i1 + i, i1 + i])
+            blk[:, i + 1 :].addr_(err, u[i1 + i, i1 + i + 1 : i2], alpha=-1)
+            blk[:, i] = q
+            err_blk[:, i] = err
+        bad |= ~torch.isfinite(err_blk).all()
+        if i2 < cols:
+            work[:, i2:].addmm_(err_blk, u[i1:i2, i2:], alpha=-1)
+    if bool(bad):
+        return fallback("the GPTQ updates produced NaN/Inf values")
+
+    out_dtype = torch.float8_e4m3fn if scheme == "fp8" else torch.int8
+    q_all = work.to(out_dtype)
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        q_all = q_all.view(torch.int8)[:, inverse].contiguous().view(out_dtype)
+    return GPTQResult(q_all, scale)

@@ -1,0 +1,108 @@
+"""Quantization methods beyond absmax RTN: how a planned Linear's stored values are chosen.
+
+- `rtn`:  absmax scales, round to nearest (`schemes`).
+- `mse`:  scales searched per group / row for the least squared error (`scale_search`), weighted by
+          the calibration importance E[x^2] when STATS are given; calibration-free otherwise.
+- `gptq`: a layer-sequential pass over the calibration ids (`sequential.run_pass`): per layer,
+          attention first, then each expert, each Linear group's Hessian H = sum x x^T is taken from
+          its real inputs (the quantized outputs of everything before it), scales are searched with
+          diag(H) as importance, GPTQ (static act-order, block 128, 1% dampening) picks the values,
+          and the dequantized weights carry the activations on. Experts with too few routed tokens
+          take the all-token statistics (`engine.expert_token_threshold`); none is skipped.
+
+The GPTQ pass writes each layer's encoded tensors to the quantizer's work directory; the streaming
+writer then copies them into the planned shards in the base's order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .. import arch
+from ..formats import compressed_tensors as ct
+from ..scale_search import search_scales
+from .engine import LinearCall
+from .gptq import gptq_quantize
+from .sequential import atomic_save, atomic_write_json
+from .stats import StatsCollector
+
+METHODS = ("rtn", "mse", "gptq")
+GPTQ_DAMP = 0.01
+GPTQ_BLOCK = 128
+_TOKEN_CHUNK = 8192
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """float32 [in, in] sum over rows of x x^T, accumulated in row chunks on x's device."""
+    h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    for chunk in x.split(_TOKEN_CHUNK):
+        h.addmm_(chunk.T, chunk)
+    return h
+
+
+def decode(parts: list[tuple[str, torch.Tensor]], module: str, scheme: ct.Scheme, device) -> torch.Tensor:
+    """The float32 weight a loader will see for these stored tensors."""
+    return ct.decode_linear_as_loaded({name.removeprefix(module + "."): t.to(device) for name, t in parts}, scheme)
+
+
+class GPTQPass(StatsCollector):
+    """Quantizes each planned Linear with GPTQ as the layer runs, and continues with the result."""
+
+    def __init__(self, spec: arch.Llama4Spec, scheme: ct.Scheme, modules: set[str], act_order: bool = True):
+        super().__init__(spec)
+        self.scheme = scheme
+        self.modules = modules  # the Linears the plan quantizes (compressed-tensors names)
+        self.act_order = act_order
+        self.encoded: dict[str, torch.Tensor] = {}
+        self.log: list[dict] = []
+
+    def begin_layer(self, layer: int) -> None:
+        super().begin_layer(layer)
+        self.encoded, self.log = {}, []
+
+    def weights(self, call: LinearCall, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.record(call, x)
+        ws = call.load()
+        if not any(m in self.modules for m in call.modules):
+            return ws
+        h = hessian(x)
+        out = []
+        for module, w in zip(call.modules, ws):
+            if module not in self.modules:
+                out.append(w)
+                continue
+            scale = search_scales(w, self.scheme.name, importance=h.diagonal())
+            result = gptq_quantize(w, h, self.scheme.name, scale, block_size=GPTQ_BLOCK, damp=GPTQ_DAMP,
+                                   act_order=self.act_order)
+            parts = ct.encode_quantized(module, result.q, result.scale, self.scheme)
+            self.encoded.update(parts)
+            self.log.append({"module": module, "tokens": len(x), "fell_back_to_rtn": result.fell_back,
+                             "reason": result.reason})
+            out.append(decode(parts, module, self.scheme, w.device))
+        return tuple(out)
+
+    def save_layer(self, layer: int, work_dir: Path) -> None:
+        super().save_layer(layer, work_dir)
+        atomic_save(self.encoded, work_dir / f"gptq-layer-{layer:03d}.safetensors")
+        atomic_write_json(self.log, work_dir / f"gptq-layer-{layer:03d}.json")
+
+
+class GPTQResults:
+    """Reads the encoded tensors a finished GPTQ pass left in its work directory, by name."""
+
+    def __init__(self, work_dir: Path, num_layers: int):
+        self.files = [work_dir / f"gptq-layer-{i:03d}.safetensors" for i in range(num_layers)]
+        self._where: dict[str, Path] = {}
+        for path in self.files:
+            with safe_open(str(path), "pt") as f:
+                self._where.update({k: path for k in f.keys()})
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(str(self._where[name]), "pt") as f:
+            return f.get_tensor(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where

@@ -1,0 +1,77 @@
+"""Layer-sequential passes that survive interruption.
+
+A pass runs the calibration ids through the model one decoder layer at a time (see `engine`). After
+each layer the hidden states entering the next one are saved in the work directory, the handler saves
+what it produced for that layer, and a progress file records the layer as done; a rerun with the same
+fingerprint continues at the first unfinished layer with the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .engine import Engine, Forward
+from .weights import WeightSource
+
+PROGRESS = "progress.json"
+HIDDEN = "hidden.safetensors"
+
+
+class LayerHandler(Forward):
+    """A `Forward` that keeps per-layer results on disk, so a pass can resume."""
+
+    def begin_layer(self, layer: int) -> None:
+        """Called before layer `layer` runs."""
+
+    def save_layer(self, layer: int, work_dir: Path) -> None:
+        """Write what this handler produced for `layer` into `work_dir` (atomically)."""
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def layers_done(work_dir: Path, fingerprint: str) -> int:
+    """How many layers an earlier pass with this fingerprint finished in `work_dir` (0 if none)."""
+    try:
+        progress = json.loads((work_dir / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return 0
+    if progress.get("fingerprint") != fingerprint or not (work_dir / HIDDEN).is_file():
+        return 0
+    return int(progress.get("layers_done", 0))
+
+
+def run_pass(source: WeightSource, ids: torch.Tensor, handler: LayerHandler, work_dir: Path, fingerprint: str,
+             show_progress: bool = True, desc: str = "calibrate") -> int:
+    """Run every decoder layer over `ids` with `handler`; returns how many layers were resumed."""
+    engine = Engine(source, handler)
+    n_layers = source.spec.num_layers
+    start = layers_done(work_dir, fingerprint)
+    if start:
+        h = load_file(str(work_dir / HIDDEN))["hidden"].to(source.device)
+    else:
+        atomic_write_json({"fingerprint": fingerprint, "layers_done": 0}, work_dir / PROGRESS)
+        h = engine.embed(ids.to(source.device))
+    for layer in tqdm(range(start, n_layers), desc=desc, unit="layer", initial=start, total=n_layers,
+                      disable=not show_progress, dynamic_ncols=True):
+        handler.begin_layer(layer)
+        h = engine.layer(layer, h)
+        handler.save_layer(layer, work_dir)
+        atomic_save({"hidden": h}, work_dir / HIDDEN)
+        atomic_write_json({"fingerprint": fingerprint, "layers_done": layer + 1}, work_dir / PROGRESS)
+    return start

@@ -1,0 +1,280 @@
+"""Per-expert calibration statistics and the reusable STATS directory `l4q calibrate` writes.
+
+Collected on the device, accumulated in float64:
+- routing per MoE layer: routed tokens and router-score mass per expert, and which experts took the
+  all-token path (`engine.expert_token_threshold`);
+- the importance matrix: per weight matrix, the sum over calibration tokens of each input channel's
+  x^2 and the token count (llama.cpp's imatrix quantities). Keys are HF module names, and
+  `<layer prefix>N.feed_forward.experts.gate|up|down` with one row per expert for fused experts.
+
+A STATS directory holds `stats.json` (everything above but the sums, plus the data and model it came
+from), `imatrix.safetensors` (`<key>.in_sum2`, `<key>.counts`, float32), `imatrix.gguf` (the same
+in llama.cpp's format), `tokens.safetensors` (the calibration ids, so GPTQ reruns on the same data)
+and `report.md`. GPTQ Hessians are not stored: one Scout layer's are ~6 GB, and GPTQ must recompute
+them anyway from the quantized outputs of the layers before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .. import __version__, arch
+from ..errors import (
+    OutputExistsError,
+    ResumeMismatchError,
+    SourceNotFoundError,
+    UsageError,
+)
+from ..sources import Source
+from .engine import LinearCall, Routing
+from .sequential import LayerHandler, atomic_save, atomic_write_json, run_pass
+from .weights import WeightSource
+
+STATS_JSON, IMATRIX, IMATRIX_GGUF, TOKENS, REPORT = "stats.json", "imatrix.safetensors", "imatrix.gguf", "tokens.safetensors", "report.md"
+_TOKEN_CHUNK = 8192  # rows squared at a time: bounds the float32 temporary
+
+
+def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """float64 [in]: sum over rows of x^2, in row chunks."""
+    acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for chunk in x.split(_TOKEN_CHUNK):
+        acc += chunk.pow(2).sum(0, dtype=torch.float64)
+    return acc
+
+
+class StatsCollector(LayerHandler):
+    """Collects routing and importance statistics while the model runs unchanged."""
+
+    all_token_fallback = True
+
+    def __init__(self, spec: arch.Llama4Spec):
+        self.spec = spec
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.routing_log: list[Routing] = []
+
+    def begin_layer(self, layer: int) -> None:
+        self.sums, self.counts = {}, {}
+
+    def record(self, call: LinearCall, x: torch.Tensor) -> None:
+        sq = sum_of_squares(x)
+        for key in call.stat_keys:
+            if call.expert is None:
+                self.sums[key] = self.sums.get(key, 0) + sq
+                self.counts[key] = self.counts.get(key, 0) + torch.tensor([float(len(x))], dtype=torch.float64)
+            else:
+                if key not in self.sums:
+                    self.sums[key] = torch.zeros(self.spec.num_experts, len(sq), dtype=torch.float64, device=sq.device)
+                    self.counts[key] = torch.zeros(self.spec.num_experts, dtype=torch.float64)
+                self.sums[key][call.expert] += sq
+                self.counts[key][call.expert] += len(x)
+
+    def weights(self, call: LinearCall, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.record(call, x)
+        return call.load()
+
+    def routing(self, routing: Routing) -> None:
+        self.routing_log.append(routing)
+
+    def save_layer(self, layer: int, work_dir: Path) -> None:
+        tensors = {}
+        for key, s in self.sums.items():
+            tensors[f"{key}.in_sum2"] = s.float()
+            tensors[f"{key}.counts"] = self.counts[key].float()
+        atomic_save(tensors, work_dir / f"imatrix-layer-{layer:03d}.safetensors")
+        routes = [r.__dict__ for r in self.routing_log if r.layer == layer]
+        atomic_write_json(routes, work_dir / f"routing-layer-{layer:03d}.json")
+
+
+def source_digest(source_dir: Path) -> str:
+    """Identifies a model's architecture (text config), for checking STATS against a model."""
+    spec = arch.spec_from_config(arch.load_config(source_dir))
+    fields = {k: v for k, v in spec.__dict__.items() if k not in ("text_prefix", "has_vision")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fingerprint(source_dir: Path, ids: torch.Tensor, kind: str) -> str:
+    h = hashlib.sha256(f"{__version__}:{kind}:{source_dir}".encode())
+    for p in sorted(source_dir.glob("*.safetensors")):
+        h.update(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
+    h.update(ids.numpy().tobytes())
+    return h.hexdigest()
+
+
+def prepare_work_dir(out: Path, fingerprint: str, resume: bool, overwrite: bool) -> Path:
+    """`<out>.l4q-partial`: kept when resuming with the same fingerprint, otherwise created fresh."""
+    partial = out.with_name(out.name + ".l4q-partial")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    if partial.exists():
+        if resume:
+            try:
+                same = json.loads((partial / "progress.json").read_text()).get("fingerprint") == fingerprint
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                raise ResumeMismatchError(f"{partial} was started from another model, data or options; "
+                                          "rerun with the same ones, or pass --overwrite to start over")
+            return partial
+        if not overwrite:
+            raise OutputExistsError(f"an interrupted run left {partial}; pass --resume to continue it or --overwrite to start over")
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def move_into_place(partial: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(out.name + ".l4q-old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, out)
+
+
+@dataclass
+class CalibrateResult:
+    out: Path
+    layers_resumed: int
+    stats: dict
+
+
+def calibrate(source: Source, out: Path, ids: torch.Tensor, data_description: str, *, device: str = "auto",
+              resume: bool = False, overwrite: bool = False, show_progress: bool = True) -> CalibrateResult:
+    """Run the calibration ids through `source` layer by layer and write a STATS directory at `out`."""
+    from ..pipeline import resolve_device
+
+    out = Path(out).absolute()
+    src = WeightSource(source.path, resolve_device(device))
+    fingerprint = _fingerprint(source.path, ids, "calibrate")
+    work = prepare_work_dir(out, fingerprint, resume, overwrite)
+    collector = StatsCollector(src.spec)
+    resumed = run_pass(src, ids, collector, work, fingerprint, show_progress, desc="calibrate")
+    stats = _finish(src, source, work, ids, data_description, str(src.device))
+    move_into_place(work, out)
+    return CalibrateResult(out, resumed, stats)
+
+
+def _finish(src: WeightSource, source: Source, work: Path, ids: torch.Tensor, description: str, device: str) -> dict:
+    spec = src.spec
+    tensors: dict[str, torch.Tensor] = {}
+    layers = []
+    for layer in range(spec.num_layers):
+        tensors.update(load_file(str(work / f"imatrix-layer-{layer:03d}.safetensors")))
+        for r in json.loads((work / f"routing-layer-{layer:03d}.json").read_text()):
+            layers.append({
+                "layer": r["layer"], "tokens": r["tokens"], "threshold": r["threshold"],
+                "experts": [{"expert": e, "tokens": c, "score_mass": m, "path": "all tokens" if f else "routed"}
+                            for e, (c, m, f) in enumerate(zip(r["counts"], r["score_mass"], r["all_token_stats"]))],
+            })
+    for key, value in tensors.items():  # no expert may be left without statistics
+        if key.endswith(".counts") and not bool((value > 0).all()):
+            raise RuntimeError(f"calibration left {key.removesuffix('.counts')} without statistics")
+    atomic_save(tensors, work / IMATRIX)
+    atomic_save({"input_ids": ids}, work / TOKENS)
+    stats = {
+        "l4q_version": __version__,
+        "created_by": "l4q calibrate",
+        "source": {"label": source.label, "path": str(source.path), "architecture_digest": source_digest(source.path)},
+        "data": {"description": description, "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
+                 "tokens": int(ids.numel())},
+        "device": device,
+        "expert_threshold_rule": ("an expert routed fewer than max(64, ceil(0.1 * tokens / experts)) tokens is "
+                                  "calibrated on all tokens, each scaled by its own router score"),
+        "moe_layers": layers,
+        "all_token_experts": [f"layer {x['layer']} expert {e['expert']}" for x in layers for e in x["experts"]
+                              if e["path"] == "all tokens"],
+    }
+    _write_llama_imatrix(work / IMATRIX_GGUF, src, tensors, description, ids)
+    atomic_write_json(stats, work / STATS_JSON)
+    (work / REPORT).write_text(report_markdown(stats))
+    for p in list(work.glob("imatrix-layer-*")) + list(work.glob("routing-layer-*")) + [work / "hidden.safetensors", work / "progress.json"]:
+        p.unlink(missing_ok=True)
+    return stats
+
+
+def _write_llama_imatrix(path: Path, src: WeightSource, tensors: dict[str, torch.Tensor], description: str,
+                         ids: torch.Tensor) -> None:
+    """The same statistics in llama.cpp's imatrix format, under the GGUF tensor names l4q's export uses."""
+    from ..formats import gguf, imatrix
+
+    def lookup(key: str):
+        if f"{key}.in_sum2" not in tensors:
+            return None
+        return tensors[f"{key}.in_sum2"].numpy(), tensors[f"{key}.counts"].numpy()
+
+    entries = imatrix.gguf_imatrix_entries(gguf.plan(src.ckpt, src.spec, "F16"), lookup)
+    imatrix.write_llama_imatrix(path, entries, datasets=[description], chunk_size=int(ids.shape[1]),
+                                chunk_count=int(ids.shape[0]))
+
+
+def report_markdown(stats: dict) -> str:
+    d = stats["data"]
+    lines = [
+        "# l4q calibration statistics", "",
+        f"Model: {stats['source']['label']}. Data: {d['description']}; {d['samples']} samples x {d['seq_len']} tokens "
+        f"= {d['tokens']} tokens. Device: {stats['device']}.", "",
+        f"Rule: {stats['expert_threshold_rule']}.", "",
+        "Routed tokens per expert (`*` = too few, calibrated on all tokens):", "",
+        "| layer | tokens | threshold | min | median | max | experts on the all-token path | routed tokens per expert |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for layer in stats["moe_layers"]:
+        counts = [e["tokens"] for e in layer["experts"]]
+        fallback = [str(e["expert"]) for e in layer["experts"] if e["path"] == "all tokens"]
+        cells = " ".join(f"{e['expert']}:{e['tokens']}{'*' if e['path'] == 'all tokens' else ''}" for e in layer["experts"])
+        lines.append(f"| {layer['layer']} | {layer['tokens']} | {layer['threshold']} | {min(counts)} | "
+                     f"{int(np.median(counts))} | {max(counts)} | {', '.join(fallback) or 'none'} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading STATS back
+
+
+class Stats:
+    """A STATS directory: the calibration ids, routing report and importance matrix."""
+
+    def __init__(self, path: Path):
+        self.dir = Path(path)
+        if not (self.dir / STATS_JSON).is_file() or not (self.dir / IMATRIX).is_file():
+            raise SourceNotFoundError(f"{self.dir}: not an l4q calibration statistics directory (run l4q calibrate)")
+        self.meta = json.loads((self.dir / STATS_JSON).read_text())
+        self._imatrix: dict[str, torch.Tensor] | None = None
+
+    def check_model(self, model_dir: Path) -> None:
+        if self.meta["source"]["architecture_digest"] != source_digest(model_dir):
+            raise UsageError(f"{self.dir} was calibrated on {self.meta['source']['label']}, "
+                             f"whose architecture differs from {model_dir}'s")
+
+    def digest(self) -> str:
+        """Identifies these statistics (their report, token ids and importance matrix)."""
+        h = hashlib.sha256()
+        for name in (STATS_JSON, TOKENS, IMATRIX):
+            h.update(hashlib.sha256((self.dir / name).read_bytes()).digest())
+        return h.hexdigest()
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return load_file(str(self.dir / TOKENS))["input_ids"]
+
+    def importance(self, key: str) -> np.ndarray | None:
+        """Mean x^2 per input channel ([in], or [experts, in] for fused expert keys), float32, with
+        llama-quantize's arithmetic so that `--imatrix` here and there give the same bytes."""
+        from ..formats.imatrix import mean_importance
+
+        if self._imatrix is None:
+            self._imatrix = load_file(str(self.dir / IMATRIX))
+        s, c = self._imatrix.get(f"{key}.in_sum2"), self._imatrix.get(f"{key}.counts")
+        return None if s is None else mean_importance(s.numpy(), c.numpy())

@@ -1,0 +1,79 @@
+"""Float32 weights of a Llama 4 text model, read one module at a time from BF16 or compressed-tensors.
+
+The layer-streaming engine asks for one module (or one expert) at a time, so what is resident is
+what the current step needs. BF16 checkpoints store each MoE layer's experts fused
+(`experts.gate_up_proj` [E, in, 2*inter], `experts.down_proj` [E, inter, hidden]); compressed-tensors
+derivatives store them unfused (`experts.{e}.gate_proj` ...), quantized or BF16. Both read the same here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import arch
+from ..checkpoint import Checkpoint, read_rows, read_slice, read_tensor
+from ..errors import CorruptCheckpointError
+from ..formats import compressed_tensors as ct
+
+_FORMAT_TO_SCHEME = {s.format: s for s in ct.SCHEMES.values()}
+
+
+class WeightSource:
+    """Reads weights by HF name from one checkpoint directory onto `device`, as float32."""
+
+    def __init__(self, model_dir: Path, device: torch.device | str = "cpu"):
+        self.dir = Path(model_dir)
+        self.config = arch.load_config(self.dir)
+        self.spec = arch.spec_from_config(self.config, str(self.dir / "config.json"))
+        self.ckpt = Checkpoint(self.dir)
+        self.device = torch.device(device)
+        qc = self.config.get("quantization_config") or {}
+        self.scheme = _FORMAT_TO_SCHEME.get(qc.get("format"))
+
+    def _info(self, name: str):
+        try:
+            return self.ckpt.by_name[name]
+        except KeyError:
+            raise CorruptCheckpointError(f"{self.dir}: tensor {name} is missing") from None
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device).float()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A whole unquantized tensor (norm weights, router) as float32."""
+        return self._to_device(read_tensor(self._info(name)))
+
+    def linear(self, module: str) -> torch.Tensor:
+        """[out, in] float32 weight of one Linear, decoded if it is stored quantized."""
+        if self.scheme is not None and f"{module}.weight_scale" in self.ckpt.by_name:
+            suffixes = ("weight_packed", "weight_scale", "weight_shape") if self.scheme.name == "int4" else ("weight", "weight_scale")
+            parts = {s: read_tensor(self._info(f"{module}.{s}")).to(self.device) for s in suffixes}
+            return ct.decode_linear_as_loaded(parts, self.scheme)
+        return self._to_device(read_tensor(self._info(f"{module}.weight")))
+
+    def expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert `e` of MoE layer `layer` as (gate [inter, in], up [inter, in], down [hidden, inter]) float32."""
+        base = f"{self.spec.layer_prefix}{layer}.feed_forward.experts"
+        fused = self.ckpt.by_name.get(f"{base}.gate_up_proj")
+        if fused is None:
+            return tuple(self.linear(f"{base}.{e}.{p}") for p in ("gate_proj", "up_proj", "down_proj"))
+        inter = fused.shape[2] // 2
+        gate_up = self._to_device(read_slice(fused, e))  # [in, 2 * inter], gate first
+        down = self._to_device(read_slice(self._info(f"{base}.down_proj"), e))  # [inter, hidden]
+        return gate_up[:, :inter].T.contiguous(), gate_up[:, inter:].T.contiguous(), down.T.contiguous()
+
+    def embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 [*ids.shape, hidden]: only the rows of the token ids used are read."""
+        info = self._info(f"{self.spec.text_prefix}model.embed_tokens.weight")
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        rows = torch.stack([read_rows(info, int(i), int(i) + 1)[0] for i in unique.tolist()])
+        return self._to_device(rows)[inverse.to(self.device)]
+
+    def lm_head_info(self):
+        name = f"{self.spec.text_prefix}lm_head.weight"
+        if name not in self.ckpt.by_name and self.spec.tie_word_embeddings:
+            name = f"{self.spec.text_prefix}model.embed_tokens.weight"
+        return self._info(name)
+

@@ -1,0 +1,128 @@
+"""Calibration-free MSE scale search: pick, per int4 group or int8/fp8 row, the stored scale that
+minimizes the (optionally importance-weighted) squared quantization error.
+
+Absmax RTN sizes every scale so that nothing clips. For heavy-tailed groups that wastes most of the
+grid on one outlier; a slightly smaller scale clips the outlier a little and rounds everything else
+more finely. `search_scales` tries a fixed grid of candidates
+
+    s_k = smallest scale_dtype value >= max(absmax * k / 64 / half_range, tiny),   k = 64, 63, ..., 40
+
+(half_range 7.5 / 127.5 / 448, exactly how `schemes` rounds its RTN scale) and keeps, per group,
+the one minimizing sum_j imp_j * (w_j - q_j * s)^2 with `schemes`' own rounding and clamping.
+
+* k = 64 is exactly the RTN scale, so the result is never worse than RTN (in the float32 objective).
+* k = 60 gives absmax / 8: int4 groups whose absmax is negative use the full [-8, 7] range.
+* Ties keep the larger scale, so all-zero groups (and groups with zero importance) keep RTN's scale.
+* Every candidate is at most the RTN scale, so it is finite, and fp8 candidates take the same
+  one-step-down rule as `schemes.fp8_scales` where 448 * scale would overflow the scale dtype. The
+  int4/int8 `-qmax` clamp for overflowing scales is applied as in `schemes`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import schemes
+
+# Grid factors k / 64 applied to absmax, largest first (so ties keep the larger scale). Multiples of
+# 1/64 keep absmax * factor exact in float32 for BF16/FP16 weights.
+GRID_STEPS = tuple(range(64, 39, -1))
+GRID_FACTORS = tuple(k / 64 for k in GRID_STEPS)
+
+_HALF_RANGE = {
+    "int4": (schemes.INT4_MAX - schemes.INT4_MIN) / 2,
+    "int8": (schemes.INT8_MAX - schemes.INT8_MIN) / 2,
+    "fp8": schemes.FP8_MAX,
+}
+_INT_RANGE = {"int4": (schemes.INT4_MIN, schemes.INT4_MAX), "int8": (schemes.INT8_MIN, schemes.INT8_MAX)}
+
+
+def scheme_group_size(scheme: str, in_features: int) -> int:
+    """Columns that share one scale: 128 for int4, the whole row for int8 and fp8."""
+    if scheme not in _HALF_RANGE:
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(_HALF_RANGE)}")
+    return schemes.INT4_GROUP_SIZE if scheme == "int4" else in_features
+
+
+def candidate_scales(absmax: Tensor, scheme: str, scale_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The grid of stored scales [len(GRID_FACTORS), *absmax.shape] for float32 group absmax values.
+
+    Row 0 is bit-identical to what `schemes.int4_scales` / `int8_scales` / `fp8_scales` return.
+    """
+    scheme_group_size(scheme, 1)
+    half_range = _HALF_RANGE[scheme]
+    top = torch.finfo(scale_dtype).max
+    out = []
+    for k in GRID_STEPS:
+        s = schemes._symmetric_scale(absmax * (k / 64), half_range, scale_dtype)
+        if scheme == "fp8":
+            s = schemes._step(s, s.double() * schemes.FP8_MAX > top, -1)
+        out.append(s)
+    return torch.stack(out)
+
+
+def normalized_importance(importance: Tensor | None, in_features: int, device: torch.device) -> Tensor:
+    """Float32 [in] importance scaled to max 1 (only ratios matter); None or all-zero -> all ones."""
+    if importance is None:
+        return torch.ones(in_features, dtype=torch.float32, device=device)
+    if importance.shape != (in_features,):
+        raise ValueError(f"importance has shape {tuple(importance.shape)}, expected ({in_features},)")
+    imp = importance.to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+        raise ValueError("importance must be finite and non-negative")
+    top = imp.max()
+    if float(top) == 0:
+        return torch.ones_like(imp)
+    return imp / top
+
+
+def _group_error(x: Tensor, scale: Tensor, imp: Tensor, norm: Tensor, scheme: str, buf: Tensor) -> Tensor:
+    """sum_j imp_j * ((x_j - q_j * s) / norm)^2 per group: x [rows, groups, gs] float32, scale [rows, groups].
+
+    q uses the same float32 operations as `schemes`' quantize functions; dividing by the group's
+    absmax (`norm`) only keeps the squares away from float32 overflow and underflow. `buf` is
+    scratch space shaped like x.
+    """
+    s = scale.to(torch.float32).unsqueeze(-1)
+    q = torch.div(x, s, out=buf)
+    if scheme == "fp8":
+        q = q.clamp_(-schemes.FP8_MAX, schemes.FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+    else:
+        qmin, qmax = _INT_RANGE[scheme]
+        q.round_().clamp_(qmin, qmax)
+        overflow = scale.double() * -qmin > torch.finfo(scale.dtype).max
+        if bool(overflow.any()):
+            q.clamp_(min=torch.where(overflow, float(-qmax), float(qmin)).to(torch.float32).unsqueeze(-1))
+    return q.mul_(s).sub_(x).div_(norm).square_().mul_(imp).sum(-1)
+
+
+def search_scales(
+    w: Tensor, scheme: str, importance: Tensor | None = None, scale_dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
+    """MSE-optimal stored scales for `w` [out, in] from a fixed grid that includes the RTN scale.
+
+    Returns what `schemes.<scheme>_quantize` takes: int4 [out, in / 128], int8 and fp8 [out, 1], in
+    `scale_dtype`, on w's device. `importance` [in] weights the squared error per input column
+    (e.g. E[x^2] from calibration); None weights all columns equally. Rows are processed in slices
+    of `schemes._row_chunks`, with about three float32 copies of one slice alive at a time.
+    """
+    schemes._check_weight(w)
+    rows, cols = w.shape
+    group_size = scheme_group_size(scheme, cols)
+    groups = schemes._check_groups(cols, group_size)
+    imp = normalized_importance(importance, cols, w.device).view(1, groups, group_size)
+    absmax = schemes._group_absmax(w, group_size)
+    cands = candidate_scales(absmax, scheme, scale_dtype)  # [C, rows, groups]
+    norm = absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    best = torch.zeros((rows, groups), dtype=torch.int64, device=w.device)
+    for r in schemes._row_chunks(rows, cols):
+        x = w[r].to(torch.float32).unflatten(-1, (groups, group_size))
+        buf = torch.empty_like(x)
+        best_err = _group_error(x, cands[0, r], imp, norm[r], scheme, buf)
+        for c in range(1, len(GRID_FACTORS)):
+            err = _group_error(x, cands[c, r], imp, norm[r], scheme, buf)
+            better = err < best_err  # strict: ties keep the earlier, larger scale
+            best_err = torch.where(better, err, best_err)
+            best[r] = torch.where(better, c, best[r])
+    return cands.gather(0, best.unsqueeze(0)).squeeze(0)
