@@ -372,7 +372,7 @@ def quantize(
         if method == "gptq":
             encoder.gptq = _gptq_pass(plan, source, stats, partial, dev, show_progress)
         written = _write_shards(plan, partial, progress, encoder, dev, show_progress)
-        _finish(plan, source.path, partial, _recipe(plan, stats, partial))
+        _finish(plan, source.path, partial, _recipe(plan, source, stats, partial))
     except L4QError:
         # Bad input: resuming would hit the same error, so leave nothing behind.
         shutil.rmtree(partial, ignore_errors=True)
@@ -432,9 +432,9 @@ def _write_shards(plan: Plan, partial: Path, progress: dict, encoder: Encoder, d
     return written
 
 
-def _recipe(plan: Plan, stats, partial: Path) -> dict:
+def _recipe(plan: Plan, source: Source, stats, partial: Path) -> dict:
     """What `l4q_recipe.json` records: how the values were chosen, and for GPTQ what each expert saw."""
-    recipe = {"l4q_version": __version__, "scheme": plan.scheme.name, "method": plan.method, "ignore": plan.ignore}
+    recipe = {"l4q_version": __version__, "source": source.label, "base_model": source.repo_id, "scheme": plan.scheme.name, "method": plan.method, "ignore": plan.ignore}
     if stats is not None:
         recipe["calibration"] = {"stats_digest": plan.calib_digest, "source": stats.meta["source"]["label"],
                                  "data": stats.meta["data"]}

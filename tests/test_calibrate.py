@@ -196,3 +196,13 @@ def test_gguf_export_with_imatrix(tmp_path, tiny_stats):
     changed = [n for n in plain if bytes(plain[n].data) != bytes(imat[n].data)]
     assert "blk.0.ffn_gate_exps.weight" in changed and "blk.0.attn_q.weight" in changed
     assert all(plain[n].tensor_type.name.endswith("_K") for n in changed)
+
+
+def test_gpu_check_script_runs_its_paths_on_cpu():
+    """The script a lent GPU machine runs: here both 'devices' are the CPU, so the results must agree exactly."""
+    script = Path(__file__).parents[1] / "scripts" / "gpu_check.py"
+    r = subprocess.run([sys.executable, str(script), "--devices", "cpu", "cpu", "--skip-scout", "--models", "tiny",
+                        "--samples", "4", "--seq-len", "64"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '"GPTQ weights identical": "100.00%"' in r.stdout
+    assert '"max routed-count difference": 0' in r.stdout

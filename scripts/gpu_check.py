@@ -1,0 +1,140 @@
+"""One-shot check of the CUDA paths on a lent GPU machine: calibration and GPTQ, CUDA against CPU.
+
+1. On `tiny` and `tiny-maverick`: the calibration pass (routing counts and importance matrix) and a
+   GPTQ int4 quantization, once on each device with the same token ids; prints how far the CUDA
+   results are from the CPU ones and the time per layer of each.
+2. On one Scout-shaped synthetic decoder layer (written here, ~11 GB): the calibration pass and the
+   GPTQ pass on CUDA, with time per layer and peak GPU memory, and GPTQ of one Scout-sized expert
+   projection on both devices compared value by value.
+
+    python scripts/gpu_check.py                      # what a lent device runs
+    python scripts/gpu_check.py --devices cpu cpu --skip-scout   # the same code paths, CPU only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from llama4_quant import sources, synthetic  # noqa: E402
+from llama4_quant.calibrate.data import calibration_ids  # noqa: E402
+from llama4_quant.calibrate.gptq import gptq_quantize  # noqa: E402
+from llama4_quant.calibrate.methods import hessian  # noqa: E402
+from llama4_quant.calibrate.stats import Stats, calibrate  # noqa: E402
+from llama4_quant.calibrate.weights import WeightSource  # noqa: E402
+from llama4_quant.pipeline import quantize  # noqa: E402
+from llama4_quant.scale_search import search_scales  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(device: str, fn):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def compare_tiny(name: str, devices: list[str], work: Path, samples: int, seq_len: int) -> list[dict]:
+    src = sources.resolve(name)
+    ids, description = calibration_ids(src.path, None, samples, seq_len)
+    layers = WeightSource(src.path).spec.num_layers
+    results = {}
+    for i, device in enumerate(devices):
+        stats_dir = work / f"{name}-stats-{i}"
+        result, t_cal = timed(device, lambda: calibrate(src, stats_dir, ids, description, device=device, show_progress=False))
+        calibrate_stats = Stats(stats_dir)
+        out, t_gptq = timed(device, lambda: quantize(src, work / f"{name}-gptq-{i}", "int4", method="gptq",
+                                                      calib=stats_dir, device=device, show_progress=False).out)
+        results[i] = (result.stats, calibrate_stats, out, t_cal, t_gptq)
+    (s0, c0, o0, *_), (s1, c1, o1, *_) = results[0], results[1]
+    count_diff = max(abs(a["tokens"] - b["tokens"]) for la, lb in zip(s0["moe_layers"], s1["moe_layers"])
+                     for a, b in zip(la["experts"], lb["experts"]))
+    imp_diff = 0.0
+    for key in ("self_attn.q_proj", "feed_forward.experts.gate", "feed_forward.experts.down"):
+        a = torch.from_numpy(c0.importance(f"language_model.model.layers.{layers - 1}.{key}"))
+        b = torch.from_numpy(c1.importance(f"language_model.model.layers.{layers - 1}.{key}"))
+        imp_diff = max(imp_diff, ((a - b).abs().max() / a.abs().max()).item())
+    w0, w1 = WeightSource(o0), WeightSource(o1)
+    same, total, werr = 0, 0, 0.0
+    for module in [f"language_model.model.layers.{layers - 1}.self_attn.q_proj",
+                   f"language_model.model.layers.{layers - 1}.feed_forward.experts.3.down_proj"]:
+        a, b = w0.linear(module), w1.linear(module)
+        same += int((a == b).sum())
+        total += a.numel()
+        werr = max(werr, ((a - b).norm() / a.norm()).item())
+    return [{
+        "model": name, "devices": devices, "tokens": int(ids.numel()),
+        "max routed-count difference": count_diff, "max relative importance difference": f"{imp_diff:.2e}",
+        "GPTQ weights identical": f"{same / total:.2%}", "GPTQ weight rel. difference": f"{werr:.2e}",
+        **{f"calibrate s/layer ({d})": f"{results[i][3] / layers:.2f}" for i, d in enumerate(devices)},
+        **{f"gptq s/layer ({d})": f"{results[i][4] / layers:.2f}" for i, d in enumerate(devices)},
+    }]
+
+
+def scout_layer(device: str, work: Path, samples: int, seq_len: int) -> dict:
+    model = synthetic.write_synthetic_checkpoint(work / "scout-1L", synthetic.scout_config(1))
+    src = sources.resolve(str(model))
+    ids = torch.randint(0, 202048, (samples, seq_len), generator=torch.Generator().manual_seed(0))
+    torch.cuda.reset_peak_memory_stats()
+    _, t_cal = timed(device, lambda: calibrate(src, work / "scout-stats", ids, "random ids", device=device, show_progress=False))
+    cal_peak = torch.cuda.max_memory_allocated() / 1e9
+    torch.cuda.reset_peak_memory_stats()
+    _, t_gptq = timed(device, lambda: quantize(src, work / "scout-gptq", "int4", method="gptq", calib=work / "scout-stats",
+                                               device=device, show_progress=False))
+    gptq_peak = torch.cuda.max_memory_allocated() / 1e9
+    # One expert projection [8192, 5120] with a Hessian from random inputs, on both devices.
+    w = WeightSource(model).expert(0, 0)[0]
+    x = torch.randn(4096, w.shape[1], generator=torch.Generator().manual_seed(1))
+    h = hessian(x)
+    q = {}
+    for dev in ("cpu", device):
+        wd, hd = w.to(dev), h.to(dev)
+        q[dev], seconds = timed(dev, lambda: gptq_quantize(wd, hd, "int4", search_scales(wd, "int4", hd.diagonal())).q.cpu())
+        q[dev + " s"] = seconds
+    return {"model": "Scout-shaped synthetic, 1 layer", "device": device, "tokens": samples * seq_len,
+            "calibrate s/layer": f"{t_cal:.1f}", "calibrate peak GPU GB": f"{cal_peak:.2f}",
+            "gptq s/layer (incl. writing)": f"{t_gptq:.1f}", "gptq peak GPU GB": f"{gptq_peak:.2f}",
+            "one expert gate_proj GPTQ s (cpu)": f"{q['cpu s']:.1f}", f"... ({device})": f"{q[device + ' s']:.2f}",
+            "same int4 values cpu vs cuda": f"{(q['cpu'] == q[device]).float().mean().item():.2%}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", nargs=2, default=["cpu", "cuda"])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--models", nargs="+", default=["tiny", "tiny-maverick"])
+    parser.add_argument("--skip-scout", action="store_true")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""), flush=True)
+    work = Path(tempfile.mkdtemp(prefix="l4q-gpu-check-"))
+    rows = []
+    try:
+        for name in args.models:
+            rows += compare_tiny(name, args.devices, work, args.samples, args.seq_len)
+            print(json.dumps(rows[-1], indent=1), flush=True)
+        if not args.skip_scout:
+            rows.append(scout_layer(args.devices[1], work, 8, 512))
+            print(json.dumps(rows[-1], indent=1), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
