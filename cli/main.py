@@ -107,7 +107,9 @@ def calibrate(model, out, data, samples, seq_len, device, resume, overwrite, as_
     from llama4_quant import sources
     from llama4_quant.calibrate.data import calibration_ids
     from llama4_quant.calibrate.stats import calibrate as run_calibration
+    from llama4_quant.calibrate.stats import check_output
 
+    check_output(out, resume, overwrite)  # before the minutes of tokenizing
     src = sources.resolve(model)
     ids, description = calibration_ids(src.path, list(data) or None, samples, seq_len)
     result = run_calibration(src, out, ids, description, device=device, resume=resume, overwrite=overwrite,
@@ -176,7 +178,7 @@ def export_gguf(model, ftype, out, imatrix, overwrite, quiet):
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=Path("l4q-report"), show_default=True, help="Where report.json, report.md, report.html and the plots go.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "transformers", "streaming"]), help="How safetensors models run: transformers, or the layer-streaming engine (one decoder layer in memory); auto streams models that do not fit.")
-@click.option("--batch-windows", default=8, show_default=True, help="Windows per pass of the streaming engine (each pass reads every layer once).")
+@click.option("--batch-windows", default=8, show_default=True, type=click.IntRange(min=1), help="Windows per pass of the streaming engine (each pass reads every layer once).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
 def eval_command(base, candidates, data, ctx, max_tokens, report_dir, device, engine, batch_windows, quiet):

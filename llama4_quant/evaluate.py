@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -186,15 +185,17 @@ class StreamingRunner:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def run(self, windows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def run(self, windows: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(log-probs [T, vocab], routes [T, MoE layers]) per window, one window's log-probs in memory at a time."""
         from .calibrate.engine import Engine
 
         engine = Engine(self.src, record_routes=True)
-        logp = engine.log_probs(engine.run_layers(engine.embed(windows.to(self.src.device))))
+        h = engine.run_layers(engine.embed(windows.to(self.src.device)))
         routes = None
         if self.moe_layers:
             routes = torch.stack([engine.routes[i].view(windows.shape) for i in self.moe_layers], dim=-1)
-        return [(lp, routes[w] if routes is not None else None) for w, lp in enumerate(logp)]
+        for w, lp in enumerate(engine.log_probs(h)):
+            yield lp, routes[w] if routes is not None else None
 
 
 def run_windows(runner, windows: torch.Tensor, progress: bool, desc: str):
@@ -215,11 +216,14 @@ def run_windows(runner, windows: torch.Tensor, progress: bool, desc: str):
 def fits_in_memory(model_dir: Path, device: str) -> bool:
     """Whether transformers can hold the model as float32 on `device` (with room to spare)."""
     ckpt = Checkpoint(model_dir)
-    params = sum(math.prod(t.shape) for t in ckpt.tensors)  # packed int4 undercounts; the margin covers it
+    # Logical weights: int4 is stored as eight values per int32 word.
+    params = sum(math.prod(t.shape) * (8 if t.name.endswith(".weight_packed") else 1) for t in ckpt.tensors)
     if str(device).startswith("cuda"):
         free, _total = torch.cuda.mem_get_info(torch.device(device))
     else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        import psutil
+
+        free = psutil.virtual_memory().available
     return 4 * params < 0.6 * free
 
 

@@ -359,11 +359,15 @@ def quantize(
         stats.check_model(source.path)
     elif method == "gptq":
         raise UsageError("--method gptq needs --calib STATS: run `l4q calibrate` on this model first")
+    if calib is not None and method == "rtn":
+        raise UsageError("--calib is used by --method mse or gptq; rtn takes no calibration")
     ckpt = Checkpoint(source.path)
     validate_checkpoint(ckpt, spec)
     plan = build_plan(ckpt, spec, scheme, ignore, max_shard_size, config)
-    plan.method, plan.calib_digest = method, stats.digest() if stats else ""
     dev = resolve_device(device)
+    plan.method, plan.calib_digest = method, stats.digest() if stats else ""
+    if method == "gptq":  # GPTQ's values depend on the device's arithmetic: resume only on the same kind
+        plan.calib_digest += f" on {dev.type}"
     out = Path(out).absolute()
     partial, progress = _prepare_partial(out, plan.fingerprint(source.path), resume, overwrite)
     done = set(progress["done"])
@@ -377,7 +381,7 @@ def quantize(
         # Bad input: resuming would hit the same error, so leave nothing behind.
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    _move_into_place(partial, out)
+    move_into_place(partial, out)
     return QuantizeResult(out, plan, written, len(done), plan.source_bytes, plan.output_bytes)
 
 
@@ -465,7 +469,7 @@ def _finish(plan: Plan, source_dir: Path, partial: Path, recipe: dict) -> None:
     shutil.rmtree(partial / GPTQ_DIR, ignore_errors=True)
 
 
-def _move_into_place(partial: Path, out: Path) -> None:
+def move_into_place(partial: Path, out: Path) -> None:
     if out.exists():  # --overwrite: swap, then drop the old output
         old = out.with_name(out.name + ".l4q-old")
         shutil.rmtree(old, ignore_errors=True)

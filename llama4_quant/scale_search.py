@@ -35,7 +35,7 @@ _HALF_RANGE = {
     "int8": (schemes.INT8_MAX - schemes.INT8_MIN) / 2,
     "fp8": schemes.FP8_MAX,
 }
-_INT_RANGE = {"int4": (schemes.INT4_MIN, schemes.INT4_MAX), "int8": (schemes.INT8_MIN, schemes.INT8_MAX)}
+_INT_RANGE = schemes.INT_RANGES
 
 
 def scheme_group_size(scheme: str, in_features: int) -> int:

@@ -52,6 +52,7 @@ INT4_GROUP_SIZE = 128
 INT4_MIN, INT4_MAX = -8, 7
 INT8_MIN, INT8_MAX = -128, 127
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+INT_RANGES = {"int4": (INT4_MIN, INT4_MAX), "int8": (INT8_MIN, INT8_MAX)}
 
 # Rows are processed in slices of at most this many elements, so quantizing a [16384, 5120] matrix
 # needs one 64 MiB float32 buffer rather than a full-size float32 copy.

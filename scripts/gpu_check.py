@@ -29,8 +29,7 @@ sys.path.insert(0, str(REPO))
 from llama4_quant import sources, synthetic  # noqa: E402
 from llama4_quant.calibrate.data import calibration_ids  # noqa: E402
 from llama4_quant.calibrate.gptq import gptq_quantize  # noqa: E402
-from llama4_quant.calibrate.methods import hessian  # noqa: E402
-from llama4_quant.calibrate.stats import Stats, calibrate  # noqa: E402
+from llama4_quant.calibrate.stats import Stats, calibrate, hessian  # noqa: E402
 from llama4_quant.calibrate.weights import WeightSource  # noqa: E402
 from llama4_quant.pipeline import quantize  # noqa: E402
 from llama4_quant.scale_search import search_scales  # noqa: E402

@@ -38,21 +38,35 @@ def tiny_stats(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("model_dir", [tiny_model_dir, tiny_maverick_dir], ids=["tiny", "tiny-maverick"])
-def test_engine_matches_transformers(model_dir):
+def tiny_with_temperature_tuning(tmp_path: Path) -> Path:
+    """tiny with floor_scale 4: its NoPE layer's query scaling then varies within a window (8192 makes it 1)."""
+    path = tmp_path / "tiny-floor4"
+    path.mkdir()
+    for f in tiny_model_dir().iterdir():
+        (path / f.name).symlink_to(f)
+    (path / "config.json").unlink()
+    config = json.loads((tiny_model_dir() / "config.json").read_text())
+    config["text_config"]["floor_scale"] = 4
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("model_dir", [lambda _: tiny_model_dir(), lambda _: tiny_maverick_dir(), tiny_with_temperature_tuning],
+                         ids=["tiny", "tiny-maverick", "tiny-temperature-tuning"])
+def test_engine_matches_transformers(model_dir, tmp_path):
     """Logits and routes of the layer-streaming engine equal transformers' own forward, past one attention chunk."""
-    path = model_dir()
+    path = model_dir(tmp_path)
     torch.manual_seed(0)
     ids = torch.randint(0, 2000, (2, 300))  # 300 > the tiny models' attention chunk of 128
     engine = Engine(WeightSource(path), record_routes=True)
-    logp = engine.log_probs(engine.run_layers(engine.embed(ids)))
+    logp = list(engine.log_probs(engine.run_layers(engine.embed(ids))))
     runner = TransformersRunner(path, "cpu")
     for w in range(2):
         ref, routes = runner(ids[w])
         torch.testing.assert_close(logp[w], ref, atol=1e-4, rtol=0)
         ours = torch.stack([engine.routes[i].view(2, 300)[w] for i in runner.moe_layers], dim=1)
         assert (ours == routes).float().mean() > 0.999  # a near-tie may flip in float32
-    stream = StreamingRunner(path, "cpu").run(ids)
+    stream = list(StreamingRunner(path, "cpu").run(ids))
     torch.testing.assert_close(stream[1][0], logp[1])
 
 
@@ -62,7 +76,7 @@ def test_engine_reads_compressed_tensors_like_transformers(tmp_path):
     quantize(src, tmp_path / "int8", "int8", device="cpu", show_progress=False)
     ids = torch.randint(0, 2000, (1, 64), generator=torch.Generator().manual_seed(1))
     engine = Engine(WeightSource(tmp_path / "int8"))
-    ours = engine.log_probs(engine.run_layers(engine.embed(ids)))[0]
+    (ours,) = engine.log_probs(engine.run_layers(engine.embed(ids)))
     with torch.no_grad():
         ref = torch.log_softmax(load_causal_lm(tmp_path / "int8")(ids).logits[0].float(), -1)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)

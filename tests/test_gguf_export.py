@@ -109,6 +109,17 @@ def test_cli_export_and_existing_output(tmp_path):
     assert result.exit_code == 1 and "already exists" in result.stderr
 
 
+def test_source_without_tokenizer_is_one_line(tiny, tmp_path):
+    src = tmp_path / "no-tokenizer"
+    src.mkdir()
+    for f in tiny.path.iterdir():
+        if f.name != "tokenizer.json":
+            (src / f.name).symlink_to(f)
+    result = CliRunner().invoke(main, ["export", "gguf", str(src), "--out", str(tmp_path / "x.gguf"), "--quiet"])
+    assert result.exit_code == 1 and "no tokenizer.json" in result.stderr and result.stderr.count("\n") == 1
+    assert not list(tmp_path.glob("x.gguf*"))
+
+
 def test_q4_k_m_types_match_llama_quantize(tiny, tmp_path):
     """Per-tensor types of l4q's Q4_K_M equal llama.cpp's llama-quantize output for the same model."""
     ref = llama_cpp_reference()

@@ -21,7 +21,7 @@ the inputs: plain evaluation, statistics collection and GPTQ differ only in thei
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +29,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..checkpoint import iter_row_blocks
+from ..errors import UsageError
 from .weights import WeightSource
 
 # An expert routed fewer tokens than this, per calibration pass, is calibrated on all tokens instead
 # (see `expert_token_threshold`).
 MIN_EXPERT_TOKENS = 64
 FAIR_SHARE_FRACTION = 0.1
+DEFAULT_ATTENTION_CHUNK = 8192
 
 
 def expert_token_threshold(tokens: int, num_experts: int) -> int:
@@ -94,6 +96,11 @@ class Engine:
         self.device = source.device
         self.handler = handler or Forward()
         self.record_routes = record_routes
+        if self.spec.experts_per_token != 1:
+            raise UsageError(f"{source.dir}: num_experts_per_tok is {self.spec.experts_per_token}; "
+                             "Llama 4 routes each token to one expert, and so does this engine")
+        # transformers' Llama4TextConfig default when a config leaves the chunk out
+        self.attention_chunk = self.spec.attention_chunk_size or DEFAULT_ATTENTION_CHUNK
         self.routes: dict[int, Tensor] = {}  # MoE layer -> top-1 expert per token [n, T] (when recording)
         self._rope_cache: dict[int, Tensor] = {}
 
@@ -105,27 +112,30 @@ class Engine:
         return self.src.embedding_rows(ids)
 
     @torch.no_grad()
-    def run_layers(self, h: Tensor, layers: range | None = None,
-                   after_layer: Callable[[int, Tensor], None] | None = None) -> Tensor:
-        for layer in layers if layers is not None else range(self.spec.num_layers):
+    def run_layers(self, h: Tensor) -> Tensor:
+        for layer in range(self.spec.num_layers):
             h = self.layer(layer, h)
-            if after_layer is not None:
-                after_layer(layer, h)
         return h
 
     @torch.no_grad()
-    def log_probs(self, h: Tensor, vocab_block: int = 32768) -> list[Tensor]:
-        """Final norm and lm_head: float32 log-probabilities [T, vocab] per sequence, on the CPU.
+    def log_probs(self, h: Tensor) -> Iterator[Tensor]:
+        """Final norm and lm_head: float32 log-probabilities [T, vocab] per sequence, on the CPU, one at a time.
 
-        lm_head is read once, kept in its stored dtype, and applied in float32 blocks of vocab rows.
+        lm_head is read once, kept in its stored dtype, and applied in float32 blocks of vocab rows
+        into one preallocated [T, vocab] tensor, normalized in place.
         """
         x = self._norm(h, f"{self.spec.text_prefix}model.norm.weight")
         blocks = [b.to(self.device) for b in iter_row_blocks(self.src.lm_head_info(), 64 * 1024 * 1024)]
-        out = []
+        vocab = sum(len(b) for b in blocks)
         for seq in x:
-            logits = torch.cat([seq @ b.float().T for b in blocks], dim=-1)
-            out.append(torch.log_softmax(logits, dim=-1).cpu())
-        return out
+            logits = torch.empty(len(seq), vocab, device=self.device)
+            start = 0
+            for b in blocks:
+                torch.matmul(seq, b.float().T, out=logits[:, start : start + len(b)])
+                start += len(b)
+            logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+            yield logits.cpu()
+            del logits
 
     # ------------------------------------------------------------------------------ one layer
 
@@ -169,7 +179,7 @@ class Engine:
             pos = torch.arange(t, device=x.device, dtype=torch.float32)
             scale = torch.log1p(torch.floor((pos + 1.0) / spec.floor_scale)) * spec.attn_scale + 1.0
             q = q * scale.view(1, t, 1, 1)
-        mask = _attention_mask(t, spec.attention_chunk_size if rope else None, x.device)
+        mask = _attention_mask(t, self.attention_chunk if rope else None, x.device)
         groups = spec.num_heads // spec.num_kv_heads
         out = torch.empty(n, t, spec.num_heads * spec.head_dim, device=x.device)
         for i in range(n):  # one sequence at a time bounds the [heads, T, T] scores

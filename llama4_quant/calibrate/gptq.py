@@ -28,7 +28,7 @@ from .. import schemes
 
 _DAMP_RETRIES = 3  # extra tries, each with ten times the previous dampening
 
-_INT_RANGE = {"int4": (schemes.INT4_MIN, schemes.INT4_MAX), "int8": (schemes.INT8_MIN, schemes.INT8_MAX)}
+_INT_RANGE = schemes.INT_RANGES
 
 
 @dataclass

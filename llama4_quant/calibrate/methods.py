@@ -24,23 +24,15 @@ from safetensors import safe_open
 from .. import arch
 from ..formats import compressed_tensors as ct
 from ..scale_search import search_scales
+from ..schemes import check_finite
 from .engine import LinearCall
 from .gptq import gptq_quantize
 from .sequential import atomic_save, atomic_write_json
-from .stats import StatsCollector
+from .stats import StatsCollector, hessian
 
 METHODS = ("rtn", "mse", "gptq")
 GPTQ_DAMP = 0.01
 GPTQ_BLOCK = 128
-_TOKEN_CHUNK = 8192
-
-
-def hessian(x: torch.Tensor) -> torch.Tensor:
-    """float32 [in, in] sum over rows of x x^T, accumulated in row chunks on x's device."""
-    h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-    for chunk in x.split(_TOKEN_CHUNK):
-        h.addmm_(chunk.T, chunk)
-    return h
 
 
 def decode(parts: list[tuple[str, torch.Tensor]], module: str, scheme: ct.Scheme, device) -> torch.Tensor:
@@ -51,11 +43,10 @@ def decode(parts: list[tuple[str, torch.Tensor]], module: str, scheme: ct.Scheme
 class GPTQPass(StatsCollector):
     """Quantizes each planned Linear with GPTQ as the layer runs, and continues with the result."""
 
-    def __init__(self, spec: arch.Llama4Spec, scheme: ct.Scheme, modules: set[str], act_order: bool = True):
-        super().__init__(spec)
+    def __init__(self, spec: arch.Llama4Spec, scheme: ct.Scheme, modules: set[str]):
+        super().__init__(spec)  # for the routing log; the importance sums are not needed here
         self.scheme = scheme
         self.modules = modules  # the Linears the plan quantizes (compressed-tensors names)
-        self.act_order = act_order
         self.encoded: dict[str, torch.Tensor] = {}
         self.log: list[dict] = []
 
@@ -64,7 +55,6 @@ class GPTQPass(StatsCollector):
         self.encoded, self.log = {}, []
 
     def weights(self, call: LinearCall, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self.record(call, x)
         ws = call.load()
         if not any(m in self.modules for m in call.modules):
             return ws
@@ -74,9 +64,11 @@ class GPTQPass(StatsCollector):
             if module not in self.modules:
                 out.append(w)
                 continue
-            scale = search_scales(w, self.scheme.name, importance=h.diagonal())
-            result = gptq_quantize(w, h, self.scheme.name, scale, block_size=GPTQ_BLOCK, damp=GPTQ_DAMP,
-                                   act_order=self.act_order)
+            check_finite(w, module)
+            diag = h.diagonal()
+            # A non-finite Hessian: absmax-grid scales without weights, and gptq_quantize falls back to RTN.
+            scale = search_scales(w, self.scheme.name, importance=diag if bool(torch.isfinite(diag).all()) else None)
+            result = gptq_quantize(w, h, self.scheme.name, scale, block_size=GPTQ_BLOCK, damp=GPTQ_DAMP, act_order=True)
             parts = ct.encode_quantized(module, result.q, result.scale, self.scheme)
             self.encoded.update(parts)
             self.log.append({"module": module, "tokens": len(x), "fell_back_to_rtn": result.fell_back,
@@ -85,7 +77,7 @@ class GPTQPass(StatsCollector):
         return tuple(out)
 
     def save_layer(self, layer: int, work_dir: Path) -> None:
-        super().save_layer(layer, work_dir)
+        self.save_routing(layer, work_dir)
         atomic_save(self.encoded, work_dir / f"gptq-layer-{layer:03d}.safetensors")
         atomic_write_json(self.log, work_dir / f"gptq-layer-{layer:03d}.json")
 

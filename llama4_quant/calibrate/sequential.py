@@ -20,7 +20,10 @@ from .engine import Engine, Forward
 from .weights import WeightSource
 
 PROGRESS = "progress.json"
-HIDDEN = "hidden.safetensors"
+
+
+def _hidden(work_dir: Path, layers_done: int) -> Path:
+    return work_dir / f"hidden-after-{layers_done:03d}-layers.safetensors"
 
 
 class LayerHandler(Forward):
@@ -51,19 +54,25 @@ def layers_done(work_dir: Path, fingerprint: str) -> int:
         progress = json.loads((work_dir / PROGRESS).read_text())
     except (OSError, ValueError):
         return 0
-    if progress.get("fingerprint") != fingerprint or not (work_dir / HIDDEN).is_file():
+    done = int(progress.get("layers_done", 0))
+    if progress.get("fingerprint") != fingerprint or not _hidden(work_dir, done).is_file():
         return 0
-    return int(progress.get("layers_done", 0))
+    return done
 
 
 def run_pass(source: WeightSource, ids: torch.Tensor, handler: LayerHandler, work_dir: Path, fingerprint: str,
              show_progress: bool = True, desc: str = "calibrate") -> int:
-    """Run every decoder layer over `ids` with `handler`; returns how many layers were resumed."""
+    """Run every decoder layer over `ids` with `handler`; returns how many layers were resumed.
+
+    The hidden states after each layer go to a file named by the layer count; only then does the
+    progress file move on (and the previous file go), so an interruption anywhere resumes from a
+    consistent pair.
+    """
     engine = Engine(source, handler)
     n_layers = source.spec.num_layers
     start = layers_done(work_dir, fingerprint)
     if start:
-        h = load_file(str(work_dir / HIDDEN))["hidden"].to(source.device)
+        h = load_file(str(_hidden(work_dir, start)))["hidden"].to(source.device)
     else:
         atomic_write_json({"fingerprint": fingerprint, "layers_done": 0}, work_dir / PROGRESS)
         h = engine.embed(ids.to(source.device))
@@ -72,6 +81,12 @@ def run_pass(source: WeightSource, ids: torch.Tensor, handler: LayerHandler, wor
         handler.begin_layer(layer)
         h = engine.layer(layer, h)
         handler.save_layer(layer, work_dir)
-        atomic_save({"hidden": h}, work_dir / HIDDEN)
+        atomic_save({"hidden": h}, _hidden(work_dir, layer + 1))
         atomic_write_json({"fingerprint": fingerprint, "layers_done": layer + 1}, work_dir / PROGRESS)
+        _hidden(work_dir, layer).unlink(missing_ok=True)
     return start
+
+
+def discard_hidden(work_dir: Path) -> None:
+    for p in work_dir.glob("hidden-after-*"):
+        p.unlink()

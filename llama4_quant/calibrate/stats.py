@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors.torch import load_file
 
 from .. import __version__, arch
 from ..errors import (
+    L4QError,
     OutputExistsError,
     ResumeMismatchError,
     SourceNotFoundError,
@@ -36,7 +36,14 @@ from ..errors import (
 )
 from ..sources import Source
 from .engine import LinearCall, Routing
-from .sequential import LayerHandler, atomic_save, atomic_write_json, run_pass
+from .sequential import (
+    PROGRESS,
+    LayerHandler,
+    atomic_save,
+    atomic_write_json,
+    discard_hidden,
+    run_pass,
+)
 from .weights import WeightSource
 
 STATS_JSON, IMATRIX, IMATRIX_GGUF, TOKENS, REPORT = "stats.json", "imatrix.safetensors", "imatrix.gguf", "tokens.safetensors", "report.md"
@@ -49,6 +56,14 @@ def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     for chunk in x.split(_TOKEN_CHUNK):
         acc += chunk.pow(2).sum(0, dtype=torch.float64)
     return acc
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """float32 [in, in]: sum over rows of x x^T, in row chunks on x's device."""
+    h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    for chunk in x.split(_TOKEN_CHUNK):
+        h.addmm_(chunk.T, chunk)
+    return h
 
 
 class StatsCollector(LayerHandler):
@@ -86,11 +101,17 @@ class StatsCollector(LayerHandler):
         self.routing_log.append(routing)
 
     def save_layer(self, layer: int, work_dir: Path) -> None:
+        self.save_imatrix(layer, work_dir)
+        self.save_routing(layer, work_dir)
+
+    def save_imatrix(self, layer: int, work_dir: Path) -> None:
         tensors = {}
         for key, s in self.sums.items():
             tensors[f"{key}.in_sum2"] = s.float()
             tensors[f"{key}.counts"] = self.counts[key].float()
         atomic_save(tensors, work_dir / f"imatrix-layer-{layer:03d}.safetensors")
+
+    def save_routing(self, layer: int, work_dir: Path) -> None:
         routes = [r.__dict__ for r in self.routing_log if r.layer == layer]
         atomic_write_json(routes, work_dir / f"routing-layer-{layer:03d}.json")
 
@@ -98,7 +119,7 @@ class StatsCollector(LayerHandler):
 def source_digest(source_dir: Path) -> str:
     """Identifies a model's architecture (text config), for checking STATS against a model."""
     spec = arch.spec_from_config(arch.load_config(source_dir))
-    fields = {k: v for k, v in spec.__dict__.items() if k not in ("text_prefix", "has_vision")}
+    fields = {k: v for k, v in spec.__dict__.items() if k != "has_vision"}  # text_prefix: the keys' names
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -110,37 +131,33 @@ def _fingerprint(source_dir: Path, ids: torch.Tensor, kind: str) -> str:
     return h.hexdigest()
 
 
-def prepare_work_dir(out: Path, fingerprint: str, resume: bool, overwrite: bool) -> Path:
-    """`<out>.l4q-partial`: kept when resuming with the same fingerprint, otherwise created fresh."""
-    partial = out.with_name(out.name + ".l4q-partial")
+def check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse early (before tokenizing anything) to replace an output or an interrupted run unasked."""
+    out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    partial = out.with_name(out.name + ".l4q-partial")
+    if partial.exists() and not (resume or overwrite):
+        raise OutputExistsError(f"an interrupted run left {partial}; pass --resume to continue it or --overwrite to start over")
+
+
+def prepare_work_dir(out: Path, fingerprint: str, resume: bool, overwrite: bool) -> Path:
+    """`<out>.l4q-partial`: kept when resuming with the same fingerprint, otherwise created fresh."""
+    check_output(out, resume, overwrite)
+    partial = out.with_name(out.name + ".l4q-partial")
     if partial.exists():
         if resume:
             try:
-                same = json.loads((partial / "progress.json").read_text()).get("fingerprint") == fingerprint
+                same = json.loads((partial / PROGRESS).read_text()).get("fingerprint") == fingerprint
             except (OSError, ValueError):
                 same = False
             if not same:
                 raise ResumeMismatchError(f"{partial} was started from another model, data or options; "
                                           "rerun with the same ones, or pass --overwrite to start over")
             return partial
-        if not overwrite:
-            raise OutputExistsError(f"an interrupted run left {partial}; pass --resume to continue it or --overwrite to start over")
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     return partial
-
-
-def move_into_place(partial: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(out.name + ".l4q-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, out)
 
 
 @dataclass
@@ -153,15 +170,20 @@ class CalibrateResult:
 def calibrate(source: Source, out: Path, ids: torch.Tensor, data_description: str, *, device: str = "auto",
               resume: bool = False, overwrite: bool = False, show_progress: bool = True) -> CalibrateResult:
     """Run the calibration ids through `source` layer by layer and write a STATS directory at `out`."""
-    from ..pipeline import resolve_device
+    from ..pipeline import move_into_place, resolve_device
 
     out = Path(out).absolute()
+    if arch.load_config(source.path).get("quantization_config"):
+        raise UsageError(f"{source.path} is already quantized; calibrate the BF16 model it was made from")
     src = WeightSource(source.path, resolve_device(device))
-    fingerprint = _fingerprint(source.path, ids, "calibrate")
+    fingerprint = _fingerprint(source.path, ids, f"calibrate on {src.device}")
     work = prepare_work_dir(out, fingerprint, resume, overwrite)
-    collector = StatsCollector(src.spec)
-    resumed = run_pass(src, ids, collector, work, fingerprint, show_progress, desc="calibrate")
-    stats = _finish(src, source, work, ids, data_description, str(src.device))
+    try:
+        resumed = run_pass(src, ids, StatsCollector(src.spec), work, fingerprint, show_progress, desc="calibrate")
+        stats = _finish(src, source, work, ids, data_description, str(src.device))
+    except L4QError:
+        shutil.rmtree(work, ignore_errors=True)  # bad input: a resume would hit the same error
+        raise
     move_into_place(work, out)
     return CalibrateResult(out, resumed, stats)
 
@@ -199,8 +221,9 @@ def _finish(src: WeightSource, source: Source, work: Path, ids: torch.Tensor, de
     _write_llama_imatrix(work / IMATRIX_GGUF, src, tensors, description, ids)
     atomic_write_json(stats, work / STATS_JSON)
     (work / REPORT).write_text(report_markdown(stats))
-    for p in list(work.glob("imatrix-layer-*")) + list(work.glob("routing-layer-*")) + [work / "hidden.safetensors", work / "progress.json"]:
+    for p in list(work.glob("imatrix-layer-*")) + list(work.glob("routing-layer-*")) + [work / PROGRESS]:
         p.unlink(missing_ok=True)
+    discard_hidden(work)
     return stats
 
 

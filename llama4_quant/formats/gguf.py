@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .. import __version__, arch
 from ..arch import Llama4Spec
 from ..checkpoint import Checkpoint, iter_row_blocks, read_slice
-from ..errors import NonFiniteWeightError, OutputExistsError, UsageError
+from ..errors import NonFiniteWeightError, OutputExistsError, SourceNotFoundError, UsageError
 from ..sources import Source
 from . import gguf_quants
 
@@ -367,6 +367,9 @@ def export_gguf(
     spec = arch.spec_from_config(config, str(source.path / "config.json"))
     ckpt = Checkpoint(source.path)
     validate_checkpoint(ckpt, spec)
+    if not (source.path / "tokenizer.json").is_file():
+        raise SourceNotFoundError(f"{source.path}: no tokenizer.json; a GGUF file carries the model's tokenizer, "
+                                  "so the source needs its tokenizer files")
     tensors = plan(ckpt, spec, ftype)
     out = Path(out).absolute()
     if out.exists() and not overwrite:
