@@ -196,5 +196,56 @@ def eval_command(base, candidates, data, ctx, max_tokens, report_dir, device, en
         click.echo(f"report: {paths['html']}")
 
 
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--against", "against", multiple=True, type=click.Path(path_type=Path), help="What is already stored: a model directory or file (e.g. the BF16 base). Repeatable.")
+@click.option("--store", type=click.Path(path_type=Path), help="The on-disk Xet store [default: ~/.cache/l4q/xet-store].")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@one_line_errors
+def dedup(target, against, store, as_json):
+    """What uploading TARGET to Xet storage would store, with --against (and the store) already stored."""
+    from llama4_quant.xet import dedup as xet_dedup
+
+    report = xet_dedup.measure(target, list(against), store, show_progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=1))
+        return
+    click.echo(f"{report.target} against {', '.join(report.against) or 'the store only'} (store {report.store})")
+    click.echo("| file | size | new | deduped | dedup |\n|---|---:|---:|---:|---:|")
+    for f in report.files:
+        click.echo(f"| {f.name} | {human_bytes(f.size)} | {human_bytes(f.new_bytes)} | {human_bytes(f.deduped_bytes)} | {f.dedup:.1%} |")
+    click.echo(f"| total | {human_bytes(report.size)} | {human_bytes(report.new_bytes)} | "
+               f"{human_bytes(report.size - report.new_bytes)} | {report.dedup:.1%} |")
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--repo", required=True, help="The Hub repo to publish to, user/name (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", help="Branch to commit to (created if missing) [default: main].")
+@click.option("--commit-message", help="Commit message.")
+@click.option("--base-model", help="Hub repo id of the base model for the card [default: from the derivative's own files].")
+@click.option("--against", "against", multiple=True, type=click.Path(path_type=Path), help="Measure the dedup estimate against this (e.g. the local BF16 base). Repeatable.")
+@click.option("--store", type=click.Path(path_type=Path), help="The on-disk Xet store for the estimate [default: ~/.cache/l4q/xet-store].")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the dedup estimate; no network.")
+@one_line_errors
+def push(target, repo, private, revision, commit_message, base_model, against, store, dry_run):
+    """Publish a derivative (directory or .gguf) with a model card, through Xet storage."""
+    from llama4_quant.xet import dedup as xet_dedup
+    from llama4_quant.xet import push as xet_push
+
+    token = None if dry_run else xet_push.resolve_token()  # fail fast, before any measuring
+    against = list(against) or xet_push.recorded_base(target)
+    estimate = xet_dedup.measure(target, against, store, show_progress=True).to_json() if dry_run or against else None
+    plan = xet_push.plan_push(target, repo, revision=revision, private=private, commit_message=commit_message,
+                              base_model=base_model, dedup=estimate)
+    click.echo(xet_push.format_plan(plan, estimate))
+    if dry_run:
+        click.echo("dry run: nothing was sent")
+        return
+    url = xet_push.push(plan, token)
+    click.echo(f"pushed: {url}")
+
+
 if __name__ == "__main__":
     main()

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 
 from llama4_quant import synthetic
+
+
+def llama_cpp_reference():
+    """scripts/llama_cpp_reference.py: llama.cpp's own converter and llama-quantize, as independent references."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "llama_cpp_reference.py"
+    spec = importlib.util.spec_from_file_location("llama_cpp_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def small_config(num_layers: int = 4, num_experts: int = 4, maverick: bool = False) -> dict:

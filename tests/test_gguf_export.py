@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import llama_cpp_reference
 from gguf import GGUFReader
 
 from cli.main import main
 from llama4_quant import arch, evaluate, sources
 from llama4_quant.formats import gguf as l4q_gguf
 
-REPO = Path(__file__).resolve().parents[1]
 L4Q_ONLY_KEYS = {"general.base_model.count", "general.base_model.0.name", "general.quantized_by"}
 CTX, TOKENS = 256, 4 * 256
-
-
-def llama_cpp_reference():
-    spec = importlib.util.spec_from_file_location("llama_cpp_reference", REPO / "scripts" / "llama_cpp_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_gguf(path: Path) -> tuple[dict, dict]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import llama_cpp_reference
 from gguf import GGUFReader, GGUFValueType
 
 from llama4_quant import arch, sources
@@ -20,16 +20,8 @@ from llama4_quant.formats.imatrix import (
 )
 from llama4_quant.tiny_models import tiny_heldout_path
 
-REPO = Path(__file__).resolve().parents[1]
 IMATRIX_KVS = {"quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
                "quantize.imatrix.chunks_count"}  # what llama-quantize --imatrix adds to its output
-
-
-def llama_cpp_reference():
-    spec = importlib.util.spec_from_file_location("llama_cpp_reference", REPO / "scripts" / "llama_cpp_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_gguf(path: Path) -> tuple[dict, dict]:
