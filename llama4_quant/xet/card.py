@@ -131,8 +131,8 @@ def render(d: Derivative, dedup: dict | None = None) -> str:
         lines += ["## Evaluation (`l4q eval` against the base)", "", summary_table_markdown(d.eval_report).strip(), ""]
     if dedup:
         total = dedup["total"]
-        lines += ["## Storage", "",
-                  f"Measured with Xet's chunker against {', '.join(dedup['against']) or 'the local store'}: "
-                  f"{fmt_size(total['deduped_bytes'])} of {fmt_size(total['size'])} ({total['dedup']:.1%}) "
-                  "already stored.", ""]
+        against = ", ".join(f"`{Path(a).name}`" for a in dedup["against"]) or "what was stored"  # no local paths
+        measured = (f"Measured with Xet's chunker against {against}: {fmt_size(total['deduped_bytes'])} of "
+                    f"{fmt_size(total['size'])} ({total['dedup']:.1%}) already stored.")
+        lines += ["## Storage", "", measured, ""]
     return "\n".join(lines)
