@@ -25,7 +25,8 @@ def one_line_errors(fn):
             click.echo(f"l4q: error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("l4q: interrupted; rerun with --resume to continue", err=True)
+            hint = "; rerun with --resume to continue" if "resume" in kwargs else ""
+            click.echo(f"l4q: interrupted{hint}", err=True)
             sys.exit(130)
 
     return wrapper
@@ -235,10 +236,13 @@ def push(target, repo, private, revision, commit_message, base_model, against, s
     from llama4_quant.xet import push as xet_push
 
     token = None if dry_run else xet_push.resolve_token()  # fail fast, before any measuring
+    options = dict(revision=revision, private=private, commit_message=commit_message, base_model=base_model)
+    plan = xet_push.plan_push(target, repo, **options)  # checks the inputs before the measuring
     against = list(against) or xet_push.recorded_base(target)
-    estimate = xet_dedup.measure(target, against, store, show_progress=True).to_json() if dry_run or against else None
-    plan = xet_push.plan_push(target, repo, revision=revision, private=private, commit_message=commit_message,
-                              base_model=base_model, dedup=estimate)
+    estimate = None
+    if dry_run or against:
+        estimate = xet_dedup.measure(target, against, store, show_progress=True).to_json()
+        plan = xet_push.plan_push(target, repo, **options, dedup=estimate)
     click.echo(xet_push.format_plan(plan, estimate))
     if dry_run:
         click.echo("dry run: nothing was sent")

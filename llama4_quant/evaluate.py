@@ -59,7 +59,7 @@ def load_text(paths: list[Path] | None, text_field: str = "text") -> tuple[str, 
                         raise UsageError(f"{path}:{n}: not a JSON object with a {text_field!r} field") from None
         else:
             parts.append(Path(path).read_text())
-    return "\n\n".join(parts), ", ".join(str(p) for p in paths)
+    return "\n\n".join(parts), ", ".join(Path(p).name for p in paths)  # names only: reports get published
 
 
 @contextmanager

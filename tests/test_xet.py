@@ -81,6 +81,8 @@ def test_dedup_cli_json_and_table(tmp_path, tiny_int4):
     assert r.returncode == 0 and "| total |" in r.stdout
     r = l4q("dedup", str(tmp_path / "missing"), "--store", str(store))
     assert r.returncode == 1 and r.stderr.startswith("l4q: error:") and r.stderr.count("\n") == 1
+    r = l4q("dedup", str(tiny_int4), "--store", str(tmp_path / "fresh" / "store"), "--json")  # a store not there yet
+    assert r.returncode == 0 and json.loads(r.stdout)["total"]["new_bytes"] > 0, r.stderr
 
 
 def test_model_card(tiny_int4, tmp_path):
@@ -131,6 +133,15 @@ def test_push_errors_are_one_line_and_never_show_the_token(tiny_int4, tmp_path):
     logs = "".join(p.read_text(errors="replace") for p in hf_home.rglob("*") if p.is_file() and p.suffix != ".lock")
     for text in (r.stdout, r.stderr, r2.stdout, r2.stderr, logs):
         assert SECRET not in text and SECRET[3:20] not in text
+
+
+def test_push_refuses_what_is_not_a_derivative(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("hello")
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf file at all")
+    for target in ("notes", "x.gguf"):
+        r = l4q("push", str(tmp_path / target), "--repo", "someone/x", "--dry-run", "--store", str(tmp_path / "store"))
+        assert r.returncode == 1 and r.stderr.startswith("l4q: error:") and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_push_keeps_a_readme_it_did_not_write(tiny_int4, tmp_path):

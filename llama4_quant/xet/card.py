@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from .. import __version__
+from ..errors import UsageError
 from ..sources import HUB_PRESETS
 
 CARD_MARKER = "<!-- written by l4q push; edit freely, l4q will not overwrite a card without this line -->"
@@ -63,7 +64,10 @@ def describe(path: Path, base_model: str | None = None) -> Derivative:
     if path.is_file() and path.suffix == ".gguf":
         import gguf
 
-        reader = gguf.GGUFReader(str(path))
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except (ValueError, OSError) as exc:
+            raise UsageError(f"{path}: not a readable GGUF file ({exc})") from None
 
         def field_text(key: str) -> str | None:
             f = reader.get_field(key)
@@ -73,9 +77,11 @@ def describe(path: Path, base_model: str | None = None) -> Derivative:
         scheme = gguf.LlamaFileType(int(file_type.contents())).name.removeprefix("MOSTLY_") if file_type else "gguf"
         repo_url = field_text("general.base_model.0.repo_url") or ""
         base = base_model or (repo_url.removeprefix("https://huggingface.co/") if repo_url else None)
-        options = {"quantized_by": field_text("general.quantized_by"),
-                   "imatrix": field_text("quantize.imatrix.dataset")}
+        imatrix = field_text("quantize.imatrix.dataset")
+        options = {"quantized_by": field_text("general.quantized_by"), "imatrix": imatrix and Path(imatrix).name}
         return Derivative(path, "gguf", scheme, base, {k: v for k, v in options.items() if v})
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path}: not a model directory (no config.json) or a .gguf file")
     config = json.loads((path / "config.json").read_text())
     recipe_path = path / "l4q_recipe.json"
     recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
@@ -105,7 +111,7 @@ def metadata(d: Derivative) -> dict:
 def _option_text(key: str, value) -> str:
     if key == "calibration" and isinstance(value, dict) and "data" in value:
         data = value["data"]
-        return f"{data['samples']} x {data['seq_len']} tokens of {data['description']}, on `{value['source']}`"
+        return f"{data['samples']} x {data['seq_len']} tokens of {data['description']}"
     if isinstance(value, list):
         return ", ".join(f"`{v}`" for v in value).replace("|", "\\|")
     return str(value).replace("|", "\\|")
@@ -131,8 +137,8 @@ def render(d: Derivative, dedup: dict | None = None) -> str:
         lines += ["## Evaluation (`l4q eval` against the base)", "", summary_table_markdown(d.eval_report).strip(), ""]
     if dedup:
         total = dedup["total"]
-        against = ", ".join(f"`{Path(a).name}`" for a in dedup["against"]) or "what was stored"  # no local paths
-        measured = (f"Measured with Xet's chunker against {against}: {fmt_size(total['deduped_bytes'])} of "
-                    f"{fmt_size(total['size'])} ({total['dedup']:.1%}) already stored.")
+        measured = (f"Measured with Xet's chunker against the base and what was already stored: "
+                    f"{fmt_size(total['deduped_bytes'])} of {fmt_size(total['size'])} ({total['dedup']:.1%}) "
+                    "deduplicated.")
         lines += ["## Storage", "", measured, ""]
     return "\n".join(lines)

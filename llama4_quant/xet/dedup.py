@@ -13,18 +13,38 @@ computed from the real file size rather than hf_xet's totals.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SourceNotFoundError, UsageError
+from ..errors import L4QError, SourceNotFoundError, UsageError
 
 STORED_MANIFEST = "l4q-stored.json"  # files already uploaded into the store, by path, size and mtime
 _XORB_DIR = Path("xet") / "xorbs" / "xorbs"
+_SCRATCH = ".l4q-scratch"  # inside the store, so hard links never cross file systems
+_LOCK = ".l4q-lock"
+
+
+class XetStoreError(L4QError):
+    """The on-disk Xet store could not be used."""
+
+
+@contextmanager
+def locked(store: Path):
+    """One l4q process at a time per store (hf_xet's own database refuses a second opener)."""
+    store.mkdir(parents=True, exist_ok=True)
+    with open(store / _LOCK, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise XetStoreError(f"{store} is in use by another l4q dedup or push; wait for it or pass another --store") from None
+        yield
 
 
 def default_store() -> Path:
@@ -104,12 +124,17 @@ def _xet_upload(store: Path, files: list[Path], desc: str, show_progress: bool) 
         def on_progress(group, _items) -> None:
             bar.update(group.total_bytes_completed - bar.n)
 
-        session = hf_xet.XetSession()
-        commit = session.new_upload_commit(endpoint=f"local://{store}", progress_callback=on_progress)
-        handles = [commit.start_upload_file(str(f), sha256=hf_xet.SKIP_SHA256) for f in files]
-        commit.wait_to_finish()
+        try:
+            session = hf_xet.XetSession()
+            commit = session.new_upload_commit(endpoint=f"local://{store}", progress_callback=on_progress)
+            handles = [commit.start_upload_file(str(f), sha256=hf_xet.SKIP_SHA256) for f in files]
+            commit.wait_to_finish()
+            new = [int(h.result().dedup_metrics.new_bytes) for h in handles]
+        except (OSError, RuntimeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise XetStoreError(f"Xet store {store}: {first}") from None
         bar.update(bar.total - bar.n)
-    return [int(h.result().dedup_metrics.new_bytes) for h in handles]
+    return new
 
 
 def _stamp(path: Path) -> str:
@@ -136,19 +161,26 @@ def ensure_stored(store: Path, files: Iterable[Path], show_progress: bool = Fals
 
 
 def scratch_copy(store: Path, dst: Path) -> None:
-    """A copy of the store that uploads may change: index files copied, xorbs hard-linked."""
-    for root, _dirs, names in os.walk(store):
+    """A copy of the store that uploads may change: index files copied, xorbs hard-linked.
+
+    hf_xet writes every file to a temporary name and renames it into place, and never rewrites a
+    stored xorb, so the links cannot change the original store."""
+    for root, dirs, names in os.walk(store):
+        dirs[:] = [d for d in dirs if d != _SCRATCH]
         rel = Path(root).relative_to(store)
         (dst / rel).mkdir(parents=True, exist_ok=True)
         for name in names:
+            if name == _LOCK:
+                continue
             src = Path(root) / name
             if rel == _XORB_DIR and not name.endswith(".tagset"):
                 try:
                     os.link(src, dst / rel / name)
-                    continue
-                except OSError:  # another file system: fall back to copying
-                    pass
-            shutil.copy2(src, dst / rel / name)
+                except OSError as exc:
+                    raise XetStoreError(f"cannot hard-link {src} into {dst} ({exc.strerror}); "
+                                        "the store's file system must support hard links") from None
+            else:
+                shutil.copy2(src, dst / rel / name)
 
 
 def measure(target: Path, against: list[Path], store: Path | None = None, show_progress: bool = False) -> DedupReport:
@@ -156,12 +188,15 @@ def measure(target: Path, against: list[Path], store: Path | None = None, show_p
     store = Path(store or default_store()).absolute()
     target = Path(target)
     target_files = upload_files(target)
-    for base in against:
-        ensure_stored(store, upload_files(base), show_progress)
+    base_files = [upload_files(base) for base in against]
     root = target if target.is_dir() else target.parent
-    with tempfile.TemporaryDirectory(prefix=".l4q-dedup-", dir=store.parent) as tmp:
-        scratch = Path(tmp) / "store"
-        scratch_copy(store, scratch)
-        new = _xet_upload(scratch, target_files, "measure", show_progress)
+    with locked(store):
+        for files in base_files:
+            ensure_stored(store, files, show_progress)
+        (store / _SCRATCH).mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=store / _SCRATCH) as tmp:
+            scratch = Path(tmp) / "store"
+            scratch_copy(store, scratch)
+            new = _xet_upload(scratch, target_files, "measure", show_progress)
     files = [FileDedup(str(f.relative_to(root)), f.stat().st_size, n) for f, n in zip(target_files, new)]
     return DedupReport(str(target), [str(b) for b in against], str(store), files)

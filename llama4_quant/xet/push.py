@@ -29,7 +29,6 @@ class PushPlan:
     commit_message: str
     files: list[tuple[str, Path, int]]  # (path in repo, local file, size)
     card: str  # README.md
-    replaces_readme: bool  # the derivative has a README.md of its own that the card replaces
 
     @property
     def total_bytes(self) -> int:
@@ -46,13 +45,12 @@ def plan_push(out: Path, repo: str, *, revision: str | None = None, private: boo
     root = out if out.is_dir() else out.parent
     derivative = card.describe(out, base_model)
     own_readme = next((f for f in files if f.relative_to(root).as_posix() == "README.md"), None)
-    replaces = own_readme is not None and card.CARD_MARKER not in own_readme.read_text(errors="replace")
-    if replaces:
+    if own_readme is not None and card.CARD_MARKER not in own_readme.read_text(errors="replace"):
         raise UsageError(f"{own_readme} is not an l4q model card; move it away or edit it to include the line "
                          f"{card.CARD_MARKER!r}")
     entries = [(f.relative_to(root).as_posix(), f, f.stat().st_size) for f in files if f != own_readme]
     message = commit_message or f"Upload {derivative.scheme} derivative with l4q"
-    return PushPlan(repo, revision, private, message, entries, card.render(derivative, dedup), replaces)
+    return PushPlan(repo, revision, private, message, entries, card.render(derivative, dedup))
 
 
 def recorded_base(out: Path) -> list[Path]:
@@ -104,7 +102,8 @@ def push(plan: PushPlan, token: str) -> str:
 
     api = HfApi(token=token)
     try:
-        api.create_repo(plan.repo, private=plan.private, exist_ok=True, repo_type="model")
+        # None leaves the owner's default visibility; --private asks for a private repo
+        api.create_repo(plan.repo, private=plan.private or None, exist_ok=True, repo_type="model")
         if plan.revision and plan.revision != "main":
             api.create_branch(plan.repo, branch=plan.revision, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path, _ in plan.files]
