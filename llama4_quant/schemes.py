@@ -278,6 +278,31 @@ def fp8_dequantize(q: Tensor, scale: Tensor) -> Tensor:
     return _dequantize(q, scale, q.shape[-1])
 
 
+# --------------------------------------------------------------------------------- by scheme name
+
+
+def _by_name(scheme: str, table: dict):
+    try:
+        return table[scheme]
+    except KeyError:
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of int4, int8, fp8") from None
+
+
+def rtn_scales(w: Tensor, scheme: str) -> Tensor:
+    """The absmax scales of `scheme` ("int4", "int8" or "fp8") for w."""
+    return _by_name(scheme, {"int4": int4_scales, "int8": int8_scales, "fp8": fp8_scales})(w)
+
+
+def quantize(w: Tensor, scale: Tensor, scheme: str) -> Tensor:
+    """Round-to-nearest values of `scheme` for w with the given stored scale."""
+    return _by_name(scheme, {"int4": int4_quantize, "int8": int8_quantize, "fp8": fp8_quantize})(w, scale)
+
+
+def dequantize(q: Tensor, scale: Tensor, scheme: str) -> Tensor:
+    """Float32 q * scale for `scheme`'s values."""
+    return _by_name(scheme, {"int4": int4_dequantize, "int8": int8_dequantize, "fp8": fp8_dequantize})(q, scale)
+
+
 # ------------------------------------------------------------------------------------------ checks
 
 

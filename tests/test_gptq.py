@@ -13,17 +13,9 @@ SCHEMES = ("int4", "int8", "fp8")
 
 # ----------------------------------------------------------------------------------- helpers
 
-
-def rtn_scale(w: torch.Tensor, scheme: str) -> torch.Tensor:
-    return {"int4": S.int4_scales, "int8": S.int8_scales, "fp8": S.fp8_scales}[scheme](w)
-
-
-def rtn_q(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
-    return {"int4": S.int4_quantize, "int8": S.int8_quantize, "fp8": S.fp8_quantize}[scheme](w, scale)
-
-
-def dequant(q: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
-    return {"int4": S.int4_dequantize, "int8": S.int8_dequantize, "fp8": S.fp8_dequantize}[scheme](q, scale)
+rtn_scale = S.rtn_scales
+rtn_q = S.quantize
+dequant = S.dequantize
 
 
 def group_size(scheme: str, cols: int) -> int:

@@ -16,17 +16,9 @@ HALF_RANGE = {"int4": 7.5, "int8": 127.5, "fp8": 448.0}
 
 # ----------------------------------------------------------------------------------- helpers
 
-
-def rtn_scale(w: torch.Tensor, scheme: str) -> torch.Tensor:
-    return {"int4": S.int4_scales, "int8": S.int8_scales, "fp8": S.fp8_scales}[scheme](w)
-
-
-def quantize(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
-    return {"int4": S.int4_quantize, "int8": S.int8_quantize, "fp8": S.fp8_quantize}[scheme](w, scale)
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
-    return {"int4": S.int4_dequantize, "int8": S.int8_dequantize, "fp8": S.fp8_dequantize}[scheme](q, scale)
+rtn_scale = S.rtn_scales
+quantize = S.quantize
+dequantize = S.dequantize
 
 
 def group_size(scheme: str, cols: int) -> int:

@@ -42,17 +42,6 @@ class GPTQResult:
     reason: str = ""
 
 
-def rtn_quantize(w: Tensor, scale: Tensor, scheme: str) -> Tensor:
-    """`schemes`' round-to-nearest quantization of w with the given stored scale."""
-    if scheme == "int4":
-        return schemes.int4_quantize(w, scale)
-    if scheme == "int8":
-        return schemes.int8_quantize(w, scale)
-    if scheme == "fp8":
-        return schemes.fp8_quantize(w, scale)
-    raise ValueError(f"unknown scheme {scheme!r}; choose one of int4, int8, fp8")
-
-
 def _prepare_hessian(hessian: Tensor, in_features: int, device: torch.device) -> tuple[Tensor | None, str]:
     """Float64 symmetric H normalized to mean live diagonal 1, dead channels decoupled; or (None, why)."""
     if hessian.shape != (in_features, in_features):
@@ -133,7 +122,7 @@ def gptq_quantize(
     device = w.device
 
     def fallback(reason: str) -> GPTQResult:
-        return GPTQResult(rtn_quantize(w, scale, scheme), scale, True, reason)
+        return GPTQResult(schemes.quantize(w, scale, scheme), scale, True, reason)
 
     h, reason = _prepare_hessian(hessian, cols, device)
     if h is None:

@@ -66,16 +66,8 @@ def linear_entries(module: str, out_features: int, in_features: int, scheme: Sch
 def encode_linear(module: str, weight: torch.Tensor, scheme: Scheme, scale: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
     """Quantize one [out, in] weight (absmax scales unless `scale` is given); returns (name, tensor) in
     `linear_entries` order, on the CPU."""
-    if scheme.name == "int4":
-        scale = schemes.int4_scales(weight) if scale is None else scale
-        q = schemes.int4_quantize(weight, scale)
-    elif scheme.name == "int8":
-        scale = schemes.int8_scales(weight) if scale is None else scale
-        q = schemes.int8_quantize(weight, scale)
-    else:
-        scale = schemes.fp8_scales(weight) if scale is None else scale
-        q = schemes.fp8_quantize(weight, scale)
-    return encode_quantized(module, q, scale, scheme)
+    scale = schemes.rtn_scales(weight, scheme.name) if scale is None else scale
+    return encode_quantized(module, schemes.quantize(weight, scale, scheme.name), scale, scheme)
 
 
 def encode_quantized(module: str, q: torch.Tensor, scale: torch.Tensor, scheme: Scheme) -> list[tuple[str, torch.Tensor]]:
@@ -112,7 +104,10 @@ def ignore_matches(patterns: list[str], module: str) -> bool:
 
 def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
     """`config.json`'s `quantization_config`, built with compressed-tensors' own classes."""
-    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        preset_name_to_scheme,
+    )
 
     group = preset_name_to_scheme(scheme.preset, ["Linear"])
     group.format = scheme.format
