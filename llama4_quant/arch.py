@@ -57,13 +57,18 @@ class Llama4Spec:
 
 
 def load_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
+    path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise NotLlama4Error(f"{model_dir}: no config.json, so this is not a Hugging Face Llama 4 checkpoint")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise NotLlama4Error(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise NotLlama4Error(f"{path}: cannot read ({exc.strerror})") from None
+    if not isinstance(config, dict):
+        raise NotLlama4Error(f"{path}: not a JSON object")
+    return config
 
 
 def spec_from_config(config: dict, source: str = "config.json") -> Llama4Spec:
@@ -97,7 +102,7 @@ def spec_from_config(config: dict, source: str = "config.json") -> Llama4Spec:
         rope_scaling = text.get("rope_scaling")
         if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
             rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
-        return Llama4Spec(
+        spec = Llama4Spec(
             hidden_size=hidden,
             intermediate_size=int(text["intermediate_size"]),
             intermediate_size_mlp=int(text.get("intermediate_size_mlp", 0) or 0),
@@ -123,8 +128,14 @@ def spec_from_config(config: dict, source: str = "config.json") -> Llama4Spec:
             text_prefix=text_prefix,
             has_vision=has_vision,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise NotLlama4Error(f"{source}: incomplete Llama 4 text config ({exc!r})") from None
+    sizes = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "num_experts",
+             "experts_per_token", "vocab_size")
+    bad = [f for f in sizes if getattr(spec, f) < 1]
+    if bad or any(not 0 <= i < spec.num_layers for i in spec.moe_layers):
+        raise NotLlama4Error(f"{source}: impossible Llama 4 text config ({', '.join(bad) or 'moe_layers'} out of range)")
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------

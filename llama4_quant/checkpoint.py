@@ -9,16 +9,17 @@ appends each tensor's bytes as it arrives, so a shard is never held in memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import CorruptCheckpointError, NonFiniteWeightError, SourceNotFoundError
 
@@ -26,23 +27,36 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-# safetensors dtype name -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "BF16": (torch.bfloat16, 2),
-    "F16": (torch.float16, 2),
-    "F32": (torch.float32, 4),
-    "F64": (torch.float64, 8),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "I16": (torch.int16, 2),
-    "I32": (torch.int32, 4),
-    "I64": (torch.int64, 8),
-    "BOOL": (torch.bool, 1),
+# safetensors dtype name -> (torch dtype's name, bytes per element). torch itself is imported where
+# tensors are made, so that opening and validating a checkpoint stays fast.
+DTYPES: dict[str, tuple[str, int]] = {
+    "BF16": ("bfloat16", 2),
+    "F16": ("float16", 2),
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "I16": ("int16", 2),
+    "I32": ("int32", 4),
+    "I64": ("int64", 8),
+    "BOOL": ("bool", 1),
 }
-TORCH_TO_ST = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+FINGERPRINT_SAMPLE = 64 * 1024  # bytes digested at the start, middle and end of every tensor
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name][0])
+
+
+@cache
+def torch_to_st() -> dict:
+    """torch dtype -> safetensors dtype name."""
+    return {torch_dtype(name): name for name in DTYPES}
 
 
 @dataclass(frozen=True)
@@ -95,8 +109,10 @@ def read_header(path: Path) -> tuple[dict, int]:
         try:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
             itemsize = DTYPES[dtype][1]
-            numel = math.prod(int(d) for d in shape)
-        except (KeyError, TypeError, ValueError):
+            if not all(_is_count(v) for v in (begin, end, *shape)):
+                raise TypeError("offsets and dimensions must be non-negative integers")
+            numel = math.prod(shape)
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise CorruptCheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
         if end - begin != numel * itemsize or begin < 0:
             raise CorruptCheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} {dtype}")
@@ -116,6 +132,28 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, data_start
 
 
+def _is_count(v) -> bool:
+    return type(v) is int and v >= 0  # not bool, float or str: JSON allows all of them here
+
+
+def shard_path(model_dir: Path, name, index_path: Path) -> Path:
+    """`model_dir / name` for a shard named by an index, refusing names that leave the directory.
+
+    Checked on the name itself, before anything is opened: shards may be symlinks (the Hugging Face
+    cache links every file to a blob elsewhere), so the target's location proves nothing."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise CorruptCheckpointError(f"{index_path}: a weight_map entry names no file")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or len(parts) != 1:
+        raise CorruptCheckpointError(f"{index_path}: names shard {name!r}, outside the model directory; refusing to read it")
+    path = model_dir / name
+    if path.is_symlink() and not path.exists():
+        raise CorruptCheckpointError(f"{index_path}: shard {name} is a dangling or looping symlink")
+    if not path.is_file():
+        raise CorruptCheckpointError(f"{index_path}: names shard {name}, which does not exist in {model_dir}")
+    return path
+
+
 class Checkpoint:
     """A sharded (or single-file) safetensors checkpoint, validated and listed in storage order.
 
@@ -131,22 +169,26 @@ class Checkpoint:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
                 if not isinstance(weight_map, dict):
                     raise TypeError
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):
                 raise CorruptCheckpointError(f"{index_path}: not a valid safetensors index (no weight_map)") from None
-        elif (self.dir / SINGLE_NAME).is_file():
+        elif (self.dir / SINGLE_NAME).exists() or (self.dir / SINGLE_NAME).is_symlink():
+            shard_path(self.dir, SINGLE_NAME, self.dir / SINGLE_NAME)
             header, _ = read_header(self.dir / SINGLE_NAME)
             weight_map = {name: SINGLE_NAME for name in header}
         else:
             raise SourceNotFoundError(f"{self.dir}: no {INDEX_NAME} or {SINGLE_NAME} (no safetensors weights)")
 
+        if not all(isinstance(f, str) for f in weight_map.values()):
+            raise CorruptCheckpointError(f"{index_path}: a weight_map entry names no file")
         files = sorted(set(weight_map.values()))
-        for file in files:
-            if not (self.dir / file).is_file():
-                raise CorruptCheckpointError(f"{index_path}: names shard {file}, which does not exist in {self.dir}")
+        paths = {file: shard_path(self.dir, file, index_path) for file in files}
+        self.files = [paths[f] for f in files]
+        self.header_bytes: dict[Path, int] = {}  # length prefix plus JSON header, per shard
         self.tensors: list[TensorInfo] = []
         for file in files:
-            path = self.dir / file
+            path = paths[file]
             header, data_start = read_header(path)
+            self.header_bytes[path] = data_start
             wanted = {n for n, f in weight_map.items() if f == file}
             missing = wanted - header.keys()
             if missing:
@@ -163,6 +205,26 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    def fingerprint(self) -> str:
+        """A cheap content digest, for --resume and caches: every shard's name, size and header bytes,
+        and 64 KiB at the start, middle and end of every tensor's data. A change to a tensor's values
+        outside those samples is not seen; a re-saved checkpoint (new values everywhere) always is."""
+        h = hashlib.sha256()
+        for path in self.files:
+            h.update(f"{path.name}:{path.stat().st_size}\n".encode())
+            h.update(_pread_exact(path, 0, self.header_bytes[path]))
+        for t in self.tensors:
+            n = min(FINGERPRINT_SAMPLE, t.nbytes)
+            for at in {0, (t.nbytes - n) // 2, t.nbytes - n}:
+                h.update(_pread_exact(t.file, t.offset + at, n))
+        return h.hexdigest()
+
+    def check_finite(self, names: list[str] | None = None) -> None:
+        """Read every floating-point tensor (or those named) once and refuse NaN/Inf, naming the first bad one."""
+        for info in self.tensors if names is None else [self.by_name[n] for n in names if n in self.by_name]:
+            for chunk in iter_raw_chunks(info):
+                check_raw_finite(chunk, info.dtype, info.name)
 
 
 def _pread_exact(path: Path, offset: int, nbytes: int) -> bytearray:
@@ -181,29 +243,34 @@ def _pread_exact(path: Path, offset: int, nbytes: int) -> bytearray:
     return buf
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
+def read_tensor(info: TensorInfo):
     """The whole tensor, read into fresh memory (no mapping)."""
+    import torch
+
     buf = _pread_exact(info.file, info.offset, info.nbytes)
-    return torch.frombuffer(buf, dtype=DTYPES[info.dtype][0]).reshape(info.shape) if info.nbytes else torch.empty(
-        info.shape, dtype=DTYPES[info.dtype][0]
-    )
+    dtype = torch_dtype(info.dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=dtype)
 
 
-def read_slice(info: TensorInfo, index: int) -> torch.Tensor:
+def read_slice(info: TensorInfo, index: int):
     """`tensor[index]` along dim 0 (one expert of a fused [E, ...] tensor), reading only its bytes."""
+    import torch
+
     per = info.nbytes // info.shape[0]
     buf = _pread_exact(info.file, info.offset + index * per, per)
-    return torch.frombuffer(buf, dtype=DTYPES[info.dtype][0]).reshape(info.shape[1:])
+    return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape[1:])
 
 
-def read_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+def read_rows(info: TensorInfo, start: int, stop: int):
     """`tensor[start:stop]` along dim 0, reading only those rows' bytes."""
+    import torch
+
     per = info.nbytes // info.shape[0]
     buf = _pread_exact(info.file, info.offset + start * per, (stop - start) * per)
-    return torch.frombuffer(buf, dtype=DTYPES[info.dtype][0]).reshape(stop - start, *info.shape[1:])
+    return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(stop - start, *info.shape[1:])
 
 
-def iter_row_blocks(info: TensorInfo, block_bytes: int = 64 * 1024 * 1024) -> Iterator[torch.Tensor]:
+def iter_row_blocks(info: TensorInfo, block_bytes: int = 64 * 1024 * 1024) -> Iterator:
     """The tensor in consecutive blocks of whole rows, each about `block_bytes` (at least one row)."""
     per = max(info.nbytes // max(info.shape[0], 1), 1)
     step = max(block_bytes // per, 1)
@@ -268,8 +335,10 @@ def encode_header(entries: list[TensorEntry], metadata: dict[str, str] | None = 
     return struct.pack("<Q", len(raw)) + raw
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t) -> memoryview:
     """A tensor's little-endian bytes without a copy where it is already contiguous on the CPU."""
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
 
@@ -289,15 +358,15 @@ class ShardWriter:
         self._file = open(self.tmp, "wb")
         self._file.write(encode_header(entries))
 
-    def write(self, name: str, data: torch.Tensor | bytes | bytearray | memoryview) -> None:
-        """Append (part of) the next tensor's bytes; a tensor may arrive in several chunks."""
+    def write(self, name: str, data) -> None:
+        """Append (part of) the next tensor's bytes (a tensor, or raw bytes); a tensor may arrive in several chunks."""
         if self._next >= len(self.entries):
             raise RuntimeError(f"{self.path.name}: unexpected tensor {name}")
         entry = self.entries[self._next]
         if name != entry.name:
             raise RuntimeError(f"{self.path.name}: got {name}, expected {entry.name}")
-        if isinstance(data, torch.Tensor):
-            if TORCH_TO_ST.get(data.dtype) != entry.dtype or tuple(data.shape) != entry.shape:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            if torch_to_st().get(data.dtype) != entry.dtype or tuple(data.shape) != entry.shape:
                 raise RuntimeError(
                     f"{name}: produced {data.dtype} {list(data.shape)}, planned {entry.dtype} {list(entry.shape)}"
                 )
@@ -323,9 +392,9 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def write_safetensors(path: Path, tensors: dict) -> None:
     """Write small in-memory tensors as one shard (tests, synthetic checkpoints)."""
-    entries = [TensorEntry(n, TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
+    entries = [TensorEntry(n, torch_to_st()[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
     writer = ShardWriter(path, entries)
     for n, t in tensors.items():
         writer.write(n, t)

@@ -33,6 +33,18 @@ class OutputExistsError(L4QError):
     """The output (or an interrupted run of it) is already there."""
 
 
+class OutputWriteError(L4QError):
+    """The file system refused a write (disk full, read-only, not a directory)."""
+
+
+class UnsafeOutputError(L4QError):
+    """--out names something l4q must not replace: not an l4q output, the source, or a home or working directory."""
+
+
+class OutputBusyError(L4QError):
+    """Another l4q process is writing the same output."""
+
+
 class ResumeMismatchError(L4QError):
     """--resume on a partial output made from another source or other options."""
 

@@ -38,7 +38,10 @@ def resolve(name: str) -> Source:
 
         return Source(tiny_maverick_dir(), "tiny-maverick")
     repo_id = HUB_PRESETS.get(name)
-    path = Path(name).expanduser()
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:  # "~user" naming no user
+        raise SourceNotFoundError(f"{name}: no such user's home directory") from None
     if repo_id is None and (path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1):
         if not path.is_dir():
             raise SourceNotFoundError(f"{name}: no such directory (expected a model directory, a hub repo id or one of {', '.join(PRESETS)})")
