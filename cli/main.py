@@ -32,8 +32,23 @@ def one_line_errors(fn):
     return wrapper
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+class L4QGroup(click.Group):
+    """Usage errors (a bad option value, a missing argument) as one line too, in l4q's format."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("l4q: interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            click.echo(f"l4q: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(0)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i)?)?B?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
@@ -41,9 +56,24 @@ def parse_size(text: str) -> int:
     m = _SIZE_RE.match(text)
     if not m:
         raise click.BadParameter(f"{text!r} is not a size such as 5GB, 500MB or 2GiB")
-    unit = (m.group(2) or "").upper()
-    factor = 1024 ** "KMGT".index(unit[0]) * 1024 if "I" in unit else _UNITS[unit[:1]]
-    return int(float(m.group(1)) * factor)
+    unit, binary = (m.group(2) or "").upper(), bool(m.group(3))
+    power = "KMGT".index(unit) + 1 if unit else 0
+    size = int(float(m.group(1)) * (1024 if binary else 1000) ** power)
+    if size < 1:
+        raise click.BadParameter(f"{text!r}: a size must be at least one byte")
+    return size
+
+
+def _size_option(_ctx, _param, value: str) -> int:
+    return parse_size(value)
+
+
+def open_model(name: str):
+    """Resolve and validate a model before anything heavy is imported: bad input fails in well under a second."""
+    from llama4_quant.model import open_model as open_validated
+    from llama4_quant.sources import resolve
+
+    return open_validated(resolve(name))
 
 
 def human_bytes(n: float) -> str:
@@ -54,7 +84,7 @@ def human_bytes(n: float) -> str:
     return str(n)
 
 
-@click.group()
+@click.group(cls=L4QGroup)
 @click.version_option(__version__, prog_name="l4q")
 def main() -> None:
     """l4q: turn BF16 Llama 4 checkpoints into quantized derivatives."""
@@ -66,22 +96,23 @@ def main() -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory [default: ./<model>-<scheme>].")
 @click.option("--method", default="rtn", show_default=True, type=click.Choice(["rtn", "mse", "gptq"]), help="rtn: absmax round-to-nearest; mse: searched scales (importance-weighted with --calib); gptq: GPTQ, needs --calib.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration statistics from `l4q calibrate` (required for --method gptq).")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
-@click.option("--ignore", multiple=True, metavar="REGEX", help="Keep matching Linear modules BF16 (regex matched from the start of the module name, e.g. '.*self_attn.*'). Repeatable.")
+@click.option("--max-shard-size", default="5GB", show_default=True, callback=_size_option, help="Largest output shard, e.g. 5GB, 500MB.")
+@click.option("--ignore", multiple=True, metavar="REGEX", help="Also keep matching Linear modules BF16 (regex matched from the start of the module name, e.g. '.*shared_expert.*'). Repeatable.")
+@click.option("--quantize-attention", is_flag=True, help="Quantize self_attn too (kept BF16 by default: vLLM before 0.17.0 loads quantized Llama 4 attention wrong).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished shard.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (or discard an interrupted one).")
 @click.option("--device", default="auto", show_default=True, help="Where the kernels run: auto, cpu, cuda, cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def quantize(model, scheme, out, method, calib, max_shard_size, ignore, resume, overwrite, device, quiet):
+def quantize(model, scheme, out, method, calib, max_shard_size, ignore, quantize_attention, resume, overwrite, device, quiet):
     """Stream a BF16 Llama 4 checkpoint into an int4 / int8 / FP8 compressed-tensors checkpoint."""
-    from llama4_quant import pipeline, sources
+    opened = open_model(model)
+    out = out or Path(f"{Path(opened.source.label).name}-{scheme}")
+    from llama4_quant import pipeline
 
-    src = sources.resolve(model)
-    out = out or Path(f"{Path(src.label).name}-{scheme}")
     result = pipeline.quantize(
-        src, out, scheme, method=method, calib=calib, ignore=ignore, max_shard_size=parse_size(max_shard_size),
-        resume=resume, overwrite=overwrite, device=device, show_progress=not quiet,
+        opened, out, scheme, method=method, calib=calib, ignore=ignore, quantize_attention=quantize_attention,
+        max_shard_size=max_shard_size, resume=resume, overwrite=overwrite, device=device, show_progress=not quiet,
     )
     if not quiet:
         click.echo(
@@ -89,14 +120,17 @@ def quantize(model, scheme, out, method, calib, max_shard_size, ignore, resume, 
             f"{human_bytes(result.source_bytes)} -> {human_bytes(result.output_bytes)} in {len(result.plan.shards)} shards"
             + (f" ({result.shards_resumed} resumed)" if result.shards_resumed else "")
         )
+    if quantize_attention:
+        click.echo(f"l4q: warning: quantized attention loads correctly only in {pipeline.QUANTIZED_ATTENTION_VLLM}",
+                   err=True)
 
 
 @main.command()
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The statistics directory to write.")
 @click.option("--data", multiple=True, type=click.Path(path_type=Path), help="Text or .jsonl (field 'text') files [default: the built-in corpus's training split]. Repeatable.")
-@click.option("--samples", default=128, show_default=True, help="Calibration sequences.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per sequence.")
+@click.option("--samples", default=128, show_default=True, type=click.IntRange(min=1), help="Calibration sequences.")
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2), help="Tokens per sequence.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished layer.")
 @click.option("--overwrite", is_flag=True, help="Replace existing statistics (or discard an interrupted run).")
@@ -105,15 +139,17 @@ def quantize(model, scheme, out, method, calib, max_shard_size, ignore, resume, 
 @one_line_errors
 def calibrate(model, out, data, samples, seq_len, device, resume, overwrite, as_json, quiet):
     """Collect per-expert routing and importance statistics, one decoder layer at a time."""
-    from llama4_quant import sources
+    from llama4_quant import outputs
+
+    opened = open_model(model)
+    outputs.check_output(out, opened.paths, resume=resume, overwrite=overwrite)  # before the minutes of tokenizing
     from llama4_quant.calibrate.data import calibration_ids
     from llama4_quant.calibrate.stats import calibrate as run_calibration
-    from llama4_quant.calibrate.stats import check_output
+    from llama4_quant.pipeline import resolve_device
 
-    check_output(out, resume, overwrite)  # before the minutes of tokenizing
-    src = sources.resolve(model)
-    ids, description = calibration_ids(src.path, list(data) or None, samples, seq_len)
-    result = run_calibration(src, out, ids, description, device=device, resume=resume, overwrite=overwrite,
+    resolve_device(device)
+    ids, description = calibration_ids(opened.dir, list(data) or None, samples, seq_len)
+    result = run_calibration(opened, out, ids, description, device=device, resume=resume, overwrite=overwrite,
                              show_progress=not quiet and not as_json)
     if as_json:
         click.echo(json.dumps(result.stats, indent=1))
@@ -127,16 +163,20 @@ def calibrate(model, out, data, samples, seq_len, device, resume, overwrite, as_
 @main.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--check-values", is_flag=True, help="Also read every weight once and refuse NaN/Inf (reads the whole model; without it, headers only).")
 @one_line_errors
-def inspect(model, as_json):
+def inspect(model, as_json, check_values):
     """Summarize a Llama 4 checkpoint: architecture, tensors by role, predicted output sizes."""
-    from llama4_quant import inspection, sources
+    opened = open_model(model)
+    if check_values:
+        opened.check_finite()
+    from llama4_quant import inspection
 
-    report = inspection.inspect(sources.resolve(model))
+    report = inspection.inspect(opened)
     click.echo(json.dumps(report, indent=2) if as_json else inspection.format_report(report))
 
 
-@main.group()
+@main.group(cls=click.Group)
 def export():
     """Export a BF16 Llama 4 checkpoint to another runtime's format."""
 
@@ -151,19 +191,21 @@ def export():
 @one_line_errors
 def export_gguf(model, ftype, out, imatrix, overwrite, quiet):
     """Write a GGUF file for llama.cpp straight from BF16 safetensors, in one streaming pass."""
-    from llama4_quant import sources
+    from llama4_quant import outputs
+
+    opened = open_model(model)
+    out = out or Path(f"{Path(opened.source.label).name}-{ftype}.gguf")
+    outputs.check_output(out, opened.paths, resume=False, overwrite=overwrite, is_file=True, resumable=False)
     from llama4_quant.formats import gguf
 
-    src = sources.resolve(model)
-    out = out or Path(f"{Path(src.label).name}-{ftype}.gguf")
     importance = None
     if imatrix:
         from llama4_quant.calibrate.stats import Stats
 
         stats = Stats(imatrix)
-        stats.check_model(src.path)
+        stats.check_model(opened.dir)
         importance = stats.importance
-    result = gguf.export_gguf(src, out, ftype, importance=importance, overwrite=overwrite, show_progress=not quiet)
+    result = gguf.export_gguf(opened, out, ftype, importance=importance, overwrite=overwrite, show_progress=not quiet)
     for warning in result.warnings:
         click.echo(f"l4q: warning: {warning}", err=True)
     if not quiet:
@@ -174,8 +216,8 @@ def export_gguf(model, ftype, out, imatrix, overwrite, quiet):
 @click.option("--base", required=True, help="The BF16 source: directory, hub repo id or preset.")
 @click.option("--candidate", "candidates", multiple=True, required=True, type=click.Path(path_type=Path), help="A compressed-tensors directory or a .gguf file. Repeatable.")
 @click.option("--data", multiple=True, type=click.Path(path_type=Path), help="Text or .jsonl (field 'text') files [default: the tiny models' held-out text]. Repeatable.")
-@click.option("--ctx", type=int, help="Window length in tokens [default: twice the attention chunk].")
-@click.option("--max-tokens", type=int, default=32768, show_default=True, help="Evaluate at most this many tokens.")
+@click.option("--ctx", type=click.IntRange(min=2), help="Window length in tokens [default: twice the attention chunk].")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=32768, show_default=True, help="Evaluate at most this many tokens.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=Path("l4q-report"), show_default=True, help="Where report.json, report.md, report.html and the plots go.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "transformers", "streaming"]), help="How safetensors models run: transformers, or the layer-streaming engine (one decoder layer in memory); auto streams models that do not fit.")
@@ -184,14 +226,19 @@ def export_gguf(model, ftype, out, imatrix, overwrite, quiet):
 @one_line_errors
 def eval_command(base, candidates, data, ctx, max_tokens, report_dir, device, engine, batch_windows, quiet):
     """Perplexity drift, KL divergence, top-token and routing agreement of derivatives against their base."""
-    from llama4_quant import evaluate, pipeline, report, sources
+    from llama4_quant import outputs
+
+    opened = open_model(base)
+    report_dir = outputs.check_writable_dir(report_dir)
+    from llama4_quant import evaluate, pipeline, report
 
     result = evaluate.evaluate(
-        sources.resolve(base), list(candidates), data=list(data) or None, ctx=ctx, max_tokens=max_tokens,
+        opened, list(candidates), data=list(data) or None, ctx=ctx, max_tokens=max_tokens,
         device=str(pipeline.resolve_device(device)), engine=engine, batch_windows=batch_windows,
         cache_dir=report_dir / ".cache", progress=not quiet,
     )
-    paths = report.write_reports(result, report_dir)
+    with outputs.writing(report_dir):
+        paths = report.write_reports(result, report_dir)
     click.echo(report.summary_table_markdown(result))
     if not quiet:
         click.echo(f"report: {paths['html']}")
@@ -202,12 +249,15 @@ def eval_command(base, candidates, data, ctx, max_tokens, report_dir, device, en
 @click.option("--against", "against", multiple=True, type=click.Path(path_type=Path), help="What is already stored: a model directory or file (e.g. the BF16 base). Repeatable.")
 @click.option("--store", type=click.Path(path_type=Path), help="The on-disk Xet store [default: ~/.cache/l4q/xet-store].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
-def dedup(target, against, store, as_json):
+def dedup(target, against, store, as_json, quiet):
     """What uploading TARGET to Xet storage would store, with --against (and the store) already stored."""
+    from llama4_quant.model import check_derivative
     from llama4_quant.xet import dedup as xet_dedup
 
-    report = xet_dedup.measure(target, list(against), store, show_progress=not as_json)
+    check_derivative(target)
+    report = xet_dedup.measure(target, list(against), store, show_progress=not (as_json or quiet))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=1))
         return
@@ -229,8 +279,9 @@ def dedup(target, against, store, as_json):
 @click.option("--against", "against", multiple=True, type=click.Path(path_type=Path), help="Measure the dedup estimate against this (e.g. the local BF16 base). Repeatable.")
 @click.option("--store", type=click.Path(path_type=Path), help="The on-disk Xet store for the estimate [default: ~/.cache/l4q/xet-store].")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the dedup estimate; no network.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
-def push(target, repo, private, revision, commit_message, base_model, against, store, dry_run):
+def push(target, repo, private, revision, commit_message, base_model, against, store, dry_run, quiet):
     """Publish a derivative (directory or .gguf) with a model card, through Xet storage."""
     from llama4_quant.xet import dedup as xet_dedup
     from llama4_quant.xet import push as xet_push
@@ -241,7 +292,7 @@ def push(target, repo, private, revision, commit_message, base_model, against, s
     against = list(against) or xet_push.recorded_base(target)
     estimate = None
     if dry_run or against:
-        estimate = xet_dedup.measure(target, against, store, show_progress=True).to_json()
+        estimate = xet_dedup.measure(target, against, store, show_progress=not quiet).to_json()
         plan = xet_push.plan_push(target, repo, **options, dedup=estimate)
     click.echo(xet_push.format_plan(plan, estimate))
     if dry_run:

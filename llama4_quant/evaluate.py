@@ -27,8 +27,14 @@ from tqdm import tqdm
 
 from . import __version__, arch
 from .checkpoint import Checkpoint, read_slice, read_tensor
-from .errors import SourceNotFoundError, UsageError
+from .errors import (
+    NonFiniteWeightError,
+    ShapeMismatchError,
+    SourceNotFoundError,
+    UsageError,
+)
 from .formats import compressed_tensors as ct
+from .model import Model, check_gguf, display_name, open_model
 from .sources import Source
 
 TOP_K = 256
@@ -50,15 +56,21 @@ def load_text(paths: list[Path] | None, text_field: str = "text") -> tuple[str, 
     for path in paths:
         if not Path(path).is_file():
             raise SourceNotFoundError(f"{path}: no such data file")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
+        except OSError as exc:
+            raise SourceNotFoundError(f"{path}: cannot read ({exc.strerror})") from None
         if str(path).endswith(".jsonl"):
-            for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            for n, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     try:
                         parts.append(json.loads(line)[text_field])
                     except (ValueError, KeyError, TypeError):
                         raise UsageError(f"{path}:{n}: not a JSON object with a {text_field!r} field") from None
         else:
-            parts.append(Path(path).read_text())
+            parts.append(text)
     return "\n\n".join(parts), ", ".join(Path(p).name for p in paths)  # names only: reports get published
 
 
@@ -206,11 +218,17 @@ def run_windows(runner, windows: torch.Tensor, progress: bool, desc: str):
             batch = windows[start : start + step]
             if isinstance(runner, StreamingRunner):
                 for w, (lp, routes) in enumerate(runner.run(batch)):
-                    yield lp, routes, batch[w]
+                    yield _finite(lp, desc), routes, batch[w]
             else:
                 lp, routes = runner(batch[0])
-                yield lp, routes, runner.received
+                yield _finite(lp, desc), routes, runner.received
             bar.update(len(batch))
+
+
+def _finite(logp: torch.Tensor, desc: str) -> torch.Tensor:
+    if not bool(torch.isfinite(logp).all()):
+        raise NonFiniteWeightError(f"{desc}: the model produced NaN/Inf log-probabilities; its weights are broken")
+    return logp
 
 
 def fits_in_memory(model_dir: Path, device: str) -> bool:
@@ -451,7 +469,7 @@ def candidate_size(path: Path) -> int:
 
 
 def evaluate(
-    base: Source,
+    base: Source | Model,
     candidates: list[Path],
     *,
     data: list[Path] | None = None,
@@ -470,22 +488,29 @@ def evaluate(
     """
     if engine not in ("auto", "transformers", "streaming"):
         raise UsageError(f"unknown engine {engine!r}; choose auto, transformers or streaming")
+    if ctx is not None and ctx < 2:
+        raise UsageError(f"--ctx {ctx}: a window needs at least 2 tokens")
+    if max_tokens is not None and max_tokens < 1:
+        raise UsageError(f"--max-tokens {max_tokens}: must be positive")
+    base_model = open_model(base) if not isinstance(base, Model) else base
+    candidates = [Path(c) for c in candidates]
     for c in candidates:
-        if not c.exists():
-            raise SourceNotFoundError(f"{c}: no such candidate (a compressed-tensors directory or a .gguf file)")
-        if c.is_dir() and not (c / "config.json").is_file():
-            raise SourceNotFoundError(f"{c}: not a model directory (no config.json)")
-    spec = arch.spec_from_config(arch.load_config(base.path), str(base.path / "config.json"))
+        check_candidate(c, base_model)
+    spec = base_model.spec
+    base = base_model.source
     chunk = spec.attention_chunk_size
     ctx = ctx or (2 * chunk if chunk else 2048)
     text, description = load_text(data)
     windows = token_windows(base.path, text, ctx, max_tokens)
     digest = ids_digest(windows)
+    # NaN/Inf anywhere would only show up as a report full of nan: refuse it before running anything.
+    base_model.check_finite()
+    for c in candidates:
+        if c.is_dir():
+            open_model(Source(c, c.name), quantized=None).check_finite()
 
-    # The cached base reference is valid for these ids, this l4q and these exact base files.
-    files = sorted(p for p in base.path.iterdir() if p.suffix in (".json", ".safetensors"))
-    stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    key = hashlib.sha256(f"{__version__}:{base.path}:{stamp}:{digest}:{TOP_K}".encode()).hexdigest()
+    # The cached base reference is valid for these ids, this l4q and the base's content.
+    key = hashlib.sha256(f"{__version__}:{base_model.fingerprint()}:{digest}:{TOP_K}".encode()).hexdigest()
     cache_path = (cache_dir / f"base-{key[:16]}.npz") if cache_dir else None
     reference = BaseReference.load(cache_path, key) if cache_path and cache_path.is_file() else None
     if reference is None:
@@ -493,15 +518,19 @@ def evaluate(
         reference = compute_base_reference(runner, windows, TOP_K, spec.vocab_size, progress)
         del runner
         if cache_path:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            reference.save(cache_path, key)
+            from .outputs import writing
+
+            with writing(cache_path):
+                cache_path.parent.mkdir(parents=True, exist_ok=True)
+                reference.save(cache_path, key)
 
     full_scored = ctx - 1
     base_ppl = math.exp(-float(reference.target_logp.mean()))
     report = {
         "l4q_version": __version__,
         "created_by": "l4q eval",
-        "base": {"source": base.label, "path": str(base.path), "size_bytes": candidate_size(base.path), "perplexity": base_ppl},
+        "base": {"source": display_name(base), "path": base.path.name, "size_bytes": candidate_size(base.path),
+                 "perplexity": base_ppl},
         "data": {"description": description, "tokens": int(windows.numel()), "ctx": ctx, "windows": len(windows),
                  "token_ids_sha256": digest},
         "kld_method": f"KL(base || candidate) per predicted token over the base's top-{reference.topk_ids.shape[-1]} "
@@ -525,7 +554,7 @@ def evaluate(
         del runner
         entry = {
             "name": path.name.removesuffix(".gguf"),
-            "path": str(path.absolute()),
+            "path": path.name,  # never a local path: reports get published beside derivatives
             "kind": "gguf" if gguf else "safetensors",
             "scheme": _scheme_name(path),
             "size_bytes": candidate_size(path),
@@ -537,6 +566,21 @@ def evaluate(
         entry["weight_error"] = None if gguf else weight_errors(base.path, path)
         report["candidates"].append(entry)
     return report
+
+
+def check_candidate(path: Path, base: Model) -> None:
+    """A candidate is a derivative directory of the base's architecture, or a readable llama4 GGUF file."""
+    if not path.exists():
+        raise SourceNotFoundError(f"{path}: no such candidate (a compressed-tensors directory or a .gguf file)")
+    if path.is_dir():
+        cand = open_model(Source(path, path.name), quantized=None)
+        if cand.spec != base.spec:
+            raise ShapeMismatchError(f"{path}: its config.json describes another architecture than the base's "
+                                     f"({cand.spec.num_layers} layers, {cand.spec.num_experts} experts, hidden "
+                                     f"{cand.spec.hidden_size} vs {base.spec.num_layers}, {base.spec.num_experts}, "
+                                     f"{base.spec.hidden_size})")
+        return
+    check_gguf(path, base.spec)
 
 
 def _scheme_name(path: Path) -> str:

@@ -5,17 +5,15 @@ from __future__ import annotations
 from collections import defaultdict
 
 from . import arch
-from .checkpoint import Checkpoint
 from .formats import compressed_tensors as ct
-from .pipeline import build_plan, validate_checkpoint
+from .model import Model, open_model
+from .pipeline import build_plan, ignore_patterns
 from .sources import Source
 
 
-def inspect(source: Source) -> dict:
-    config = arch.load_config(source.path)
-    spec = arch.spec_from_config(config, str(source.path / "config.json"))
-    ckpt = Checkpoint(source.path)
-    validate_checkpoint(ckpt, spec)
+def inspect(source: Source | Model) -> dict:
+    model = source if isinstance(source, Model) else open_model(source)
+    config, spec, ckpt = model.config, model.spec, model.ckpt
     roles: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
     for info in ckpt.tensors:
         r = roles[arch.classify(info.name, spec).role]
@@ -23,11 +21,11 @@ def inspect(source: Source) -> dict:
         r["bytes"] += info.nbytes
     predicted = {}
     for name, scheme in ct.SCHEMES.items():
-        plan = build_plan(ckpt, spec, scheme, config=config)
+        plan = build_plan(ckpt, spec, scheme, ignore_patterns(), config=config)
         predicted[name] = {"bytes": plan.output_bytes, "quantized_modules": len(plan.quantized_modules())}
     return {
-        "source": source.label,
-        "path": str(source.path),
+        "source": model.source.label,
+        "path": str(model.dir),
         "architecture": {
             "kind": spec.kind,
             "layers": spec.num_layers,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import __version__, arch
+from . import __version__, arch, outputs
 from .arch import Llama4Spec
 from .checkpoint import (
     Checkpoint,
@@ -33,22 +33,21 @@ from .checkpoint import (
     split_in_order,
     write_index,
 )
-from .errors import (
-    CorruptCheckpointError,
-    L4QError,
-    OutputExistsError,
-    ResumeMismatchError,
-    UsageError,
-)
+from .errors import L4QError, UsageError
 from .formats import compressed_tensors as ct
+from .model import Model, display_name, open_model
+from .outputs import RECIPE_NAME
 from .scale_search import search_scales
 from .schemes import check_finite
 from .sources import Source
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-PROGRESS_NAME = ".l4q-progress.json"
-PARTIAL_SUFFIX = ".l4q-partial"
-RECIPE_NAME = "l4q_recipe.json"
+# Attention stays BF16 unless --quantize-attention: vLLM permutes Llama 4's q/k rows for its rotary
+# kernels, and until its fixes of February 2026 (PRs #34243, and #34471 re-landed as #35033; first
+# released in v0.17.0) it left int8/FP8 scales and int4 packed weights unpermuted, so such checkpoints
+# load and output garbage.
+ATTENTION_IGNORE = ".*self_attn\\..*"
+QUANTIZED_ATTENTION_VLLM = "vLLM 0.17.0 or newer (PRs #34243 and #35033 permute quantized q/k for Llama 4)"
 GPTQ_DIR = "gptq"  # inside the partial output: the GPTQ pass's per-layer results
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3
 # Non-weight files a derivative needs or must carry: tokenizer, chat template, generation and processor
@@ -121,13 +120,13 @@ class Plan:
                 names += [f"{u.module}.{u.expert}.{p}" for p in EXPERT_PROJECTIONS]
         return names
 
-    def fingerprint(self, source_dir: Path) -> str:
-        """Identifies the source bytes' layout, the options and the output layout, for --resume."""
+    def fingerprint(self, source_fingerprint: str) -> str:
+        """Identifies the source's content (see `Checkpoint.fingerprint`), the options and the output
+        layout, for --resume."""
         h = hashlib.sha256()
         options = [__version__, self.scheme.name, self.ignore, self.config, self.method, self.calib_digest]
         h.update(json.dumps(options, sort_keys=True).encode())
-        for s in sorted({s.file for u in self.units for s in u.sources}):
-            h.update(f"{s.name}:{s.stat().st_size}:{int(s.stat().st_mtime)}\n".encode())
+        h.update(source_fingerprint.encode())
         for name, shard in zip(self.shard_names, self.shards):
             for u in shard:
                 for e in u.outputs:
@@ -135,13 +134,36 @@ class Plan:
         return h.hexdigest()
 
 
-def validate_checkpoint(ckpt: Checkpoint, spec: Llama4Spec) -> None:
-    """Every tensor the config implies is there, with the shape it implies."""
-    for name in arch.expected_tensor_names(spec):
-        if name not in ckpt.by_name:
-            raise CorruptCheckpointError(f"{ckpt.dir}: tensor {name} is missing from the checkpoint")
-    for info in ckpt.tensors:
-        arch.check_shape(info.name, arch.classify(info.name, spec), info.shape)
+def ignore_patterns(ignore: list[str] | tuple[str, ...] = (), quantize_attention: bool = False) -> list[str]:
+    """The user's --ignore regexes (compiled once to refuse bad ones), plus attention unless asked for."""
+    patterns = [p.removeprefix("re:") for p in ignore]
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise UsageError(f"--ignore {p!r} is not a valid regular expression ({exc})") from None
+    return patterns if quantize_attention else [ATTENTION_IGNORE, *patterns]
+
+
+def check_ignore_groups(spec: Llama4Spec, ignore: list[str]) -> None:
+    """Refuse ignore patterns that split what vLLM loads as one: every expert of a MoE layer (it picks
+    the layer's MoE method from expert 0), q/k/v (fused qkv_proj), gate/up (fused gate_up_proj)."""
+    for layer in range(spec.num_layers):
+        lp = f"{spec.layer_prefix}{layer}."
+        groups = [("q/k/v", [f"{lp}self_attn.{x}_proj" for x in "qkv"])]
+        if spec.is_moe(layer):
+            base = f"{lp}feed_forward.experts"
+            groups.append(("the routed experts", [f"{base}.{e}.{p}" for e in range(spec.num_experts)
+                                                   for p in EXPERT_PROJECTIONS]))
+            groups.append(("the shared expert's gate/up", [f"{lp}feed_forward.shared_expert.{x}_proj" for x in ("gate", "up")]))
+        else:
+            groups.append(("the MLP's gate/up", [f"{lp}feed_forward.{x}_proj" for x in ("gate", "up")]))
+        for what, modules in groups:
+            matched = [m for m in modules if ct.ignore_matches(ignore, m)]
+            if matched and len(matched) != len(modules):
+                kept = next(m for m in modules if m not in matched)
+                raise UsageError(f"--ignore keeps {matched[0]} BF16 but quantizes {kept}: vLLM loads {what} of layer "
+                                 f"{layer} in one scheme; widen or narrow the pattern")
 
 
 def build_plan(
@@ -152,8 +174,11 @@ def build_plan(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     config: dict | None = None,
 ) -> Plan:
-    """Decide every output tensor from headers alone, in the source's storage order."""
-    ignore = list(ct.ALWAYS_IGNORED) + [p.removeprefix("re:") for p in ignore]
+    """Decide every output tensor from headers alone, in the source's storage order.
+
+    `ignore` is the full list of the user's patterns (see `ignore_patterns`)."""
+    check_ignore_groups(spec, list(ignore))
+    ignore = list(ct.ALWAYS_IGNORED) + list(ignore)
     units: list[Unit] = []
     experts_done: set[int] = set()
     for info in ckpt.tensors:
@@ -169,8 +194,8 @@ def build_plan(
             and not ct.ignore_matches(ignore, module)
             and ct.can_quantize(scheme, *info.shape)
         ):
-            outputs = ct.linear_entries(module, info.shape[0], info.shape[1], scheme)
-            units.append(Unit("linear", (info,), tuple(outputs), module=module))
+            entries = ct.linear_entries(module, info.shape[0], info.shape[1], scheme)
+            units.append(Unit("linear", (info,), tuple(entries), module=module))
         else:
             if role.role in arch.LINEAR_ROLES and not ct.ignore_matches(ignore, module):
                 ignore.append(re_exact(module))  # cannot take this scheme's layout: keep it BF16
@@ -193,16 +218,14 @@ def _expert_units(ckpt: Checkpoint, spec: Llama4Spec, scheme: ct.Scheme, ignore:
     units = []
     for i in range(spec.num_experts):
         mods = [(f"{base}.{i}.gate_proj", inter, h), (f"{base}.{i}.up_proj", inter, h), (f"{base}.{i}.down_proj", h, inter)]
-        ignored = [ct.ignore_matches(ignore, m) for m, _, _ in mods]
-        if any(ignored) and not all(ignored):
-            raise UsageError(f"--ignore matches only some projections of {base}.{i}; an expert's three must share one scheme")
+        ignored = [ct.ignore_matches(ignore, m) for m, _, _ in mods]  # all or none: see check_ignore_groups
         quantize = not ignored[0] and all(ct.can_quantize(scheme, o, n) for _, o, n in mods)
-        outputs = []
+        entries = []
         for module, o, n in mods:
-            outputs += ct.linear_entries(module, o, n, scheme) if quantize else [TensorEntry(f"{module}.weight", gate_up.dtype, (o, n))]
+            entries += ct.linear_entries(module, o, n, scheme) if quantize else [TensorEntry(f"{module}.weight", gate_up.dtype, (o, n))]
             if not quantize and not ignored[0]:
                 ignore.append(re_exact(module))
-        units.append(Unit("expert", (gate_up, down), tuple(outputs), module=base, expert=i, quantize=quantize))
+        units.append(Unit("expert", (gate_up, down), tuple(entries), module=base, expert=i, quantize=quantize))
     return units
 
 
@@ -269,45 +292,6 @@ def _expert_projection(unit: Unit, proj: str, weight: torch.Tensor, encoder: Enc
         yield f"{module}.weight", weight.cpu()
 
 
-def _load_progress(partial: Path) -> dict:
-    try:
-        return json.loads((partial / PROGRESS_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _save_progress(partial: Path, progress: dict) -> None:
-    tmp = partial / (PROGRESS_NAME + ".tmp")
-    tmp.write_text(json.dumps(progress, indent=1))
-    os.replace(tmp, partial / PROGRESS_NAME)
-
-
-def _prepare_partial(out: Path, fingerprint: str, resume: bool, overwrite: bool) -> tuple[Path, dict]:
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    if partial.exists():
-        progress = _load_progress(partial)
-        if resume:
-            if progress.get("fingerprint") != fingerprint:
-                raise ResumeMismatchError(
-                    f"{partial} was started from another source or with other options; "
-                    "rerun with the same options, or pass --overwrite instead of --resume to start over"
-                )
-            for stray in partial.glob("*.tmp"):
-                stray.unlink()
-            return partial, progress
-        if not overwrite:
-            raise OutputExistsError(
-                f"an interrupted run left {partial}; pass --resume to continue it or --overwrite to start over"
-            )
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    progress = {"fingerprint": fingerprint, "done": []}
-    _save_progress(partial, progress)
-    return partial, progress
-
-
 def _copy_extra_files(src: Path, dst: Path) -> list[str]:
     copied = [name for name in CARRIED_FILES if (src / name).is_file()]
     for name in copied:
@@ -326,13 +310,14 @@ class QuantizeResult:
 
 
 def quantize(
-    source: Source,
+    source: Source | Model,
     out: Path,
     scheme_name: str,
     *,
     method: str = "rtn",
     calib: Path | None = None,
     ignore: tuple[str, ...] = (),
+    quantize_attention: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     resume: bool = False,
     overwrite: bool = False,
@@ -343,49 +328,53 @@ def quantize(
 
     `method` is rtn, mse or gptq (see `calibrate.methods`); gptq needs `calib`, the STATS directory
     of `l4q calibrate`, whose token ids it runs; mse uses its importance matrix when given.
+    Attention stays BF16 unless `quantize_attention` (see ATTENTION_IGNORE).
     """
     from .calibrate.methods import METHODS
 
+    model = source if isinstance(source, Model) else open_model(source)
     scheme = ct.get_scheme(scheme_name)
     if method not in METHODS:
         raise UsageError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-    config = arch.load_config(source.path)
-    spec = arch.spec_from_config(config, str(source.path / "config.json"))
+    if max_shard_size <= 0:
+        raise UsageError("--max-shard-size must be positive")
+    if calib is not None and method == "rtn":
+        raise UsageError("--calib is used by --method mse or gptq; rtn takes no calibration")
+    if calib is None and method == "gptq":
+        raise UsageError("--method gptq needs --calib STATS: run `l4q calibrate` on this model first")
+    plan = build_plan(model.ckpt, model.spec, scheme, ignore_patterns(ignore, quantize_attention), max_shard_size,
+                      model.config)
+    outputs.check_output(out, model.paths, resume=resume, overwrite=overwrite)
     stats = None
     if calib is not None:
         from .calibrate.stats import Stats
 
         stats = Stats(calib)
-        stats.check_model(source.path)
-    elif method == "gptq":
-        raise UsageError("--method gptq needs --calib STATS: run `l4q calibrate` on this model first")
-    if calib is not None and method == "rtn":
-        raise UsageError("--calib is used by --method mse or gptq; rtn takes no calibration")
-    ckpt = Checkpoint(source.path)
-    validate_checkpoint(ckpt, spec)
-    plan = build_plan(ckpt, spec, scheme, ignore, max_shard_size, config)
+        stats.check_model(model.dir)
     dev = resolve_device(device)
     plan.method, plan.calib_digest = method, stats.digest() if stats else ""
     if method == "gptq":  # GPTQ's values depend on the device's arithmetic: resume only on the same kind
         plan.calib_digest += f" on {dev.type}"
-    out = Path(out).absolute()
-    partial, progress = _prepare_partial(out, plan.fingerprint(source.path), resume, overwrite)
-    done = set(progress["done"])
+    fingerprint = plan.fingerprint(model.fingerprint())
+    partial = outputs.start(out, model.paths, fingerprint, resume=resume, overwrite=overwrite)
+    done = set(partial.done)
     try:
-        encoder = Encoder(scheme, method, stats)
-        if method == "gptq":
-            encoder.gptq = _gptq_pass(plan, source, stats, partial, dev, show_progress)
-        written = _write_shards(plan, partial, progress, encoder, dev, show_progress)
-        _finish(plan, source.path, partial, _recipe(plan, source, stats, partial))
-    except L4QError:
-        # Bad input: resuming would hit the same error, so leave nothing behind.
-        shutil.rmtree(partial, ignore_errors=True)
+        with outputs.writing(partial.dir, resume_hint=True):
+            encoder = Encoder(scheme, method, stats)
+            if method == "gptq":
+                encoder.gptq = _gptq_pass(plan, model, stats, partial.dir, fingerprint, dev, show_progress)
+            written = _write_shards(plan, partial, encoder, dev, show_progress)
+            _finish(plan, model.dir, partial.dir, _recipe(plan, model.source, stats, partial.dir, quantize_attention))
+    except BaseException as exc:
+        partial.fail(exc)
         raise
-    move_into_place(partial, out)
-    return QuantizeResult(out, plan, written, len(done), plan.source_bytes, plan.output_bytes)
+    with outputs.writing(partial.out, resume_hint=True):
+        partial.commit()
+    return QuantizeResult(partial.out, plan, written, len(done), plan.source_bytes, plan.output_bytes)
 
 
-def _gptq_pass(plan: Plan, source: Source, stats, partial: Path, device: torch.device, show_progress: bool):
+def _gptq_pass(plan: Plan, model: Model, stats, partial: Path, fingerprint: str, device: torch.device,
+               show_progress: bool):
     """Run (or resume) the layer-sequential GPTQ pass into `partial/gptq`; returns its results."""
     from .calibrate.methods import GPTQPass, GPTQResults
     from .calibrate.sequential import run_pass
@@ -394,22 +383,28 @@ def _gptq_pass(plan: Plan, source: Source, stats, partial: Path, device: torch.d
     work = partial / GPTQ_DIR
     work.mkdir(exist_ok=True)
     handler = GPTQPass(plan.spec, plan.scheme, set(plan.quantized_modules()))
-    run_pass(WeightSource(source.path, device), stats.ids, handler, work, plan.fingerprint(source.path),
-             show_progress, desc="gptq")
+    run_pass(WeightSource(model, device), stats.ids, handler, work, fingerprint, show_progress, desc="gptq")
     return GPTQResults(work, plan.spec.num_layers)
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N, checked against what torch sees."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
+    if not m:
+        raise UsageError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(device)
 
 
-def _write_shards(plan: Plan, partial: Path, progress: dict, encoder: Encoder, device: torch.device,
+def _write_shards(plan: Plan, partial: outputs.Partial, encoder: Encoder, device: torch.device,
                   show_progress: bool) -> int:
-    done = set(progress["done"])
+    done = set(partial.done)
     written = 0
     with tqdm(
         total=plan.source_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress,
@@ -417,10 +412,10 @@ def _write_shards(plan: Plan, partial: Path, progress: dict, encoder: Encoder, d
     ) as bar:
         for name, shard in zip(plan.shard_names, plan.shards):
             entries = [e for u in shard for e in u.outputs]
-            if name in done and (partial / name).is_file():
+            if name in done and partial.path(name).is_file():
                 bar.update(sum(u.source_bytes for u in shard))
                 continue
-            writer = ShardWriter(partial / name, entries)
+            writer = ShardWriter(partial.path(name), entries)
             try:
                 for unit in shard:
                     for tensor_name, data in _produce(unit, encoder, device):
@@ -430,15 +425,19 @@ def _write_shards(plan: Plan, partial: Path, progress: dict, encoder: Encoder, d
             except BaseException:
                 writer.abort()
                 raise
-            progress["done"].append(name)
-            _save_progress(partial, progress)
+            partial.mark_done(name)
             written += 1
     return written
 
 
-def _recipe(plan: Plan, source: Source, stats, partial: Path) -> dict:
-    """What `l4q_recipe.json` records: how the values were chosen, and for GPTQ what each expert saw."""
-    recipe = {"l4q_version": __version__, "source": source.label, "base_model": source.repo_id, "scheme": plan.scheme.name, "method": plan.method, "ignore": plan.ignore}
+def _recipe(plan: Plan, source: Source, stats, partial: Path, quantize_attention: bool) -> dict:
+    """What `l4q_recipe.json` records: how the values were chosen, and for GPTQ what each expert saw.
+    The source is named by its hub id, preset or directory name, never by a local path."""
+    recipe = {"l4q_version": __version__, "source": display_name(source), "base_model": source.repo_id,
+              "scheme": plan.scheme.name, "method": plan.method, "ignore": plan.ignore,
+              "quantized_attention": quantize_attention}
+    if quantize_attention:
+        recipe["minimum_vllm"] = QUANTIZED_ATTENTION_VLLM
     if stats is not None:
         recipe["calibration"] = {"stats_digest": plan.calib_digest, "source": stats.meta["source"]["label"],
                                  "data": stats.meta["data"]}
@@ -465,16 +464,4 @@ def _finish(plan: Plan, source_dir: Path, partial: Path, recipe: dict) -> None:
     (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_extra_files(source_dir, partial)
     (partial / RECIPE_NAME).write_text(json.dumps(recipe, indent=1) + "\n")
-    (partial / PROGRESS_NAME).unlink()
     shutil.rmtree(partial / GPTQ_DIR, ignore_errors=True)
-
-
-def move_into_place(partial: Path, out: Path) -> None:
-    if out.exists():  # --overwrite: swap, then drop the old output
-        old = out.with_name(out.name + ".l4q-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, out)

@@ -150,7 +150,7 @@ def test_gptq_lowers_layer_output_error(tiny_stats, tmp_path):
     """On the calibration inputs, GPTQ's attention projections reproduce the BF16 outputs better than RTN's."""
     src = sources.resolve("tiny")
     outs = {m: quantize(src, tmp_path / m, "int4", method=m, calib=tiny_stats if m != "rtn" else None,
-                        device="cpu", show_progress=False).out for m in ("rtn", "mse", "gptq")}
+                        quantize_attention=True, device="cpu", show_progress=False).out for m in ("rtn", "mse", "gptq")}
     base = WeightSource(src.path)
     engine = Engine(base)
     ids = Stats(tiny_stats).ids[:4]

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -38,7 +40,14 @@ class LayerHandler(Forward):
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    except SafetensorError as exc:  # its I/O errors are not OSErrors: make them one, for one-line reporting
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        errno = int(code.group(1))
+        raise OSError(errno, os.strerror(errno), str(tmp)) from None
     os.replace(tmp, path)
 
 

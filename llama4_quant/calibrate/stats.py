@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +25,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .. import __version__, arch
-from ..errors import (
-    L4QError,
-    OutputExistsError,
-    ResumeMismatchError,
-    SourceNotFoundError,
-    UsageError,
-)
+from .. import __version__, arch, outputs
+from ..errors import CorruptCheckpointError, SourceNotFoundError, UsageError
+from ..model import Model, display_name, open_model
 from ..sources import Source
 from .engine import LinearCall, Routing
 from .sequential import (
@@ -123,41 +117,10 @@ def source_digest(source_dir: Path) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _fingerprint(source_dir: Path, ids: torch.Tensor, kind: str) -> str:
-    h = hashlib.sha256(f"{__version__}:{kind}:{source_dir}".encode())
-    for p in sorted(source_dir.glob("*.safetensors")):
-        h.update(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
+def _fingerprint(model: Model, ids: torch.Tensor, kind: str) -> str:
+    h = hashlib.sha256(f"{__version__}:{kind}:{model.fingerprint()}".encode())
     h.update(ids.numpy().tobytes())
     return h.hexdigest()
-
-
-def check_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse early (before tokenizing anything) to replace an output or an interrupted run unasked."""
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    partial = out.with_name(out.name + ".l4q-partial")
-    if partial.exists() and not (resume or overwrite):
-        raise OutputExistsError(f"an interrupted run left {partial}; pass --resume to continue it or --overwrite to start over")
-
-
-def prepare_work_dir(out: Path, fingerprint: str, resume: bool, overwrite: bool) -> Path:
-    """`<out>.l4q-partial`: kept when resuming with the same fingerprint, otherwise created fresh."""
-    check_output(out, resume, overwrite)
-    partial = out.with_name(out.name + ".l4q-partial")
-    if partial.exists():
-        if resume:
-            try:
-                same = json.loads((partial / PROGRESS).read_text()).get("fingerprint") == fingerprint
-            except (OSError, ValueError):
-                same = False
-            if not same:
-                raise ResumeMismatchError(f"{partial} was started from another model, data or options; "
-                                          "rerun with the same ones, or pass --overwrite to start over")
-            return partial
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return partial
 
 
 @dataclass
@@ -167,28 +130,33 @@ class CalibrateResult:
     stats: dict
 
 
-def calibrate(source: Source, out: Path, ids: torch.Tensor, data_description: str, *, device: str = "auto",
+def calibrate(source: Source | Model, out: Path, ids: torch.Tensor, data_description: str, *, device: str = "auto",
               resume: bool = False, overwrite: bool = False, show_progress: bool = True) -> CalibrateResult:
     """Run the calibration ids through `source` layer by layer and write a STATS directory at `out`."""
-    from ..pipeline import move_into_place, resolve_device
+    from ..pipeline import resolve_device
 
-    out = Path(out).absolute()
-    if arch.load_config(source.path).get("quantization_config"):
-        raise UsageError(f"{source.path} is already quantized; calibrate the BF16 model it was made from")
-    src = WeightSource(source.path, resolve_device(device))
-    fingerprint = _fingerprint(source.path, ids, f"calibrate on {src.device}")
-    work = prepare_work_dir(out, fingerprint, resume, overwrite)
+    model = source if isinstance(source, Model) else open_model(source)
+    # The layers' weights are checked as they load; the embedding (of which only the calibration ids'
+    # rows are read) and lm_head (never read) are checked whole, so no broken weight goes unnoticed.
+    p = model.spec.text_prefix
+    model.ckpt.check_finite([f"{p}model.embed_tokens.weight", f"{p}lm_head.weight"])
+    src = WeightSource(model, resolve_device(device))
+    fingerprint = _fingerprint(model, ids, f"calibrate on {src.device}")
+    partial = outputs.start(out, model.paths, fingerprint, resume=resume, overwrite=overwrite)
     try:
-        resumed = run_pass(src, ids, StatsCollector(src.spec), work, fingerprint, show_progress, desc="calibrate")
-        stats = _finish(src, source, work, ids, data_description, str(src.device))
-    except L4QError:
-        shutil.rmtree(work, ignore_errors=True)  # bad input: a resume would hit the same error
+        with outputs.writing(partial.dir, resume_hint=True):
+            resumed = run_pass(src, ids, StatsCollector(src.spec), partial.dir, fingerprint, show_progress,
+                               desc="calibrate")
+            stats = _finish(src, model, partial.dir, ids, data_description, str(src.device))
+    except BaseException as exc:
+        partial.fail(exc)
         raise
-    move_into_place(work, out)
-    return CalibrateResult(out, resumed, stats)
+    with outputs.writing(partial.out, resume_hint=True):
+        partial.commit()
+    return CalibrateResult(partial.out, resumed, stats)
 
 
-def _finish(src: WeightSource, source: Source, work: Path, ids: torch.Tensor, description: str, device: str) -> dict:
+def _finish(src: WeightSource, model: Model, work: Path, ids: torch.Tensor, description: str, device: str) -> dict:
     spec = src.spec
     tensors: dict[str, torch.Tensor] = {}
     layers = []
@@ -208,7 +176,7 @@ def _finish(src: WeightSource, source: Source, work: Path, ids: torch.Tensor, de
     stats = {
         "l4q_version": __version__,
         "created_by": "l4q calibrate",
-        "source": {"label": source.label, "path": str(source.path), "architecture_digest": source_digest(source.path)},
+        "source": {"label": display_name(model.source), "architecture_digest": source_digest(model.dir)},
         "data": {"description": description, "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
                  "tokens": int(ids.numel())},
         "device": device,
@@ -270,10 +238,18 @@ class Stats:
     """A STATS directory: the calibration ids, routing report and importance matrix."""
 
     def __init__(self, path: Path):
-        self.dir = Path(path)
-        if not (self.dir / STATS_JSON).is_file() or not (self.dir / IMATRIX).is_file():
+        from ..checkpoint import read_header
+
+        self.dir = Path(path).expanduser()
+        if not all((self.dir / n).is_file() for n in (STATS_JSON, IMATRIX, TOKENS)):
             raise SourceNotFoundError(f"{self.dir}: not an l4q calibration statistics directory (run l4q calibrate)")
-        self.meta = json.loads((self.dir / STATS_JSON).read_text())
+        try:
+            self.meta = json.loads((self.dir / STATS_JSON).read_text())
+            self.meta["source"]["architecture_digest"], self.meta["data"]["description"]  # noqa: B018 - must exist
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CorruptCheckpointError(f"{self.dir / STATS_JSON}: corrupt calibration statistics; rerun l4q calibrate") from None
+        for name in (IMATRIX, TOKENS):
+            read_header(self.dir / name)  # refuses truncated or corrupt files with one line
         self._imatrix: dict[str, torch.Tensor] | None = None
 
     def check_model(self, model_dir: Path) -> None:

@@ -12,22 +12,26 @@ from pathlib import Path
 
 import torch
 
-from .. import arch
-from ..checkpoint import Checkpoint, read_rows, read_slice, read_tensor
+from ..checkpoint import read_rows, read_slice, read_tensor
 from ..errors import CorruptCheckpointError
 from ..formats import compressed_tensors as ct
+from ..model import Model, open_model
+from ..schemes import check_finite
+from ..sources import Source
 
 _FORMAT_TO_SCHEME = {s.format: s for s in ct.SCHEMES.values()}
 
 
 class WeightSource:
-    """Reads weights by HF name from one checkpoint directory onto `device`, as float32."""
+    """Reads weights by HF name from one model (BF16 or a derivative) onto `device`, as float32.
 
-    def __init__(self, model_dir: Path, device: torch.device | str = "cpu"):
-        self.dir = Path(model_dir)
-        self.config = arch.load_config(self.dir)
-        self.spec = arch.spec_from_config(self.config, str(self.dir / "config.json"))
-        self.ckpt = Checkpoint(self.dir)
+    Every weight is checked for NaN/Inf as it is loaded, so a bad one stops the run at its layer."""
+
+    def __init__(self, model: Model | Path, device: torch.device | str = "cpu"):
+        if not isinstance(model, Model):
+            model = open_model(Source(Path(model), Path(model).name), quantized=None)
+        self.model = model
+        self.dir, self.config, self.spec, self.ckpt = model.dir, model.config, model.spec, model.ckpt
         self.device = torch.device(device)
         qc = self.config.get("quantization_config") or {}
         self.scheme = _FORMAT_TO_SCHEME.get(qc.get("format"))
@@ -38,20 +42,24 @@ class WeightSource:
         except KeyError:
             raise CorruptCheckpointError(f"{self.dir}: tensor {name} is missing") from None
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device).float()
+    def _to_device(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        t = t.to(self.device).float()
+        check_finite(t, name)
+        return t
 
     def tensor(self, name: str) -> torch.Tensor:
         """A whole unquantized tensor (norm weights, router) as float32."""
-        return self._to_device(read_tensor(self._info(name)))
+        return self._to_device(read_tensor(self._info(name)), name)
 
     def linear(self, module: str) -> torch.Tensor:
         """[out, in] float32 weight of one Linear, decoded if it is stored quantized."""
         if self.scheme is not None and f"{module}.weight_scale" in self.ckpt.by_name:
             suffixes = ("weight_packed", "weight_scale", "weight_shape") if self.scheme.name == "int4" else ("weight", "weight_scale")
             parts = {s: read_tensor(self._info(f"{module}.{s}")).to(self.device) for s in suffixes}
-            return ct.decode_linear_as_loaded(parts, self.scheme)
-        return self._to_device(read_tensor(self._info(f"{module}.weight")))
+            weight = ct.decode_linear_as_loaded(parts, self.scheme)
+            check_finite(weight, module)
+            return weight
+        return self._to_device(read_tensor(self._info(f"{module}.weight")), f"{module}.weight")
 
     def expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert `e` of MoE layer `layer` as (gate [inter, in], up [inter, in], down [hidden, inter]) float32."""
@@ -60,8 +68,8 @@ class WeightSource:
         if fused is None:
             return tuple(self.linear(f"{base}.{e}.{p}") for p in ("gate_proj", "up_proj", "down_proj"))
         inter = fused.shape[2] // 2
-        gate_up = self._to_device(read_slice(fused, e))  # [in, 2 * inter], gate first
-        down = self._to_device(read_slice(self._info(f"{base}.down_proj"), e))  # [inter, hidden]
+        gate_up = self._to_device(read_slice(fused, e), f"{fused.name}[{e}]")  # [in, 2 * inter], gate first
+        down = self._to_device(read_slice(self._info(f"{base}.down_proj"), e), f"{base}.down_proj[{e}]")  # [inter, hidden]
         return gate_up[:, :inter].T.contiguous(), gate_up[:, inter:].T.contiguous(), down.T.contiguous()
 
     def embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -69,7 +77,7 @@ class WeightSource:
         info = self._info(f"{self.spec.text_prefix}model.embed_tokens.weight")
         unique, inverse = torch.unique(ids, return_inverse=True)
         rows = torch.stack([read_rows(info, int(i), int(i) + 1)[0] for i in unique.tolist()])
-        return self._to_device(rows)[inverse.to(self.device)]
+        return self._to_device(rows, info.name)[inverse.to(self.device)]
 
     def lm_head_info(self):
         name = f"{self.spec.text_prefix}lm_head.weight"

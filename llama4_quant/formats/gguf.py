@@ -24,7 +24,9 @@ from tqdm import tqdm
 from .. import __version__, arch
 from ..arch import Llama4Spec
 from ..checkpoint import Checkpoint, iter_row_blocks, read_slice
-from ..errors import NonFiniteWeightError, OutputExistsError, SourceNotFoundError, UsageError
+from .. import outputs
+from ..errors import NonFiniteWeightError, SourceNotFoundError, UsageError
+from ..model import Model, display_name, open_model
 from ..sources import Source
 from . import gguf_quants
 
@@ -225,7 +227,7 @@ def add_metadata(writer, model_dir: Path, config: dict, spec: Llama4Spec, ftype:
     writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[ftype][0]])
     # Beyond the converter's keys: what this file derives from, and that l4q made it.
     writer.add_base_model_count(1)
-    writer.add_base_model_name(0, source.repo_id or source.label)
+    writer.add_base_model_name(0, display_name(source))  # never a local path
     if source.repo_id:
         writer.add_base_model_repo_url(0, f"https://huggingface.co/{source.repo_id}")
     writer.add_string("general.quantized_by", f"l4q {__version__}")
@@ -345,42 +347,15 @@ class ExportResult:
     warnings: list[str]
 
 
-def export_gguf(
-    source: Source,
-    out: Path,
-    ftype: str,
-    *,
-    importance: Callable[[str], np.ndarray | None] | None = None,
-    overwrite: bool = False,
-    show_progress: bool = True,
-) -> ExportResult:
-    """Write `source`'s text model as a GGUF file of type `ftype`; `out` appears only when complete.
-
-    `importance(key)` may return per-input-channel importance weights for a tensor (calibration's
-    E[x^2]), by the HF module name, or [experts, in] for expert tensors; the K-quant search uses them.
-    """
+def _write_gguf(path: Path, tensors: list[GGUFTensor], model: Model, ftype: str, importance, show_progress: bool) -> None:
     import gguf
 
-    from ..pipeline import validate_checkpoint
-
-    config = arch.load_config(source.path)
-    spec = arch.spec_from_config(config, str(source.path / "config.json"))
-    ckpt = Checkpoint(source.path)
-    validate_checkpoint(ckpt, spec)
-    if not (source.path / "tokenizer.json").is_file():
-        raise SourceNotFoundError(f"{source.path}: no tokenizer.json; a GGUF file carries the model's tokenizer, "
-                                  "so the source needs its tokenizer files")
-    tensors = plan(ckpt, spec, ftype)
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    tmp = out.with_name(out.name + ".l4q-partial")
-    writer = gguf.GGUFWriter(tmp, "llama4")
+    writer = gguf.GGUFWriter(path, "llama4")
     for t in tensors:
         # Declared as bytes: GGUFWriter turns the byte shape back into the element shape for any type.
         byte_shape = (*t.shape[:-1], t.nbytes // math.prod(t.shape[:-1]))
         writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=gguf.GGMLQuantizationType[t.qtype])
-    add_metadata(writer, source.path, config, spec, ftype, source)
+    add_metadata(writer, model.dir, model.config, model.spec, ftype, model.source)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -403,10 +378,41 @@ def export_gguf(
                 if written != t.nbytes:
                     raise RuntimeError(f"{t.name}: wrote {written} bytes, planned {t.nbytes}")
             fout.write(b"\0" * (-fout.tell() % GGUF_ALIGNMENT))
+            fout.flush()
+            os.fsync(fout.fileno())
+    finally:
         writer.close()
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+
+
+def export_gguf(
+    source: Source | Model,
+    out: Path,
+    ftype: str,
+    *,
+    importance: Callable[[str], np.ndarray | None] | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> ExportResult:
+    """Write `source`'s text model as a GGUF file of type `ftype`; `out` appears only when complete.
+
+    `importance(key)` may return per-input-channel importance weights for a tensor (calibration's
+    E[x^2]), by the HF module name, or [experts, in] for expert tensors; the K-quant search uses them.
+    """
+    model = source if isinstance(source, Model) else open_model(source)
+    spec = model.spec
+    if not (model.dir / "tokenizer.json").is_file():
+        raise SourceNotFoundError(f"{model.dir}: no tokenizer.json; a GGUF file carries the model's tokenizer, "
+                                  "so the source needs its tokenizer files")
+    tensors = plan(model.ckpt, spec, ftype)
+    partial = outputs.start(out, model.paths, "", resume=False, overwrite=overwrite, is_file=True, resumable=False)
+    out = partial.out
+    tmp = partial.path(out.name)
+    try:
+        with outputs.writing(partial.dir):
+            _write_gguf(tmp, tensors, model, ftype, importance, show_progress)
+    except BaseException as exc:
+        partial.fail(exc)
         raise
-    os.replace(tmp, out)
+    with outputs.writing(out):
+        partial.commit(out.name)
     return ExportResult(out, tensors, sum(t.source_bytes for t in tensors), out.stat().st_size, llama_cpp_warnings(spec))

@@ -99,7 +99,7 @@ def write_llama_imatrix(
         if not 0 <= value < 2**32:
             raise ValueError(f"{what} must fit a uint32, got {value}")
     path = Path(path).absolute()
-    tmp = path.with_name(path.name + ".l4q-partial")
+    tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, "")  # an empty arch adds no general.architecture, as llama-imatrix writes none
     writer.add_type(gguf.GGUFType.IMATRIX)
     writer.add_array(gguf.Keys.IMatrix.DATASETS, [str(d) for d in datasets])

@@ -87,7 +87,7 @@ def describe(path: Path, base_model: str | None = None) -> Derivative:
     recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
     qc = config.get("quantization_config") or {}
     scheme = recipe.get("scheme") or qc.get("format") or "bf16"
-    options = {k: recipe[k] for k in ("method", "ignore", "calibration") if k in recipe}
+    options = {k: recipe[k] for k in ("method", "ignore", "calibration", "minimum_vllm") if k in recipe}
     base = base_model or recipe.get("base_model") or _base_repo(recipe.get("source"))
     return Derivative(path, "compressed-tensors", scheme, base, options, _find_report(path),
                       (config.get("architectures") or [None])[0])
@@ -131,6 +131,9 @@ def render(d: Derivative, dedup: dict | None = None) -> str:
     lines.append("")
     if d.kind == "compressed-tensors":
         lines += ["Load it with vLLM (`vllm serve <this repo>`) or transformers (compressed-tensors).", ""]
+        if d.options.get("minimum_vllm"):
+            lines += [f"**Attention is quantized in this checkpoint: it needs {d.options['minimum_vllm']}.** Older "
+                      "vLLM builds load it without an error and produce garbage.", ""]
     else:
         lines += ["Run it with llama.cpp (`llama-cli -m <file>`).", ""]
     if d.eval_report:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import L4QError, SourceNotFoundError, UsageError
+from ..outputs import PARTIAL_SUFFIX, writing
 
 STORED_MANIFEST = "l4q-stored.json"  # files already uploaded into the store, by path, size and mtime
 _XORB_DIR = Path("xet") / "xorbs" / "xorbs"
@@ -63,7 +64,11 @@ def upload_files(path: Path) -> list[Path]:
         raise SourceNotFoundError(f"{path}: no such file or directory")
     files = sorted(p for p in path.rglob("*") if p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                   and ".l4q-partial" not in str(p.relative_to(path)))
+                   and PARTIAL_SUFFIX not in str(p.relative_to(path)))
+    root = path.resolve()
+    for f in files:
+        if f.is_symlink() and root not in f.resolve().parents:
+            raise UsageError(f"{f} is a symlink to {f.resolve()}, outside {path}; copy the file in or remove the link")
     if not files:
         raise UsageError(f"{path}: nothing to upload (no files)")
     return files
@@ -190,7 +195,7 @@ def measure(target: Path, against: list[Path], store: Path | None = None, show_p
     target_files = upload_files(target)
     base_files = [upload_files(base) for base in against]
     root = target if target.is_dir() else target.parent
-    with locked(store):
+    with writing(store), locked(store):
         for files in base_files:
             ensure_stored(store, files, show_progress)
         (store / _SCRATCH).mkdir(exist_ok=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import L4QError, UsageError
+from ..model import check_derivative
 from . import card
 from .dedup import upload_files
 
@@ -38,9 +39,9 @@ class PushPlan:
 def plan_push(out: Path, repo: str, *, revision: str | None = None, private: bool = False,
               commit_message: str | None = None, base_model: str | None = None, dedup: dict | None = None) -> PushPlan:
     """Everything the push will send, computed locally."""
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise UsageError(f"--repo {repo!r} must look like user/name")
+    check_repo_id(repo)
     out = Path(out)
+    check_derivative(out)  # a truncated, NaN or non-Llama-4 model is never planned for upload
     files = upload_files(out)
     root = out if out.is_dir() else out.parent
     derivative = card.describe(out, base_model)
@@ -51,6 +52,18 @@ def plan_push(out: Path, repo: str, *, revision: str | None = None, private: boo
     entries = [(f.relative_to(root).as_posix(), f, f.stat().st_size) for f in files if f != own_readme]
     message = commit_message or f"Upload {derivative.scheme} derivative with l4q"
     return PushPlan(repo, revision, private, message, entries, card.render(derivative, dedup))
+
+
+def check_repo_id(repo: str) -> None:
+    """user/name as the Hub accepts it: huggingface_hub's own rules, and exactly one owner."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise UsageError(f"--repo {repo!r} is not a valid Hub repo id (user/name: letters, digits, '-', '_', '.')") from None
+    if repo.count("/") != 1:
+        raise UsageError(f"--repo {repo!r} must look like user/name")
 
 
 def recorded_base(out: Path) -> list[Path]:

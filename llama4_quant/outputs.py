@@ -1,0 +1,356 @@
+"""The life cycle of every output l4q writes: partial directory, lock, resume, --overwrite, move into place.
+
+An output is built in `<out>.l4q-partial/` (a directory output becomes that directory; a file output,
+such as a GGUF file, is written inside it) and renamed to `<out>` only when complete, so whatever
+exists under the output's own name is complete. A lock on the partial keeps a second l4q process
+out while the first is alive. Its progress file records a fingerprint of the source and the options,
+so `--resume` continues only what the same inputs started.
+
+`--overwrite` replaces only what l4q wrote (an output carrying l4q's recipe, statistics, report or
+GGUF metadata, or an l4q partial), and never a directory that is or contains the source, the current
+directory or a home directory. OS errors while writing become one line (`OutputWriteError`).
+
+Nothing here imports torch, so the checks run before the heavy imports.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import (
+    OutputBusyError,
+    OutputExistsError,
+    OutputWriteError,
+    ResumeMismatchError,
+    UnsafeOutputError,
+)
+
+PARTIAL_SUFFIX = ".l4q-partial"
+PROGRESS_NAME = ".l4q-progress.json"
+LOCK_NAME = ".l4q-lock"
+OLD_SUFFIX = ".l4q-old"
+# Files whose presence (with l4q's marker inside) shows that l4q wrote a directory.
+RECIPE_NAME = "l4q_recipe.json"
+STATS_NAME = "stats.json"
+REPORT_NAME = "report.json"
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def absolute(path: Path) -> Path:
+    """`~` expanded and made absolute without following symlinks (what the user named)."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors while writing
+
+
+def describe_os_error(exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        reason += "; free some space or choose another --out"
+    elif exc.errno == errno.EROFS:
+        reason += "; choose an --out on a writable file system"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        reason += "; choose an --out you can write to"
+    return reason
+
+
+@contextmanager
+def writing(what: Path, resume_hint: bool = False) -> Iterator[None]:
+    """Turn an OSError raised while writing `what` into one line naming it."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or what
+        hint = "; the partial output is kept, rerun with --resume to continue" if resume_hint else ""
+        raise OutputWriteError(f"cannot write {where}: {describe_os_error(exc)}{hint}") from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# What --overwrite may replace
+
+
+def written_by_l4q(path: Path) -> bool:
+    """Whether `path` is an output l4q wrote: by the marker each kind of output carries."""
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        if (path / RECIPE_NAME).is_file():
+            return True
+        for name, creator in ((STATS_NAME, "l4q calibrate"), (REPORT_NAME, "l4q eval")):
+            try:
+                if json.loads((path / name).read_text()).get("created_by") == creator:
+                    return True
+            except (OSError, ValueError, AttributeError):
+                pass
+        return False
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_quantized_by(path).startswith("l4q")
+    return False
+
+
+def _gguf_quantized_by(path: Path) -> str:
+    try:
+        from gguf import GGUFReader
+
+        field_ = GGUFReader(str(path)).get_field("general.quantized_by")
+        return str(field_.contents()) if field_ is not None else ""
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not an l4q GGUF file
+        return ""
+
+
+def _protected(out: Path, sources: Iterable[Path]) -> str | None:
+    """Why `out` must never be replaced, or None. Compared after resolving symlinks."""
+    real = out.resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if real == Path(real.anchor):
+        return "it is the file system's root"
+    if real == cwd or real in cwd.parents:
+        return "it is or contains the current directory"
+    if real == home or real in home.parents:
+        return "it is or contains a home directory"
+    for src in sources:
+        src_real = Path(src).resolve()
+        if real == src_real or real in src_real.parents:
+            return f"it is or contains the source {src}"
+    return None
+
+
+def check_replaceable(out: Path, sources: Iterable[Path], *, is_file: bool) -> None:
+    """Refuse, with one line, an --overwrite that could destroy anything but an earlier l4q output."""
+    why = _protected(out, sources)
+    if why:
+        raise UnsafeOutputError(f"refusing to overwrite {out}: {why}; choose another --out")
+    if is_file and out.is_dir() and not out.is_symlink():
+        raise UnsafeOutputError(f"refusing to overwrite {out}: it is a directory and the output is a file; "
+                                "choose another --out")
+    if not is_file and out.exists() and not out.is_dir():
+        raise UnsafeOutputError(f"refusing to overwrite {out}: it is a file and the output is a directory; "
+                                "choose another --out")
+    if not written_by_l4q(out):
+        raise UnsafeOutputError(f"refusing to overwrite {out}: l4q did not write it (no l4q recipe, statistics, "
+                                "report or GGUF metadata); remove it yourself or choose another --out")
+
+
+# ---------------------------------------------------------------------------------------------
+# The partial output
+
+
+@dataclass
+class Partial:
+    """An output under construction: write into `dir`, record progress, then `commit()`."""
+
+    out: Path
+    dir: Path
+    fingerprint: str
+    overwrite: bool
+    sources: tuple[Path, ...]
+    is_file: bool
+    resumable: bool = True
+    progress: dict = field(default_factory=dict)
+    resumed: bool = False
+    _lock_file: object = None
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    @property
+    def done(self) -> list:
+        return self.progress.setdefault("done", [])
+
+    def mark_done(self, item) -> None:
+        self.done.append(item)
+        self.save_progress()
+
+    def save_progress(self) -> None:
+        atomic_write_json(self.dir / PROGRESS_NAME, self.progress)
+
+    def commit(self, file_name: str | None = None) -> None:
+        """Move the finished output into place (the whole directory, or `file_name` inside it)."""
+        if self.out.exists() or self.out.is_symlink():
+            if not self.overwrite:
+                raise OutputExistsError(f"{self.out} appeared while l4q was writing it; the finished output "
+                                        f"stays in {self.dir}")
+            check_replaceable(self.out, self.sources, is_file=self.is_file)
+        (self.dir / PROGRESS_NAME).unlink(missing_ok=True)
+        if self.is_file:
+            os.replace(self.dir / file_name, self.out)  # atomic, whether or not an old file was there
+            shutil.rmtree(self.dir)
+        else:
+            (self.dir / LOCK_NAME).unlink(missing_ok=True)
+            if self.out.exists():
+                old = self.out.with_name(self.out.name + OLD_SUFFIX)
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(self.out, old)
+                os.replace(self.dir, self.out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.dir, self.out)
+        self.release()
+
+    def fail(self, exc: BaseException) -> None:
+        """After an error: bad input (an L4QError other than a write error) leaves nothing behind, since
+        a resume would hit the same error; anything else (a write error, an interruption) keeps the
+        partial for --resume, where the command has one."""
+        from .errors import L4QError
+
+        if not self.resumable or (isinstance(exc, L4QError) and not isinstance(exc, OutputWriteError)):
+            self.discard()
+        self.release()
+
+    def discard(self) -> None:
+        """Remove the partial (bad input: a resume would hit the same error)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+
+def check_output(out: Path, sources: Iterable[Path], *, resume: bool, overwrite: bool, is_file: bool = False,
+                 resumable: bool = True) -> Path:
+    """The early checks (before any heavy work): returns `out` made absolute."""
+    out = absolute(out)
+    sources = tuple(sources)
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+        check_replaceable(out, sources, is_file=is_file)
+    partial = partial_path(out)
+    why = _protected(partial, sources)
+    if why:
+        raise UnsafeOutputError(f"refusing to write {partial}: {why}; choose another --out")
+    if partial.is_dir() and _is_locked(partial):
+        raise OutputBusyError(f"another l4q process is writing {out}; wait for it to finish or choose another --out")
+    if partial.exists() and not (resume or overwrite) or (partial.exists() and not resumable and not overwrite):
+        action = "pass --resume to continue it or --overwrite to start over" if resumable else "pass --overwrite to start over"
+        raise OutputExistsError(f"an interrupted run left {partial}; {action}")
+    if partial.exists() and not partial.is_dir():
+        if not overwrite:  # a file partial of an older l4q: nothing to resume
+            raise OutputExistsError(f"an interrupted run left {partial}, which cannot be resumed; pass --overwrite")
+    elif partial.is_dir() and not _is_partial(partial):
+        raise UnsafeOutputError(f"refusing to use {partial}: it exists and is not an l4q partial output; move it away")
+    return out
+
+
+def _is_locked(partial: Path) -> bool:
+    try:
+        f = open(partial / LOCK_NAME, "rb")
+    except OSError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def _is_partial(path: Path) -> bool:
+    return any((path / n).exists() for n in (PROGRESS_NAME, LOCK_NAME)) or not any(path.iterdir())
+
+
+def start(out: Path, sources: Iterable[Path], fingerprint: str, *, resume: bool, overwrite: bool,
+          is_file: bool = False, resumable: bool = True) -> Partial:
+    """Create (or, with --resume and the same fingerprint, reopen) the locked partial of `out`."""
+    sources = tuple(sources)
+    out = check_output(out, sources, resume=resume, overwrite=overwrite, is_file=is_file, resumable=resumable)
+    part = Partial(out, partial_path(out), fingerprint, overwrite, sources, is_file, resumable)
+    with writing(part.dir):
+        if part.dir.exists() and not part.dir.is_dir():
+            part.dir.unlink()
+        existed = part.dir.is_dir()
+        part.dir.mkdir(parents=True, exist_ok=True)
+        part._lock_file = _lock(part.dir, out)
+        try:
+            if existed:
+                progress = _load_progress(part.dir)
+                if resume and progress:
+                    if progress.get("fingerprint") != fingerprint:
+                        raise ResumeMismatchError(
+                            f"{part.dir} was started from another source or with other options; rerun with the same "
+                            "ones, or pass --overwrite instead of --resume to start over")
+                    for stray in part.dir.glob("*.tmp"):
+                        stray.unlink()
+                    part.progress, part.resumed = progress, True
+                    return part
+                _empty(part.dir)
+            part.progress = {"fingerprint": fingerprint, "done": []}
+            part.save_progress()
+        except BaseException:
+            part.release()
+            raise
+    return part
+
+
+def _lock(partial: Path, out: Path):
+    f = open(partial / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise OutputBusyError(f"another l4q process is writing {out}; wait for it to finish or choose another --out") from None
+    return f
+
+
+def _load_progress(partial: Path) -> dict:
+    try:
+        progress = json.loads((partial / PROGRESS_NAME).read_text())
+        return progress if isinstance(progress, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _empty(directory: Path) -> None:
+    for p in directory.iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def check_writable_dir(path: Path) -> Path:
+    """For outputs written in place (eval's report): an existing or creatable directory we can write in."""
+    path = absolute(path)
+    if path.exists() and not path.is_dir():
+        raise OutputWriteError(f"cannot write the report into {path}: it is a file, not a directory")
+    with writing(path):
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".l4q-write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    return path

@@ -1,0 +1,199 @@
+"""The output life cycle: what --overwrite may replace, the lock on a partial, resume fingerprints,
+and that published files name no local path."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from llama4_quant import outputs, pipeline
+from llama4_quant.checkpoint import Checkpoint
+from llama4_quant.errors import ResumeMismatchError
+from llama4_quant.sources import Source
+from llama4_quant.tiny_models import tiny_model_dir
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def l4q(*args: str, cwd: Path | None = None, env: dict | None = None):
+    old = Path.cwd()
+    try:
+        if cwd:
+            os.chdir(cwd)
+        return CliRunner(env=env).invoke(main, [*args, "--quiet"])
+    finally:
+        os.chdir(old)
+
+
+def assert_refused(result, *words: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("l4q: error:"), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture
+def workspace(small_model, tmp_path) -> dict[str, Path]:
+    """A user's directory holding their own files and a copy of the source model."""
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "notes.txt").write_text("mine")
+    src = Path(shutil.copytree(small_model, home / "models" / "src"))
+    return {"home": home, "src": src}
+
+
+@pytest.mark.parametrize("target", ["cwd", "source", "parent of source", "home", "user dir", "source shard"])
+def test_overwrite_refuses_dangerous_targets(workspace, target, tmp_path):
+    home, src = workspace["home"], workspace["src"]
+    user_dir = tmp_path / "user"
+    user_dir.mkdir()
+    (user_dir / "thesis.tex").write_text("years of work")
+    out = {"cwd": ".", "source": str(src), "parent of source": str(src.parent), "home": str(home),
+           "user dir": str(user_dir), "source shard": str(sorted(src.glob("*.safetensors"))[0])}[target]
+    before = tree_digest(tmp_path)
+    result = l4q("quantize", "--model", str(src), "--to", "int8", "--out", out, "--overwrite", cwd=home,
+                 env={"HOME": str(home)})
+    assert_refused(result, "refusing to overwrite")
+    if target == "source shard":  # the GGUF export onto a shard of its own source
+        result = l4q("export", "gguf", str(src), "--type", "Q8_0", "--out", out, "--overwrite", cwd=home)
+        assert_refused(result, "refusing to overwrite", "source")
+    assert tree_digest(tmp_path) == before  # nothing touched, nothing left behind
+
+
+def test_overwrite_replaces_only_l4q_outputs(small_model, tmp_path):
+    out = tmp_path / "out"
+    assert l4q("quantize", "--model", str(small_model), "--to", "int8", "--out", str(out)).exit_code == 0
+    first = tree_digest(out)
+    result = l4q("quantize", "--model", str(small_model), "--to", "fp8", "--out", str(out))
+    assert_refused(result, "already exists")
+    assert l4q("quantize", "--model", str(small_model), "--to", "fp8", "--out", str(out), "--overwrite").exit_code == 0
+    assert tree_digest(out) != first and json.loads((out / "l4q_recipe.json").read_text())["scheme"] == "fp8"
+    # A GGUF file written by l4q may be replaced; a directory in its place may not.
+    gguf = tmp_path / "m.gguf"
+    assert l4q("export", "gguf", "tiny", "--type", "Q8_0", "--out", str(gguf)).exit_code == 0
+    assert l4q("export", "gguf", "tiny", "--type", "Q8_0", "--out", str(gguf), "--overwrite").exit_code == 0
+    result = l4q("export", "gguf", "tiny", "--type", "Q8_0", "--out", str(out), "--overwrite")
+    assert_refused(result, "is a directory")
+    assert not outputs.partial_path(out).exists()
+    # A foreign file with the .gguf suffix is not l4q's.
+    foreign = tmp_path / "theirs.gguf"
+    foreign.write_bytes(b"GGUF not ours")
+    assert_refused(l4q("export", "gguf", "tiny", "--out", str(foreign), "--overwrite"), "did not write it")
+    assert foreign.read_bytes() == b"GGUF not ours"
+
+
+def test_a_live_run_locks_its_partial(small_model, tmp_path):
+    out = tmp_path / "out"
+    partial = outputs.partial_path(out)
+    partial.mkdir()
+    (partial / outputs.PROGRESS_NAME).write_text("{}")
+    with open(partial / outputs.LOCK_NAME, "a+") as lock:  # what a running l4q holds
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for flag in ("--resume", "--overwrite"):
+            result = l4q("quantize", "--model", str(small_model), "--to", "int8", "--out", str(out), flag)
+            assert_refused(result, "another l4q process is writing")
+        assert (partial / outputs.PROGRESS_NAME).read_text() == "{}"
+    # Once the other process is gone, --overwrite starts over.
+    assert l4q("quantize", "--model", str(small_model), "--to", "int8", "--out", str(out), "--overwrite").exit_code == 0
+    assert not partial.exists() and (out / "config.json").is_file()
+
+
+def test_resume_notices_a_source_changed_in_place(model_copy, tmp_path):
+    """A tensor re-saved with new values and the old mtime restored: --resume must refuse. A mere
+    touch (new mtime, same bytes) must not matter: the fingerprint is of the content."""
+    out = tmp_path / "out"
+    src = Source(model_copy, model_copy.name)
+    pipeline.quantize(src, out, "int8", max_shard_size=2_000_000, show_progress=False)
+    fingerprint = _fingerprint_of(model_copy)
+    for shard in model_copy.glob("*.safetensors"):
+        os.utime(shard)
+    assert _fingerprint_of(model_copy) == fingerprint
+    # Make the finished output an interrupted one again, as a kill before the move would leave it.
+    partial = outputs.partial_path(out)
+    os.replace(out, partial)
+    (partial / outputs.PROGRESS_NAME).write_text(json.dumps({"fingerprint": fingerprint, "done": []}))
+    info = Checkpoint(model_copy).by_name["language_model.model.layers.1.self_attn.q_proj.weight"]
+    stat = info.file.stat()
+    with open(info.file, "r+b") as f:  # new values throughout the tensor, as a re-saved fine-tune has
+        f.seek(info.offset)
+        f.write(bytes(info.nbytes))
+    os.utime(info.file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert info.file.stat().st_mtime_ns == stat.st_mtime_ns and info.file.stat().st_size == stat.st_size
+    with pytest.raises(ResumeMismatchError):
+        pipeline.quantize(src, out, "int8", max_shard_size=2_000_000, resume=True, show_progress=False)
+
+
+def _fingerprint_of(model_dir: Path) -> str:
+    from llama4_quant.formats import compressed_tensors as ct
+    from llama4_quant.model import open_model
+
+    model = open_model(Source(model_dir, model_dir.name))
+    plan = pipeline.build_plan(model.ckpt, model.spec, ct.get_scheme("int8"), pipeline.ignore_patterns(),
+                               2_000_000, model.config)
+    plan.method = "rtn"
+    return plan.fingerprint(model.fingerprint())
+
+
+def test_published_files_name_no_local_path(tmp_path):
+    src = Path(shutil.copytree(tiny_model_dir(), tmp_path / "private-place" / "my-tiny", copy_function=os.link))
+    out, gguf, stats = tmp_path / "q", tmp_path / "m.gguf", tmp_path / "stats"
+    assert l4q("quantize", "--model", str(src), "--to", "int4", "--out", str(out)).exit_code == 0
+    assert l4q("export", "gguf", str(src), "--type", "Q8_0", "--out", str(gguf)).exit_code == 0
+    assert l4q("calibrate", str(src), "--out", str(stats), "--samples", "2", "--seq-len", "32", "--device", "cpu").exit_code == 0
+    for published in (out / "l4q_recipe.json", stats / "stats.json", stats / "report.md"):
+        text = published.read_text()
+        assert "private-place" not in text and "my-tiny" in text, published
+    assert json.loads((out / "l4q_recipe.json").read_text())["source"] == "my-tiny"
+    assert b"private-place" not in gguf.read_bytes()
+
+
+def test_attention_stays_bf16_by_default(small_model, tmp_path):
+    default, opted = tmp_path / "default", tmp_path / "opted"
+    assert l4q("quantize", "--model", str(small_model), "--to", "fp8", "--out", str(default)).exit_code == 0
+    result = CliRunner().invoke(main, ["quantize", "--model", str(small_model), "--to", "fp8", "--out", str(opted),
+                                       "--quantize-attention", "--quiet"])
+    assert result.exit_code == 0 and "l4q: warning:" in result.stderr and "vLLM" in result.stderr
+    names = set(json.loads((default / "model.safetensors.index.json").read_text())["weight_map"])
+    q = "language_model.model.layers.0.self_attn.q_proj"
+    assert f"{q}.weight" in names and f"{q}.weight_scale" not in names
+    config = json.loads((default / "config.json").read_text())
+    assert "re:" + pipeline.ATTENTION_IGNORE in config["quantization_config"]["ignore"]
+    opted_names = set(json.loads((opted / "model.safetensors.index.json").read_text())["weight_map"])
+    assert f"{q}.weight_scale" in opted_names
+    recipe = json.loads((opted / "l4q_recipe.json").read_text())
+    assert recipe["quantized_attention"] is True and "0.17.0" in recipe["minimum_vllm"]
+
+
+@pytest.mark.parametrize("run", ["tiny-int4-rtn", "tiny-fp8-rtn", "tiny-Q4_K_M.gguf"])
+def test_quantize_attention_reproduces_the_recorded_bytes(run, tmp_path):
+    """The digests in tests/data/output_digests.json were recorded (scripts/output_digests.py) before
+    attention became BF16 by default; --quantize-attention must still give exactly those bytes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digests", Path(__file__).parents[1] / "scripts" / "output_digests.py")
+    digests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digests)
+    recorded = json.loads((Path(__file__).parent / "data" / "output_digests.json").read_text())[run]
+    out = tmp_path / run
+    if run.endswith(".gguf"):
+        args = ["export", "gguf", "tiny", "--type", "Q4_K_M", "--out", str(out)]
+    else:
+        _, scheme, method = run.split("-")
+        args = ["quantize", "--model", "tiny", "--to", scheme, "--method", method, "--out", str(out), "--quantize-attention"]
+    assert l4q(*args).exit_code == 0
+    assert digests.digest_output(out) == recorded
