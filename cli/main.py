@@ -145,7 +145,7 @@ def calibrate(model, out, data, samples, seq_len, device, resume, overwrite, as_
     outputs.check_output(out, opened.paths, resume=resume, overwrite=overwrite)  # before the minutes of tokenizing
     from llama4_quant.calibrate.data import calibration_ids
     from llama4_quant.calibrate.stats import calibrate as run_calibration
-    from llama4_quant.pipeline import resolve_device
+    from llama4_quant.devices import resolve_device
 
     resolve_device(device)
     ids, description = calibration_ids(opened.dir, list(data) or None, samples, seq_len)
@@ -230,11 +230,12 @@ def eval_command(base, candidates, data, ctx, max_tokens, report_dir, device, en
 
     opened = open_model(base)
     report_dir = outputs.check_writable_dir(report_dir)
-    from llama4_quant import evaluate, pipeline, report
+    from llama4_quant import evaluate, report
+    from llama4_quant.devices import resolve_device
 
     result = evaluate.evaluate(
         opened, list(candidates), data=list(data) or None, ctx=ctx, max_tokens=max_tokens,
-        device=str(pipeline.resolve_device(device)), engine=engine, batch_windows=batch_windows,
+        device=str(resolve_device(device)), engine=engine, batch_windows=batch_windows,
         cache_dir=report_dir / ".cache", progress=not quiet,
     )
     with outputs.writing(report_dir):

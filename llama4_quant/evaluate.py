@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__, arch
-from .checkpoint import Checkpoint, read_slice, read_tensor
+from .checkpoint import Checkpoint, read_tensor
 from .errors import (
     NonFiniteWeightError,
     ShapeMismatchError,
@@ -34,8 +32,9 @@ from .errors import (
     UsageError,
 )
 from .formats import compressed_tensors as ct
-from .model import Model, check_gguf, display_name, open_model
+from .model import Model, check_gguf, display_name, linear_weights, open_model
 from .sources import Source
+from .text import load_text, quiet_transformers
 
 TOP_K = 256
 LLAMA_CPP_CHUNK = 8192  # llama.cpp's Llama 4 loader hard-codes the attention chunk
@@ -44,52 +43,6 @@ HIST_EDGES = np.logspace(-8, 1, 46)
 
 # ---------------------------------------------------------------------------------------------
 # Data
-
-
-def load_text(paths: list[Path] | None, text_field: str = "text") -> tuple[str, str]:
-    """(text, description): the tiny models' held-out text by default, else text or jsonl files."""
-    if not paths:
-        from .tiny_models import tiny_heldout_path
-
-        return tiny_heldout_path().read_text(), "built-in held-out text of the tiny models (never used in training)"
-    parts = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise SourceNotFoundError(f"{path}: no such data file")
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
-        except OSError as exc:
-            raise SourceNotFoundError(f"{path}: cannot read ({exc.strerror})") from None
-        if str(path).endswith(".jsonl"):
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        parts.append(json.loads(line)[text_field])
-                    except (ValueError, KeyError, TypeError):
-                        raise UsageError(f"{path}:{n}: not a JSON object with a {text_field!r} field") from None
-        else:
-            parts.append(text)
-    return "\n\n".join(parts), ", ".join(Path(p).name for p in paths)  # names only: reports get published
-
-
-@contextmanager
-def quiet_transformers():
-    """transformers' loading bars and config chatter, silenced: l4q prints its own progress."""
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            # It warns that a checkpoint's own quantization_config wins; only `dequantize` is ours.
-            warnings.filterwarnings("ignore", message=".*quantization_config.*", category=UserWarning)
-            yield
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        transformers.logging.enable_progress_bar()
 
 
 def token_windows(tokenizer_dir: Path, text: str, ctx: int, max_tokens: int | None = None) -> torch.Tensor:
@@ -390,24 +343,6 @@ def summarize(scores: list[WindowScores], moe_layers: list[int]) -> dict:
 _FORMAT_TO_SCHEME = {s.format: s for s in ct.SCHEMES.values()}
 
 
-def _linear_modules(base: Checkpoint, spec: arch.Llama4Spec) -> Iterator[tuple[str, str, int, int | None, callable]]:
-    """(module, component, layer, expert, load) for every Linear of the base, experts unfused."""
-    for info in base.tensors:
-        role = arch.classify(info.name, spec)
-        if role.role in arch.LINEAR_ROLES:
-            yield info.name.removesuffix(".weight"), role.role, role.layer, None, lambda info=info: read_tensor(info)
-        elif role.role == arch.EXPERTS_GATE_UP:
-            base_name = info.name.removesuffix(".gate_up_proj")
-            inter = info.shape[2] // 2
-            for e in range(info.shape[0]):
-                yield f"{base_name}.{e}.gate_proj", "experts", role.layer, e, lambda info=info, e=e: read_slice(info, e)[:, :inter].T
-                yield f"{base_name}.{e}.up_proj", "experts", role.layer, e, lambda info=info, e=e: read_slice(info, e)[:, inter:].T
-        elif role.role == arch.EXPERTS_DOWN:
-            base_name = info.name.removesuffix(".down_proj")
-            for e in range(info.shape[0]):
-                yield f"{base_name}.{e}.down_proj", "experts", role.layer, e, lambda info=info, e=e: read_slice(info, e).T
-
-
 def weight_errors(base_dir: Path, cand_dir: Path) -> dict | None:
     """Relative Frobenius error per layer component and per (layer, expert) of a compressed-tensors
     candidate against its base, streaming one module at a time."""
@@ -416,13 +351,13 @@ def weight_errors(base_dir: Path, cand_dir: Path) -> dict | None:
     if not qc or qc.get("format") not in _FORMAT_TO_SCHEME:
         return None
     scheme = _FORMAT_TO_SCHEME[qc["format"]]
-    spec = arch.spec_from_config(arch.load_config(base_dir))
-    base, cand = Checkpoint(base_dir), Checkpoint(cand_dir)
+    base = open_model(Source(base_dir, base_dir.name))
+    spec, cand = base.spec, Checkpoint(cand_dir)
     err2: dict[tuple[int, str], float] = {}
     ref2: dict[tuple[int, str], float] = {}
     exp_err2: dict[tuple[int, int], float] = {}
     exp_ref2: dict[tuple[int, int], float] = {}
-    for module, component, layer, expert, load in _linear_modules(base, spec):
+    for module, component, layer, expert, load in linear_weights(base):
         w = load().double()
         if f"{module}.weight_scale" in cand.by_name:
             parts = {s: read_tensor(cand.by_name[f"{module}.{s}"]) for s in _suffixes(scheme)}

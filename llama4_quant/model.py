@@ -27,6 +27,7 @@ QUANTIZED_SUFFIXES = {
     "int-quantized": ("weight", "weight_scale"),
     "float-quantized": ("weight", "weight_scale"),
 }
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _EXPERT_RE = re.compile(r"(.*\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.")
 
 
@@ -56,6 +57,35 @@ class Model:
 
     def check_finite(self) -> None:
         self.ckpt.check_finite()
+
+
+def unfuse_gate_up(gate_up_slice):
+    """One expert's gate and up projections as [inter, hidden] views of its slice of the fused
+    `experts.gate_up_proj` ([hidden, 2 * inter], gate first): the split every consumer of a BF16
+    Llama 4 checkpoint needs. The down projection is `down_proj[e].T`."""
+    inter = gate_up_slice.shape[1] // 2
+    return gate_up_slice[:, :inter].T, gate_up_slice[:, inter:].T
+
+
+def linear_weights(model: Model):
+    """(module, role, layer, expert, load) for every Linear of a BF16 model in storage order, experts
+    unfused; `load()` reads that one weight as an [out, in] view in its stored dtype."""
+    from .checkpoint import read_slice, read_tensor
+
+    for info in model.ckpt.tensors:
+        role = arch.classify(info.name, model.spec)
+        if role.role in arch.LINEAR_ROLES:
+            yield info.name.removesuffix(".weight"), role.role, role.layer, None, lambda info=info: read_tensor(info)
+        elif role.role == arch.EXPERTS_GATE_UP:
+            base = info.name.removesuffix(".gate_up_proj")
+            for e in range(info.shape[0]):
+                for half, proj in enumerate(EXPERT_PROJECTIONS[:2]):
+                    yield (f"{base}.{e}.{proj}", "experts", role.layer, e,
+                           lambda info=info, e=e, half=half: unfuse_gate_up(read_slice(info, e))[half])
+        elif role.role == arch.EXPERTS_DOWN:
+            base = info.name.removesuffix(".down_proj")
+            for e in range(info.shape[0]):
+                yield f"{base}.{e}.down_proj", "experts", role.layer, e, lambda info=info, e=e: read_slice(info, e).T
 
 
 def open_model(source: Source, *, quantized: bool | None = False) -> Model:

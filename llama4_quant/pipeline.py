@@ -33,15 +33,15 @@ from .checkpoint import (
     split_in_order,
     write_index,
 )
-from .errors import L4QError, UsageError
+from .errors import UsageError
 from .formats import compressed_tensors as ct
-from .model import Model, display_name, open_model
+from .devices import resolve_device
+from .model import EXPERT_PROJECTIONS, Model, display_name, open_model, unfuse_gate_up
 from .outputs import RECIPE_NAME
 from .scale_search import search_scales
 from .schemes import check_finite
 from .sources import Source
 
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Attention stays BF16 unless --quantize-attention: vLLM permutes Llama 4's q/k rows for its rotary
 # kernels, and until its fixes of February 2026 (PRs #34243, and #34471 re-landed as #35033; first
 # released in v0.17.0) it left int8/FP8 scales and int4 packed weights unpermuted, so such checkpoints
@@ -272,12 +272,13 @@ def _produce(unit: Unit, encoder: Encoder, device: torch.device):
         yield from encoder.encode(unit.module, weight, unit.module, None)
         return
     gate_up_info, down_info = unit.sources
-    i, inter = unit.expert, gate_up_info.shape[2] // 2
-    gate_up = read_slice(gate_up_info, i).to(device)  # [hidden, 2 * inter], gate first
+    i = unit.expert
+    gate_up = read_slice(gate_up_info, i).to(device)
     check_finite(gate_up, f"{gate_up_info.name}[{i}]")
-    yield from _expert_projection(unit, "gate_proj", gate_up[:, :inter].T, encoder)
-    yield from _expert_projection(unit, "up_proj", gate_up[:, inter:].T, encoder)
-    del gate_up
+    gate, up = unfuse_gate_up(gate_up)
+    yield from _expert_projection(unit, "gate_proj", gate, encoder)
+    yield from _expert_projection(unit, "up_proj", up, encoder)
+    del gate_up, gate, up
     down = read_slice(down_info, i).to(device)  # [inter, hidden]
     check_finite(down, f"{down_info.name}[{i}]")
     yield from _expert_projection(unit, "down_proj", down.T, encoder)
@@ -385,21 +386,6 @@ def _gptq_pass(plan: Plan, model: Model, stats, partial: Path, fingerprint: str,
     handler = GPTQPass(plan.spec, plan.scheme, set(plan.quantized_modules()))
     run_pass(WeightSource(model, device), stats.ids, handler, work, fingerprint, show_progress, desc="gptq")
     return GPTQResults(work, plan.spec.num_layers)
-
-
-def resolve_device(device: str) -> torch.device:
-    """auto, cpu, cuda or cuda:N, checked against what torch sees."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
-    if not m:
-        raise UsageError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
-        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
-    return torch.device(device)
 
 
 def _write_shards(plan: Plan, partial: outputs.Partial, encoder: Encoder, device: torch.device,

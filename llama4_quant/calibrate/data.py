@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..evaluate import load_text, quiet_transformers
+from ..text import load_text, quiet_transformers
 
 CHARS_PER_TOKEN_GUESS = 6  # the first tokenization attempt per segment; doubled until enough tokens
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from .. import __version__, arch, outputs
 from ..errors import CorruptCheckpointError, SourceNotFoundError, UsageError
+from ..devices import resolve_device
 from ..model import Model, display_name, open_model
 from ..sources import Source
 from .engine import LinearCall, Routing
@@ -133,8 +134,6 @@ class CalibrateResult:
 def calibrate(source: Source | Model, out: Path, ids: torch.Tensor, data_description: str, *, device: str = "auto",
               resume: bool = False, overwrite: bool = False, show_progress: bool = True) -> CalibrateResult:
     """Run the calibration ids through `source` layer by layer and write a STATS directory at `out`."""
-    from ..pipeline import resolve_device
-
     model = source if isinstance(source, Model) else open_model(source)
     # The layers' weights are checked as they load; the embedding (of which only the calibration ids'
     # rows are read) and lm_head (never read) are checked whole, so no broken weight goes unnoticed.

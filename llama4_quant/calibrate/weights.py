@@ -15,7 +15,7 @@ import torch
 from ..checkpoint import read_rows, read_slice, read_tensor
 from ..errors import CorruptCheckpointError
 from ..formats import compressed_tensors as ct
-from ..model import Model, open_model
+from ..model import Model, open_model, unfuse_gate_up
 from ..schemes import check_finite
 from ..sources import Source
 
@@ -67,10 +67,9 @@ class WeightSource:
         fused = self.ckpt.by_name.get(f"{base}.gate_up_proj")
         if fused is None:
             return tuple(self.linear(f"{base}.{e}.{p}") for p in ("gate_proj", "up_proj", "down_proj"))
-        inter = fused.shape[2] // 2
-        gate_up = self._to_device(read_slice(fused, e), f"{fused.name}[{e}]")  # [in, 2 * inter], gate first
-        down = self._to_device(read_slice(self._info(f"{base}.down_proj"), e), f"{base}.down_proj[{e}]")  # [inter, hidden]
-        return gate_up[:, :inter].T.contiguous(), gate_up[:, inter:].T.contiguous(), down.T.contiguous()
+        gate, up = unfuse_gate_up(self._to_device(read_slice(fused, e), f"{fused.name}[{e}]"))
+        down = self._to_device(read_slice(self._info(f"{base}.down_proj"), e), f"{base}.down_proj[{e}]")
+        return gate.contiguous(), up.contiguous(), down.T.contiguous()
 
     def embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 [*ids.shape, hidden]: only the rows of the token ids used are read."""

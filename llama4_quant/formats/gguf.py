@@ -26,7 +26,7 @@ from ..arch import Llama4Spec
 from ..checkpoint import Checkpoint, iter_row_blocks, read_slice
 from .. import outputs
 from ..errors import NonFiniteWeightError, SourceNotFoundError, UsageError
-from ..model import Model, display_name, open_model
+from ..model import Model, display_name, open_model, unfuse_gate_up
 from ..sources import Source
 from . import gguf_quants
 
@@ -188,7 +188,7 @@ def _expert_tensors(ckpt: Checkpoint, spec: Llama4Spec, ftype: str, layer: int) 
     def gate_or_up(half: int):
         def produce():
             for i in range(e):
-                yield read_slice(gate_up, i)[:, half * inter : (half + 1) * inter].T[None]
+                yield unfuse_gate_up(read_slice(gate_up, i))[half][None]
 
         return produce
 
@@ -260,7 +260,7 @@ def add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     import gguf
     from transformers import AutoTokenizer
 
-    from ..evaluate import quiet_transformers
+    from ..text import quiet_transformers
 
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

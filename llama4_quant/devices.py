@@ -1,0 +1,24 @@
+"""Where kernels run: --device auto, cpu, cuda or cuda:N, checked against what torch sees."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .errors import UsageError
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N, checked against what torch sees."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
+    if not m:
+        raise UsageError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(device)
