@@ -197,3 +197,18 @@ def test_quantize_attention_reproduces_the_recorded_bytes(run, tmp_path):
         args = ["quantize", "--model", "tiny", "--to", scheme, "--method", method, "--out", str(out), "--quantize-attention"]
     assert l4q(*args).exit_code == 0
     assert digests.digest_output(out) == recorded
+
+
+def test_push_refuses_a_symlink_leaving_the_derivative(tmp_path):
+    out = tmp_path / "tiny-int8"
+    assert l4q("quantize", "--model", "tiny", "--to", "int8", "--out", str(out)).exit_code == 0
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    (out / "notes.txt").symlink_to(secret)
+    for args in (["push", str(out), "--repo", "someone/tiny-int8", "--dry-run"], ["dedup", str(out)]):
+        result = l4q(*args, "--store", str(tmp_path / "store"))
+        assert_refused(result, "outside")
+    (out / "notes.txt").unlink()
+    (out / "inside.txt").symlink_to(out / "config.json")  # a link within the directory is fine
+    result = l4q("push", str(out), "--repo", "someone/tiny-int8", "--dry-run", "--store", str(tmp_path / "store"))
+    assert result.exit_code == 0, result.stderr
