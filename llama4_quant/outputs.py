@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import (
+    L4QError,
     OutputBusyError,
     OutputExistsError,
     OutputWriteError,
@@ -221,8 +222,6 @@ class Partial:
         """After an error: bad input (an L4QError other than a write error) leaves nothing behind, since
         a resume would hit the same error; anything else (a write error, an interruption) keeps the
         partial for --resume, where the command has one."""
-        from .errors import L4QError
-
         if not self.resumable or (isinstance(exc, L4QError) and not isinstance(exc, OutputWriteError)):
             self.discard()
         self.release()
@@ -251,17 +250,20 @@ def check_output(out: Path, sources: Iterable[Path], *, resume: bool, overwrite:
     why = _protected(partial, sources)
     if why:
         raise UnsafeOutputError(f"refusing to write {partial}: {why}; choose another --out")
-    if partial.is_dir() and _is_locked(partial):
-        raise OutputBusyError(f"another l4q process is writing {out}; wait for it to finish or choose another --out")
-    if partial.exists() and not (resume or overwrite) or (partial.exists() and not resumable and not overwrite):
-        action = "pass --resume to continue it or --overwrite to start over" if resumable else "pass --overwrite to start over"
-        raise OutputExistsError(f"an interrupted run left {partial}; {action}")
-    if partial.exists() and not partial.is_dir():
-        if not overwrite:  # a file partial of an older l4q: nothing to resume
-            raise OutputExistsError(f"an interrupted run left {partial}, which cannot be resumed; pass --overwrite")
-    elif partial.is_dir() and not _is_partial(partial):
-        raise UnsafeOutputError(f"refusing to use {partial}: it exists and is not an l4q partial output; move it away")
+    if partial.exists() or partial.is_symlink():
+        if partial.is_dir() and not _is_partial(partial):
+            raise UnsafeOutputError(f"refusing to use {partial}: it exists and is not an l4q partial output; move it away")
+        if partial.is_dir() and _is_locked(partial):
+            raise _busy(out)
+        # An interrupted run may only be continued (--resume, where there is one) or discarded (--overwrite).
+        if not overwrite and not (resume and resumable and partial.is_dir()):
+            action = "pass --resume to continue it or --overwrite to start over" if resumable else "pass --overwrite to start over"
+            raise OutputExistsError(f"an interrupted run left {partial}; {action}")
     return out
+
+
+def _busy(out: Path) -> OutputBusyError:
+    return OutputBusyError(f"another l4q process is writing {out}; wait for it to finish or choose another --out")
 
 
 def _is_locked(partial: Path) -> bool:
@@ -321,7 +323,7 @@ def _lock(partial: Path, out: Path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise OutputBusyError(f"another l4q process is writing {out}; wait for it to finish or choose another --out") from None
+        raise _busy(out) from None
     return f
 
 
