@@ -85,7 +85,7 @@ def needs_ggml(test):
 
 def ggml_quantize(x: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.zeros((x.shape[0], x.shape[1] // gq.BLOCK_SIZE[qtype] * gq.TYPE_SIZE[qtype]), dtype=np.uint8)
+    out = np.zeros((x.shape[0], x.shape[1] // gq.block_type(qtype).block_size * gq.block_type(qtype).type_size), dtype=np.uint8)
     qw = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
     fn = getattr(GGML, "quantize_" + qtype[:2].lower() + qtype[2:])
     fn(x.ctypes.data, out.ctypes.data, x.shape[0], x.shape[1], None if qw is None else qw.ctypes.data)
@@ -383,7 +383,7 @@ def test_legacy_types_match_gguf_py(qtype, make):
     x = make(48, 512)
     x[9, :32] = 3e-39  # subnormal block: 1 / d overflows in every implementation
     ours = gq.quantize(x, qtype)
-    assert ours.dtype == np.uint8 and ours.shape == (48, 512 // 32 * gq.TYPE_SIZE[qtype])
+    assert ours.dtype == np.uint8 and ours.shape == (48, 512 // 32 * gq.block_type(qtype).type_size)
     with np.errstate(all="ignore"):
         theirs = gguf_quants.quantize(x, GGML_TYPE[qtype])
     np.testing.assert_array_equal(ours, theirs)
@@ -434,7 +434,7 @@ def test_bytes_identical_to_ggml(qtype, importance):
     elif importance == "spiky":
         qw = (rng(11).standard_normal(768) ** 4).astype(np.float32)
         qw[::7] = 0
-    expected = ggml_quantize(x, qtype, qw if qtype in gq.K_QUANTS else None)
+    expected = ggml_quantize(x, qtype, qw if gq.block_type(qtype).uses_importance else None)
     np.testing.assert_array_equal(gq.quantize(x, qtype, qw), expected)
 
 
@@ -442,7 +442,7 @@ def test_bytes_identical_to_ggml(qtype, importance):
 def test_k_quants_decode_like_gguf_py(qtype):
     x = awkward(32, 1024)
     raw = gq.quantize(x, qtype)
-    assert raw.shape == (32, 4 * gq.TYPE_SIZE[qtype]) and raw.dtype == np.uint8
+    assert raw.shape == (32, 4 * gq.block_type(qtype).type_size) and raw.dtype == np.uint8
     ours = gq.dequantize(raw, qtype, 1024)
     np.testing.assert_array_equal(ours, gguf_quants.dequantize(raw, GGML_TYPE[qtype]))
     assert np.isfinite(ours).all()
@@ -513,7 +513,7 @@ def test_zero_constant_tiny_and_large_blocks(qtype):
     tol = {"Q8_0": 0.01, "Q6_K": 0.04, "Q4_0": 0.15, "Q4_K": 0.12}[qtype]
     assert rel_rmse(x[5], y[5]) < tol and rel_rmse(x[7], y[7]) < tol
     np.testing.assert_allclose(y[6], x[6], atol=0.02)
-    if qtype in gq.K_QUANTS:
+    if gq.block_type(qtype).uses_importance:
         np.testing.assert_array_equal(raw[0], 0)  # ggml's all-zero block: d = 0 and zero quants
 
 
@@ -560,3 +560,12 @@ def test_dequantize_checks_sizes():
     assert gq.dequantize(raw, "Q6_K", 256).shape == (4, 256)  # rows of 256 values: two per stored row
     with pytest.raises(ValueError, match="whole number"):
         gq.dequantize(raw.reshape(-1)[:-1], "Q6_K", 512)
+
+
+def test_block_geometry_is_gguf_py_s():
+    """The registry takes block sizes from gguf-py, and lists llama.cpp's fallback for partial rows."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    for name, bt in gq.BLOCK_TYPES.items():
+        assert (bt.block_size, bt.type_size) == GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+    assert gq.BLOCK_TYPES["Q6_K"].fallback == "Q8_0" and gq.BLOCK_TYPES["Q4_K"].fallback == "Q5_0"

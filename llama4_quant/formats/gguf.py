@@ -103,8 +103,12 @@ def tensor_type(name: str, ndim: int, cols: int, ftype: str, layer: int | None, 
     default = FILE_TYPES[ftype][1]
     if default in ("F32", "F16", "BF16"):
         return default
-    if default in gguf_quants.K_QUANTS and cols % 256 != 0:
-        return "Q8_0"  # llama.cpp's fallback for rows that are not whole super-blocks
+    block = gguf_quants.block_type(default)
+    if cols % block.block_size != 0:
+        # Rows that are not whole blocks: llama.cpp falls back Q4_K -> Q5_0 and Q6_K -> Q8_0. l4q has
+        # no Q5_0 encoder, so it writes Q8_0 there too (larger, more precise). Llama 4's rows (5120,
+        # 8192, 16384 wide) are all whole blocks, so no real checkpoint reaches this.
+        return block.fallback if block.fallback in gguf_quants.BLOCK_TYPES else "Q8_0"
     if name == "output.weight":
         return "Q8_0" if default == "Q8_0" else "Q6_K"
     if ftype == "Q4_K_M":
@@ -335,7 +339,7 @@ def encode(data: torch.Tensor, qtype: str, importance: np.ndarray | None) -> np.
         arr = data.to(torch.float32).numpy()
         return (arr if qtype == "F32" else arr.astype(np.float16)).reshape(-1).view(np.uint8)
     rows = data.reshape(-1, data.shape[-1]).to(torch.float32).numpy()
-    return gguf_quants.quantize(rows, qtype, importance if qtype in gguf_quants.K_QUANTS else None).reshape(-1)
+    return gguf_quants.quantize(rows, qtype, importance).reshape(-1)
 
 
 @dataclass

@@ -34,15 +34,14 @@ What happens at the edges (all as in ggml, except that overflow is refused):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import L4QError, NonFiniteWeightError
-
-BLOCK_SIZE = {"Q8_0": 32, "Q4_0": 32, "Q4_K": 256, "Q6_K": 256}
-TYPE_SIZE = {"Q8_0": 34, "Q4_0": 18, "Q4_K": 144, "Q6_K": 210}
-K_QUANTS = ("Q4_K", "Q6_K")
 
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)
@@ -59,37 +58,56 @@ class ScaleOverflowError(L4QError):
 # Public API
 
 
+@dataclass(frozen=True)
+class BlockType:
+    """One GGML block type: its encoder and decoder, whether importance steers it, and the type
+    llama-quantize falls back to for rows that are not whole blocks. Block geometry comes from
+    gguf-py's GGML_QUANT_SIZES. Adding a type is one entry in BLOCK_TYPES (at the end of this
+    module) plus its exactness tests."""
+
+    name: str
+    encode: Callable[[Any, Any], np.ndarray]  # ([rows, cols] floats, importance or None) -> bytes
+    decode: Callable[[np.ndarray], np.ndarray]  # blocks [n, type_size] uint8 -> float32 [n, block_size]
+    uses_importance: bool
+    fallback: str | None  # llama.cpp's choice when cols % block_size != 0
+
+    @property
+    def block_size(self) -> int:
+        return GGML_QUANT_SIZES[GGMLQuantizationType[self.name]][0]
+
+    @property
+    def type_size(self) -> int:
+        return GGML_QUANT_SIZES[GGMLQuantizationType[self.name]][1]
+
+
+def block_type(qtype: str) -> BlockType:
+    try:
+        return BLOCK_TYPES[qtype]
+    except KeyError:
+        raise ValueError(f"unsupported GGML block type {qtype!r}; expected one of {sorted(BLOCK_TYPES)}") from None
+
+
 def quantize(weights: Any, qtype: str, importance: Any = None) -> np.ndarray:
     """Quantize a [rows, cols] float matrix to `qtype`'s GGUF bytes, uint8 [rows, cols // block * size].
 
     `importance` (length `cols`, e.g. an imatrix's mean x^2 per input channel) steers the K-quants'
     scale search toward the channels that matter; Q8_0 and Q4_0 ignore it, as llama.cpp does.
     """
-    if qtype == "Q8_0":
-        return quantize_q8_0(weights)
-    if qtype == "Q4_0":
-        return quantize_q4_0(weights)
-    if qtype == "Q4_K":
-        return quantize_q4_k(weights, importance)
-    if qtype == "Q6_K":
-        return quantize_q6_k(weights, importance)
-    raise ValueError(f"unsupported GGML block type {qtype!r}; expected one of {sorted(BLOCK_SIZE)}")
+    bt = block_type(qtype)
+    return bt.encode(weights, importance if bt.uses_importance else None)
 
 
 def dequantize(raw: np.ndarray, qtype: str, cols: int) -> np.ndarray:
     """Decode `qtype` bytes (any shape holding whole rows of `cols` values) to float32 [rows, cols]."""
-    if qtype not in BLOCK_SIZE:
-        raise ValueError(f"unsupported GGML block type {qtype!r}; expected one of {sorted(BLOCK_SIZE)}")
-    bs, ts = BLOCK_SIZE[qtype], TYPE_SIZE[qtype]
+    bt = block_type(qtype)
+    bs, ts = bt.block_size, bt.type_size
     if cols % bs:
         raise ValueError(f"{qtype} needs cols to be a multiple of {bs}, got {cols}")
     raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     row_bytes = cols // bs * ts
     if raw.size % row_bytes:
         raise ValueError(f"{raw.size} bytes is not a whole number of {qtype} rows of {cols} values")
-    blocks = raw.reshape(-1, ts)
-    decode = {"Q8_0": _dequant_q8_0, "Q4_0": _dequant_q4_0, "Q4_K": _dequant_q4_k, "Q6_K": _dequant_q6_k}[qtype]
-    return decode(blocks).reshape(-1, cols)
+    return bt.decode(raw.reshape(-1, ts)).reshape(-1, cols)
 
 
 def quantize_q8_0(w: Any) -> np.ndarray:
@@ -141,7 +159,7 @@ def _k_quant(w: Any, qtype: str, importance: Any, encode_chunk) -> np.ndarray:
     """Encode a matrix chunk of rows at a time with `encode_chunk(chunk, importance)`."""
     src, rows, cols = _matrix(w, qtype)
     qw = _as_importance(importance, cols)
-    out = np.empty((rows, cols // QK_K * TYPE_SIZE[qtype]), dtype=np.uint8)
+    out = np.empty((rows, cols // QK_K * block_type(qtype).type_size), dtype=np.uint8)
     for r0, r1, chunk in _float_chunks(src, rows, cols):
         out[r0:r1] = encode_chunk(chunk, qw).reshape(r1 - r0, -1)
     return out
@@ -169,8 +187,9 @@ def _matrix(w: Any, qtype: str) -> tuple[Any, int, int]:
         if src.ndim != 2 or not np.issubdtype(src.dtype, np.floating):
             raise ValueError(f"{qtype} quantization takes a 2-D float matrix, got {src.shape} {src.dtype}")
     rows, cols = (int(n) for n in src.shape)
-    if cols % BLOCK_SIZE[qtype]:
-        raise ValueError(f"{qtype} needs cols to be a multiple of {BLOCK_SIZE[qtype]}, got shape {(rows, cols)}")
+    block = block_type(qtype).block_size
+    if cols % block:
+        raise ValueError(f"{qtype} needs cols to be a multiple of {block}, got shape {(rows, cols)}")
     return src, rows, cols
 
 
@@ -630,3 +649,14 @@ def _dequant_q6_k(blocks: np.ndarray) -> np.ndarray:
     q = ((low | (high << 4)).astype(np.int8) - np.int8(32)).reshape(B, 16, 16).astype(np.float32)
     d = (_f16(blocks, 208) * scales)[:, :, None]
     return (d * q).reshape(B, QK_K)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry. llama.cpp's fallbacks (llama-quant.cpp): Q4_K -> Q5_0, Q6_K -> Q8_0.
+
+BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
+    BlockType("Q8_0", lambda w, _imp: quantize_q8_0(w), _dequant_q8_0, uses_importance=False, fallback=None),
+    BlockType("Q4_0", lambda w, _imp: quantize_q4_0(w), _dequant_q4_0, uses_importance=False, fallback=None),
+    BlockType("Q4_K", quantize_q4_k, _dequant_q4_k, uses_importance=True, fallback="Q5_0"),
+    BlockType("Q6_K", quantize_q6_k, _dequant_q6_k, uses_importance=True, fallback="Q8_0"),
+)}
