@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import __version__, arch
+from .. import __version__, arch, outputs
 from ..arch import Llama4Spec
 from ..checkpoint import Checkpoint, iter_row_blocks, read_slice
-from .. import outputs
 from ..errors import NonFiniteWeightError, SourceNotFoundError, UsageError
 from ..model import Model, display_name, open_model, unfuse_gate_up
 from ..sources import Source
