@@ -176,7 +176,7 @@ def inspect(model, as_json, check_values):
     click.echo(json.dumps(report, indent=2) if as_json else inspection.format_report(report))
 
 
-@main.group(cls=click.Group)
+@main.group()
 def export():
     """Export a BF16 Llama 4 checkpoint to another runtime's format."""
 

@@ -216,7 +216,7 @@ class Checkpoint:
             h.update(_pread_exact(path, 0, self.header_bytes[path]))
         for t in self.tensors:
             n = min(FINGERPRINT_SAMPLE, t.nbytes)
-            for at in {0, (t.nbytes - n) // 2, t.nbytes - n}:
+            for at in sorted({0, (t.nbytes - n) // 2, t.nbytes - n}):
                 h.update(_pread_exact(t.file, t.offset + at, n))
         return h.hexdigest()
 

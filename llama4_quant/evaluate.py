@@ -32,7 +32,7 @@ from .errors import (
     UsageError,
 )
 from .formats import compressed_tensors as ct
-from .model import Model, check_gguf, display_name, linear_weights, open_model
+from .model import QUANTIZED_SUFFIXES, Model, check_gguf, display_name, linear_weights, open_model
 from .sources import Source
 from .text import load_text, quiet_transformers
 
@@ -343,7 +343,7 @@ def summarize(scores: list[WindowScores], moe_layers: list[int]) -> dict:
 _FORMAT_TO_SCHEME = {s.format: s for s in ct.SCHEMES.values()}
 
 
-def weight_errors(base_dir: Path, cand_dir: Path) -> dict | None:
+def weight_errors(base: Model, cand_dir: Path) -> dict | None:
     """Relative Frobenius error per layer component and per (layer, expert) of a compressed-tensors
     candidate against its base, streaming one module at a time."""
     config = json.loads((cand_dir / "config.json").read_text())
@@ -351,7 +351,6 @@ def weight_errors(base_dir: Path, cand_dir: Path) -> dict | None:
     if not qc or qc.get("format") not in _FORMAT_TO_SCHEME:
         return None
     scheme = _FORMAT_TO_SCHEME[qc["format"]]
-    base = open_model(Source(base_dir, base_dir.name))
     spec, cand = base.spec, Checkpoint(cand_dir)
     err2: dict[tuple[int, str], float] = {}
     ref2: dict[tuple[int, str], float] = {}
@@ -360,7 +359,7 @@ def weight_errors(base_dir: Path, cand_dir: Path) -> dict | None:
     for module, component, layer, expert, load in linear_weights(base):
         w = load().double()
         if f"{module}.weight_scale" in cand.by_name:
-            parts = {s: read_tensor(cand.by_name[f"{module}.{s}"]) for s in _suffixes(scheme)}
+            parts = {s: read_tensor(cand.by_name[f"{module}.{s}"]) for s in QUANTIZED_SUFFIXES[scheme.format]}
             wq = ct.decode_linear(parts, scheme).double()
         elif f"{module}.weight" in cand.by_name:
             wq = read_tensor(cand.by_name[f"{module}.weight"]).double()
@@ -387,10 +386,6 @@ def weight_errors(base_dir: Path, cand_dir: Path) -> dict | None:
     experts = [[rel(exp_err2.get((l, e), 0.0), exp_ref2.get((l, e), 0.0)) for e in range(spec.num_experts)] for l in expert_layers]
     return {"metric": "relative Frobenius error ||W_q - W|| / ||W||", "per_layer": per_layer,
             "expert_layers": expert_layers, "experts": experts}
-
-
-def _suffixes(scheme: ct.Scheme) -> tuple[str, ...]:
-    return ("weight_packed", "weight_scale", "weight_shape") if scheme.name == "int4" else ("weight", "weight_scale")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,8 +424,7 @@ def evaluate(
         raise UsageError(f"--max-tokens {max_tokens}: must be positive")
     base_model = open_model(base) if not isinstance(base, Model) else base
     candidates = [Path(c) for c in candidates]
-    for c in candidates:
-        check_candidate(c, base_model)
+    opened = [check_candidate(c, base_model) for c in candidates]
     spec = base_model.spec
     base = base_model.source
     chunk = spec.attention_chunk_size
@@ -439,10 +433,9 @@ def evaluate(
     windows = token_windows(base.path, text, ctx, max_tokens)
     digest = ids_digest(windows)
     # NaN/Inf anywhere would only show up as a report full of nan: refuse it before running anything.
-    base_model.check_finite()
-    for c in candidates:
-        if c.is_dir():
-            open_model(Source(c, c.name), quantized=None).check_finite()
+    for model in (base_model, *opened):
+        if model is not None:
+            model.check_finite()
 
     # The cached base reference is valid for these ids, this l4q and the base's content.
     key = hashlib.sha256(f"{__version__}:{base_model.fingerprint()}:{digest}:{TOP_K}".encode()).hexdigest()
@@ -498,24 +491,26 @@ def evaluate(
             "token_ids_sha256": ids_digest(torch.stack(fed)),
         }
         entry.update(summarize(scores, reference.moe_layers))
-        entry["weight_error"] = None if gguf else weight_errors(base.path, path)
+        entry["weight_error"] = None if gguf else weight_errors(base_model, path)
         report["candidates"].append(entry)
     return report
 
 
-def check_candidate(path: Path, base: Model) -> None:
-    """A candidate is a derivative directory of the base's architecture, or a readable llama4 GGUF file."""
+def check_candidate(path: Path, base: Model) -> Model | None:
+    """A candidate is a derivative directory of the base's architecture (returned, opened), or a
+    readable llama4 GGUF file (None)."""
     if not path.exists():
         raise SourceNotFoundError(f"{path}: no such candidate (a compressed-tensors directory or a .gguf file)")
     if path.is_dir():
-        cand = open_model(Source(path, path.name), quantized=None)
+        cand = open_model(Source(path, path.name), allow_quantized=True)
         if cand.spec != base.spec:
             raise ShapeMismatchError(f"{path}: its config.json describes another architecture than the base's "
                                      f"({cand.spec.num_layers} layers, {cand.spec.num_experts} experts, hidden "
                                      f"{cand.spec.hidden_size} vs {base.spec.num_layers}, {base.spec.num_experts}, "
                                      f"{base.spec.hidden_size})")
-        return
+        return cand
     check_gguf(path, base.spec)
+    return None
 
 
 def _scheme_name(path: Path) -> str:

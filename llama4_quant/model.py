@@ -17,11 +17,12 @@ from pathlib import Path
 
 from . import arch
 from .arch import Llama4Spec
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, read_slice, read_tensor
 from .errors import CorruptCheckpointError, NotLlama4Error, ShapeMismatchError, SourceNotFoundError, UsageError
-from .sources import Source
+from .sources import PRESETS, Source
 
-# Stored tensors of one compressed-tensors Linear, by format (see formats/compressed_tensors.py)
+# Stored tensors of one compressed-tensors Linear, by format (written by formats/compressed_tensors.py;
+# here, without torch, for validation and for every reader of derivatives)
 QUANTIZED_SUFFIXES = {
     "pack-quantized": ("weight_packed", "weight_scale", "weight_shape"),
     "int-quantized": ("weight", "weight_scale"),
@@ -70,8 +71,6 @@ def unfuse_gate_up(gate_up_slice):
 def linear_weights(model: Model):
     """(module, role, layer, expert, load) for every Linear of a BF16 model in storage order, experts
     unfused; `load()` reads that one weight as an [out, in] view in its stored dtype."""
-    from .checkpoint import read_slice, read_tensor
-
     for info in model.ckpt.tensors:
         role = arch.classify(info.name, model.spec)
         if role.role in arch.LINEAR_ROLES:
@@ -88,12 +87,12 @@ def linear_weights(model: Model):
                 yield f"{base}.{e}.down_proj", "experts", role.layer, e, lambda info=info, e=e: read_slice(info, e).T
 
 
-def open_model(source: Source, *, quantized: bool | None = False) -> Model:
-    """Open and validate `source`. quantized: False (a BF16 source), True (a derivative), None (either)."""
+def open_model(source: Source, *, allow_quantized: bool = False) -> Model:
+    """Open and validate `source`: a BF16 model, or with `allow_quantized` also a compressed-tensors derivative."""
     config = arch.load_config(source.path)
     spec = arch.spec_from_config(config, str(source.path / "config.json"))
     qc = config.get("quantization_config")
-    if qc and quantized is False:
+    if qc and not allow_quantized:
         raise UsageError(f"{source.path} is already quantized ({_format_of(qc)}); use the BF16 model it was made from")
     ckpt = Checkpoint(source.path)
     model = Model(source, config, spec, ckpt)
@@ -177,8 +176,6 @@ def display_name(source: Source) -> str:
     (never a local path)."""
     if source.repo_id:
         return source.repo_id
-    from .sources import PRESETS
-
     return source.label if source.label in PRESETS else source.path.name
 
 
@@ -210,7 +207,7 @@ def check_derivative(path: Path) -> None:
     if path.is_file() and path.suffix == ".gguf":
         check_gguf(path)
     elif path.is_dir():
-        open_model(Source(path, path.name), quantized=None).check_finite()
+        open_model(Source(path, path.name), allow_quantized=True).check_finite()
     elif path.exists():
         raise UsageError(f"{path}: not a model directory or a .gguf file")
     else:

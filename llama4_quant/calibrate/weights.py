@@ -15,7 +15,7 @@ import torch
 from ..checkpoint import read_rows, read_slice, read_tensor
 from ..errors import CorruptCheckpointError
 from ..formats import compressed_tensors as ct
-from ..model import Model, open_model, unfuse_gate_up
+from ..model import QUANTIZED_SUFFIXES, Model, open_model, unfuse_gate_up
 from ..schemes import check_finite
 from ..sources import Source
 
@@ -29,7 +29,7 @@ class WeightSource:
 
     def __init__(self, model: Model | Path, device: torch.device | str = "cpu"):
         if not isinstance(model, Model):
-            model = open_model(Source(Path(model), Path(model).name), quantized=None)
+            model = open_model(Source(Path(model), Path(model).name), allow_quantized=True)
         self.model = model
         self.dir, self.config, self.spec, self.ckpt = model.dir, model.config, model.spec, model.ckpt
         self.device = torch.device(device)
@@ -54,8 +54,7 @@ class WeightSource:
     def linear(self, module: str) -> torch.Tensor:
         """[out, in] float32 weight of one Linear, decoded if it is stored quantized."""
         if self.scheme is not None and f"{module}.weight_scale" in self.ckpt.by_name:
-            suffixes = ("weight_packed", "weight_scale", "weight_shape") if self.scheme.name == "int4" else ("weight", "weight_scale")
-            parts = {s: read_tensor(self._info(f"{module}.{s}")).to(self.device) for s in suffixes}
+            parts = {s: read_tensor(self._info(f"{module}.{s}")).to(self.device) for s in QUANTIZED_SUFFIXES[self.scheme.format]}
             weight = ct.decode_linear_as_loaded(parts, self.scheme)
             check_finite(weight, module)
             return weight
