@@ -162,10 +162,11 @@ def test_published_files_name_no_local_path(tmp_path):
     assert b"private-place" not in gguf.read_bytes()
 
 
-def test_attention_stays_bf16_by_default(small_model, tmp_path):
+@pytest.mark.parametrize("scheme", ["int4", "int8", "fp8"])
+def test_attention_stays_bf16_by_default(small_model, tmp_path, scheme):
     default, opted = tmp_path / "default", tmp_path / "opted"
-    assert l4q("quantize", "--model", str(small_model), "--to", "fp8", "--out", str(default)).exit_code == 0
-    result = CliRunner().invoke(main, ["quantize", "--model", str(small_model), "--to", "fp8", "--out", str(opted),
+    assert l4q("quantize", "--model", str(small_model), "--to", scheme, "--out", str(default)).exit_code == 0
+    result = CliRunner().invoke(main, ["quantize", "--model", str(small_model), "--to", scheme, "--out", str(opted),
                                        "--quantize-attention", "--quiet"])
     assert result.exit_code == 0 and "l4q: warning:" in result.stderr and "vLLM" in result.stderr
     names = set(json.loads((default / "model.safetensors.index.json").read_text())["weight_map"])
