@@ -83,12 +83,17 @@ def quality(models: list[str], windows: int) -> None:
               f"{k['p99']:.4f} | {c['top1_agreement']:.2%} |")
 
 
-def scout_shapes(workdir: Path, layers: int, types: list[str]) -> None:
-    src = ensure_checkpoint(workdir, layers)
+def borrow_tiny_tokenizer(src: Path) -> None:
+    """A GGUF carries the tokenizer, and the synthetic checkpoint has none: borrow tiny's."""
     tiny = sources.resolve("tiny").path
-    for name in TOKENIZER_FILES:  # the synthetic checkpoint has no tokenizer; borrow tiny's
+    for name in TOKENIZER_FILES:
         if not (src / name).exists():
             shutil.copyfile(tiny / name, src / name)
+
+
+def scout_shapes(workdir: Path, layers: int, types: list[str]) -> None:
+    src = ensure_checkpoint(workdir, layers)
+    borrow_tiny_tokenizer(src)
     bf16 = Checkpoint(src).total_bytes
     rows = []
     for t in types:

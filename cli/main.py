@@ -12,6 +12,12 @@ import click
 
 from llama4_quant import __version__
 from llama4_quant.errors import L4QError
+from llama4_quant.formats.compressed_tensors import scheme_names
+from llama4_quant.formats.gguf_types import FILE_TYPES
+
+# The choices come from the registries, which load without torch.
+SCHEME_NAMES = scheme_names()
+GGUF_FILE_TYPES = list(FILE_TYPES)
 
 
 def one_line_errors(fn):
@@ -92,37 +98,46 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", "model", required=True, help="Source: a model directory, a hub repo id, or a preset (tiny, tiny-maverick, scout, maverick).")
-@click.option("--to", "scheme", required=True, type=click.Choice(["int4", "int8", "fp8"]), help="Quantization scheme.")
-@click.option("--out", type=click.Path(path_type=Path), help="Output directory [default: ./<model>-<scheme>].")
-@click.option("--method", default="rtn", show_default=True, type=click.Choice(["rtn", "mse", "gptq"]), help="rtn: absmax round-to-nearest; mse: searched scales (importance-weighted with --calib); gptq: GPTQ, needs --calib.")
-@click.option("--calib", type=click.Path(path_type=Path), help="Calibration statistics from `l4q calibrate` (required for --method gptq).")
+@click.option("--to", "schemes", multiple=True, type=click.Choice(SCHEME_NAMES), help="Compressed-tensors scheme. Repeatable, and with --gguf: every target is written from one read of the source.")
+@click.option("--gguf", "gguf_types", multiple=True, type=click.Choice(GGUF_FILE_TYPES), help="Also write a GGUF file of this type from the same read. Repeatable.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output of a single target [default: <out-dir>/<model>-<scheme> or <model>-<type>.gguf].")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("."), show_default=True, help="Where targets with default names go.")
+@click.option("--method", default="rtn", show_default=True, type=click.Choice(["rtn", "mse", "gptq"]), help="For --to: rtn: absmax round-to-nearest; mse: searched scales (importance-weighted with --calib); gptq: GPTQ, needs --calib.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration statistics from `l4q calibrate`: for --method mse / gptq, and the importance matrix of --gguf targets.")
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=_size_option, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--ignore", multiple=True, metavar="REGEX", help="Also keep matching Linear modules BF16 (regex matched from the start of the module name, e.g. '.*shared_expert.*'). Repeatable.")
 @click.option("--quantize-attention", is_flag=True, help="Quantize self_attn too (kept BF16 by default: vLLM before 0.17.0 loads quantized Llama 4 attention wrong).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished shard.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (or discard an interrupted one).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run: every target from its first unfinished shard or tensor.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (or discard interrupted ones).")
 @click.option("--device", default="auto", show_default=True, help="Where the kernels run: auto, cpu, cuda, cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def quantize(model, scheme, out, method, calib, max_shard_size, ignore, quantize_attention, resume, overwrite, device, quiet):
-    """Stream a BF16 Llama 4 checkpoint into an int4 / int8 / FP8 compressed-tensors checkpoint."""
+def quantize(model, schemes, gguf_types, out, out_dir, method, calib, max_shard_size, ignore, quantize_attention, resume,
+             overwrite, device, quiet):
+    """Stream a BF16 Llama 4 checkpoint into compressed-tensors checkpoints (int4 / int8 / FP8) and GGUF
+    files, all from one read."""
+    if out is not None and len(schemes) + len(gguf_types) > 1:
+        raise click.UsageError("--out names one output; with several targets, use --out-dir")
     opened = open_model(model)
-    out = out or Path(f"{Path(opened.source.label).name}-{scheme}")
-    from llama4_quant import pipeline
+    name = Path(opened.source.label).name
+    scheme_outs = [(s, out or out_dir / f"{name}-{s}") for s in dict.fromkeys(schemes)]
+    gguf_outs = [(t, out or out_dir / f"{name}-{t}.gguf") for t in dict.fromkeys(gguf_types)]
+    from llama4_quant.derive import derive
 
-    result = pipeline.quantize(
-        opened, out, scheme, method=method, calib=calib, ignore=ignore, quantize_attention=quantize_attention,
-        max_shard_size=max_shard_size, resume=resume, overwrite=overwrite, device=device, show_progress=not quiet,
-    )
+    done, read, warnings = derive(
+        opened, scheme_outs, gguf_outs, method=method, calib=calib, ignore=ignore, quantize_attention=quantize_attention,
+        max_shard_size=max_shard_size, resume=resume, overwrite=overwrite, device=device, show_progress=not quiet)
+    for warning in warnings:
+        click.echo(f"l4q: warning: {warning}", err=True)
     if not quiet:
-        click.echo(
-            f"wrote {result.out}: {len(result.plan.quantized_modules())} modules quantized to {scheme}, "
-            f"{human_bytes(result.source_bytes)} -> {human_bytes(result.output_bytes)} in {len(result.plan.shards)} shards"
-            + (f" ({result.shards_resumed} resumed)" if result.shards_resumed else "")
-        )
-    if quantize_attention:
-        click.echo(f"l4q: warning: quantized attention loads correctly only in {pipeline.QUANTIZED_ATTENTION_VLLM}",
-                   err=True)
+        for d in done:
+            click.echo(f"wrote {d.out}: {d.what}, {human_bytes(d.source_bytes)} -> {human_bytes(d.output_bytes)}")
+        if len(done) > 1:
+            click.echo(f"read {human_bytes(read)} of the source once for {len(done)} outputs")
+    if quantize_attention and schemes:
+        from llama4_quant.pipeline import QUANTIZED_ATTENTION_VLLM
+
+        click.echo(f"l4q: warning: quantized attention loads correctly only in {QUANTIZED_ATTENTION_VLLM}", err=True)
 
 
 @main.command()
@@ -183,33 +198,25 @@ def export():
 
 @export.command("gguf")
 @click.argument("model")
-@click.option("--type", "ftype", default="Q4_K_M", show_default=True, type=click.Choice(["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q4_K_M"]), help="GGUF file type.")
+@click.option("--type", "ftype", default="Q4_K_M", show_default=True, type=click.Choice(GGUF_FILE_TYPES), help="GGUF file type.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output file [default: ./<model>-<type>.gguf].")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Calibration statistics from `l4q calibrate`: importance-weighted K-quant search.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished tensor.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def export_gguf(model, ftype, out, imatrix, overwrite, quiet):
+def export_gguf(model, ftype, out, imatrix, resume, overwrite, quiet):
     """Write a GGUF file for llama.cpp straight from BF16 safetensors, in one streaming pass."""
-    from llama4_quant import outputs
-
     opened = open_model(model)
     out = out or Path(f"{Path(opened.source.label).name}-{ftype}.gguf")
-    outputs.check_output(out, opened.paths, resume=False, overwrite=overwrite, is_file=True, resumable=False)
-    from llama4_quant.formats import gguf
+    from llama4_quant.derive import derive
 
-    importance = None
-    if imatrix:
-        from llama4_quant.calibrate.stats import Stats
-
-        stats = Stats(imatrix)
-        stats.check_model(opened.dir)
-        importance = stats.importance
-    result = gguf.export_gguf(opened, out, ftype, importance=importance, overwrite=overwrite, show_progress=not quiet)
-    for warning in result.warnings:
+    (done,), _, warnings = derive(opened, [], [(ftype, out)], calib=imatrix, resume=resume, overwrite=overwrite,
+                                  show_progress=not quiet)
+    for warning in warnings:
         click.echo(f"l4q: warning: {warning}", err=True)
     if not quiet:
-        click.echo(f"wrote {result.out}: {len(result.tensors)} tensors, {human_bytes(result.source_bytes)} -> {human_bytes(result.output_bytes)}")
+        click.echo(f"wrote {done.out}: {done.what}, {human_bytes(done.source_bytes)} -> {human_bytes(done.output_bytes)}")
 
 
 @main.command("eval")

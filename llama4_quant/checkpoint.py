@@ -227,7 +227,16 @@ class Checkpoint:
                 check_raw_finite(chunk, info.dtype, info.name)
 
 
+_bytes_read = 0
+
+
+def bytes_read() -> int:
+    """Bytes of checkpoint data this process has read so far (how the read-once claim is checked)."""
+    return _bytes_read
+
+
 def _pread_exact(path: Path, offset: int, nbytes: int) -> bytearray:
+    global _bytes_read
     buf = bytearray(nbytes)
     view = memoryview(buf)
     fd = os.open(path, os.O_RDONLY)
@@ -240,6 +249,7 @@ def _pread_exact(path: Path, offset: int, nbytes: int) -> bytearray:
             done += n
     finally:
         os.close(fd)
+    _bytes_read += nbytes
     return buf
 
 
@@ -270,10 +280,17 @@ def read_rows(info: TensorInfo, start: int, stop: int):
     return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(stop - start, *info.shape[1:])
 
 
-def iter_row_blocks(info: TensorInfo, block_bytes: int = 64 * 1024 * 1024) -> Iterator:
-    """The tensor in consecutive blocks of whole rows, each about `block_bytes` (at least one row)."""
-    per = max(info.nbytes // max(info.shape[0], 1), 1)
-    step = max(block_bytes // per, 1)
+ROW_BLOCK_BYTES = 64 * 1024 * 1024
+
+
+def rows_per_block(info: TensorInfo) -> int:
+    """Whole rows in about ROW_BLOCK_BYTES of a tensor (at least one)."""
+    return max(ROW_BLOCK_BYTES // max(info.nbytes // max(info.shape[0], 1), 1), 1)
+
+
+def iter_row_blocks(info: TensorInfo) -> Iterator:
+    """The tensor in consecutive blocks of whole rows, `rows_per_block` at a time."""
+    step = rows_per_block(info)
     for start in range(0, info.shape[0], step):
         yield read_rows(info, start, min(start + step, info.shape[0]))
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__, arch
+from . import __version__, arch, walk
 from .checkpoint import Checkpoint, read_tensor
 from .errors import (
     NonFiniteWeightError,
@@ -32,7 +32,7 @@ from .errors import (
     UsageError,
 )
 from .formats import compressed_tensors as ct
-from .model import QUANTIZED_SUFFIXES, Model, check_gguf, display_name, linear_weights, open_model
+from .model import Model, check_gguf, display_name, open_model
 from .sources import Source
 from .text import load_text, quiet_transformers
 
@@ -340,37 +340,41 @@ def summarize(scores: list[WindowScores], moe_layers: list[int]) -> dict:
 # Weight error, from the weights alone
 
 
-_FORMAT_TO_SCHEME = {s.format: s for s in ct.SCHEMES.values()}
-
-
 def weight_errors(base: Model, cand_dir: Path) -> dict | None:
     """Relative Frobenius error per layer component and per (layer, expert) of a compressed-tensors
     candidate against its base, streaming one module at a time."""
     config = json.loads((cand_dir / "config.json").read_text())
     qc = config.get("quantization_config")
-    if not qc or qc.get("format") not in _FORMAT_TO_SCHEME:
+    scheme = ct.scheme_for_format(qc.get("format")) if qc else None
+    if scheme is None:
         return None
-    scheme = _FORMAT_TO_SCHEME[qc["format"]]
     spec, cand = base.spec, Checkpoint(cand_dir)
     err2: dict[tuple[int, str], float] = {}
     ref2: dict[tuple[int, str], float] = {}
     exp_err2: dict[tuple[int, int], float] = {}
     exp_ref2: dict[tuple[int, int], float] = {}
-    for module, component, layer, expert, load in linear_weights(base):
-        w = load().double()
+
+    def candidate_weight(module: str) -> torch.Tensor | None:
         if f"{module}.weight_scale" in cand.by_name:
-            parts = {s: read_tensor(cand.by_name[f"{module}.{s}"]) for s in QUANTIZED_SUFFIXES[scheme.format]}
-            wq = ct.decode_linear(parts, scheme).double()
-        elif f"{module}.weight" in cand.by_name:
-            wq = read_tensor(cand.by_name[f"{module}.weight"]).double()
-        else:
-            continue
-        e2, r2 = (wq - w).pow(2).sum().item(), w.pow(2).sum().item()
-        err2[(layer, component)] = err2.get((layer, component), 0.0) + e2
-        ref2[(layer, component)] = ref2.get((layer, component), 0.0) + r2
-        if expert is not None:
-            exp_err2[(layer, expert)] = exp_err2.get((layer, expert), 0.0) + e2
-            exp_ref2[(layer, expert)] = exp_ref2.get((layer, expert), 0.0) + r2
+            return scheme.decode({s: read_tensor(cand.by_name[f"{module}.{s}"]) for s in scheme.suffixes}).double()
+        if f"{module}.weight" in cand.by_name:
+            return read_tensor(cand.by_name[f"{module}.weight"]).double()
+        return None
+
+    def compare(w: walk.Weight, base_weight: torch.Tensor) -> None:
+        wq = candidate_weight(w.module)
+        if wq is None:
+            return
+        base_weight = base_weight.double()
+        e2, r2 = (wq - base_weight).pow(2).sum().item(), base_weight.pow(2).sum().item()
+        component = w.role if w.expert is None else "experts"
+        err2[(w.layer, component)] = err2.get((w.layer, component), 0.0) + e2
+        ref2[(w.layer, component)] = ref2.get((w.layer, component), 0.0) + r2
+        if w.expert is not None:
+            exp_err2[(w.layer, w.expert)] = exp_err2.get((w.layer, w.expert), 0.0) + e2
+            exp_ref2[(w.layer, w.expert)] = exp_ref2.get((w.layer, w.expert), 0.0) + r2
+
+    walk.walk(base, [walk.Visitor(lambda w: w.role in arch.LINEAR_ROLES or w.expert is not None, compare)])
 
     def rel(e, r):
         return math.sqrt(e / r) if r > 0 else 0.0
@@ -437,22 +441,7 @@ def evaluate(
         if model is not None:
             model.check_finite()
 
-    # The cached base reference is valid for these ids, this l4q and the base's content.
-    key = hashlib.sha256(f"{__version__}:{base_model.fingerprint()}:{digest}:{TOP_K}".encode()).hexdigest()
-    cache_path = (cache_dir / f"base-{key[:16]}.npz") if cache_dir else None
-    reference = BaseReference.load(cache_path, key) if cache_path and cache_path.is_file() else None
-    if reference is None:
-        runner = make_runner(base.path, device, engine, batch_windows)
-        reference = compute_base_reference(runner, windows, TOP_K, spec.vocab_size, progress)
-        del runner
-        if cache_path:
-            from .outputs import writing
-
-            with writing(cache_path):
-                cache_path.parent.mkdir(parents=True, exist_ok=True)
-                reference.save(cache_path, key)
-
-    full_scored = ctx - 1
+    reference = _base_reference(base_model, windows, digest, cache_dir, device, engine, batch_windows, progress)
     base_ppl = math.exp(-float(reference.target_logp.mean()))
     report = {
         "l4q_version": __version__,
@@ -466,34 +455,61 @@ def evaluate(
         "candidates": [],
     }
     for path in candidates:
-        path = Path(path)
-        gguf = path.is_file() and path.suffix == ".gguf"
-        positions, note = full_scored, None
-        if gguf and chunk and chunk != LLAMA_CPP_CHUNK and ctx > chunk:
-            positions = chunk
-            note = (f"llama.cpp fixes the Llama 4 attention chunk at {LLAMA_CPP_CHUNK}; this model's chunk is {chunk}, "
-                    f"so only positions 0-{chunk - 1} of each window are scored (same token ids, shorter context)")
-        runner = LlamaCppRunner(path, n_ctx=min(ctx, positions + 1)) if gguf else make_runner(path, device, engine, batch_windows)
-        feed = windows[:, : positions + 1] if gguf else windows
-        scores, fed = [], []
-        for w, (logp, routes, received) in enumerate(run_windows(runner, feed, progress, path.name)):
-            fed.append(received)  # the ids as the model received them, for the report's digest
-            scores.append(score_window(reference, w, windows[w], logp, routes, positions))
-        del runner
-        entry = {
-            "name": path.name.removesuffix(".gguf"),
-            "path": path.name,  # never a local path: reports get published beside derivatives
-            "kind": "gguf" if gguf else "safetensors",
-            "scheme": _scheme_name(path),
-            "size_bytes": candidate_size(path),
-            "windows": {"count": len(windows), "length": len(fed[0]), "scored_positions_per_window": positions,
-                        "tokens_scored": positions * len(windows), "note": note},
-            "token_ids_sha256": ids_digest(torch.stack(fed)),
-        }
-        entry.update(summarize(scores, reference.moe_layers))
-        entry["weight_error"] = None if gguf else weight_errors(base_model, path)
-        report["candidates"].append(entry)
+        report["candidates"].append(_score_candidate(path, base_model, reference, windows, ctx, device, engine,
+                                                     batch_windows, progress))
     return report
+
+
+def _base_reference(base_model: Model, windows: torch.Tensor, digest: str, cache_dir: Path | None, device: str,
+                    engine: str, batch_windows: int, progress: bool) -> BaseReference:
+    """The base's top-k log-probabilities on `windows`, from the cache when it holds them: a cached
+    reference is valid for these ids, this l4q and the base's content."""
+    key = hashlib.sha256(f"{__version__}:{base_model.fingerprint()}:{digest}:{TOP_K}".encode()).hexdigest()
+    cache_path = (cache_dir / f"base-{key[:16]}.npz") if cache_dir else None
+    reference = BaseReference.load(cache_path, key) if cache_path and cache_path.is_file() else None
+    if reference is None:
+        runner = make_runner(base_model.dir, device, engine, batch_windows)
+        reference = compute_base_reference(runner, windows, TOP_K, base_model.spec.vocab_size, progress)
+        del runner
+        if cache_path:
+            from .outputs import writing
+
+            with writing(cache_path):
+                cache_path.parent.mkdir(parents=True, exist_ok=True)
+                reference.save(cache_path, key)
+    return reference
+
+
+def _score_candidate(path: Path, base_model: Model, reference: BaseReference, windows: torch.Tensor, ctx: int,
+                     device: str, engine: str, batch_windows: int, progress: bool) -> dict:
+    """One candidate's entry of the report: its drift from the base on the same windows."""
+    chunk = base_model.spec.attention_chunk_size
+    gguf = path.is_file() and path.suffix == ".gguf"
+    positions, note = ctx - 1, None
+    if gguf and chunk and chunk != LLAMA_CPP_CHUNK and ctx > chunk:
+        positions = chunk
+        note = (f"llama.cpp fixes the Llama 4 attention chunk at {LLAMA_CPP_CHUNK}; this model's chunk is {chunk}, "
+                f"so only positions 0-{chunk - 1} of each window are scored (same token ids, shorter context)")
+    runner = LlamaCppRunner(path, n_ctx=min(ctx, positions + 1)) if gguf else make_runner(path, device, engine, batch_windows)
+    feed = windows[:, : positions + 1] if gguf else windows
+    scores, fed = [], []
+    for w, (logp, routes, received) in enumerate(run_windows(runner, feed, progress, path.name)):
+        fed.append(received)  # the ids as the model received them, for the report's digest
+        scores.append(score_window(reference, w, windows[w], logp, routes, positions))
+    del runner
+    entry = {
+        "name": path.name.removesuffix(".gguf"),
+        "path": path.name,  # never a local path: reports get published beside derivatives
+        "kind": "gguf" if gguf else "safetensors",
+        "scheme": _scheme_name(path),
+        "size_bytes": candidate_size(path),
+        "windows": {"count": len(windows), "length": len(fed[0]), "scored_positions_per_window": positions,
+                    "tokens_scored": positions * len(windows), "note": note},
+        "token_ids_sha256": ids_digest(torch.stack(fed)),
+    }
+    entry.update(summarize(scores, reference.moe_layers))
+    entry["weight_error"] = None if gguf else weight_errors(base_model, path)
+    return entry
 
 
 def check_candidate(path: Path, base: Model) -> Model | None:
@@ -527,5 +543,5 @@ def _scheme_name(path: Path) -> str:
             pass
         return "gguf"
     qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    scheme = _FORMAT_TO_SCHEME.get(qc.get("format"))
+    scheme = ct.scheme_for_format(qc.get("format"))
     return scheme.name if scheme else "bf16"

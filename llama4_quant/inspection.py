@@ -13,7 +13,7 @@ from .sources import Source
 
 def inspect(source: Source | Model) -> dict:
     model = source if isinstance(source, Model) else open_model(source)
-    config, spec, ckpt = model.config, model.spec, model.ckpt
+    spec, ckpt = model.spec, model.ckpt
     roles: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
     for info in ckpt.tensors:
         r = roles[arch.classify(info.name, spec).role]
@@ -21,7 +21,7 @@ def inspect(source: Source | Model) -> dict:
         r["bytes"] += info.nbytes
     predicted = {}
     for name, scheme in ct.SCHEMES.items():
-        plan = build_plan(ckpt, spec, scheme, ignore_patterns(), config=config)
+        plan = build_plan(model, scheme, ignore_patterns())
         predicted[name] = {"bytes": plan.output_bytes, "quantized_modules": len(plan.quantized_modules())}
     return {
         "source": model.source.label,

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from . import arch
 from .arch import Llama4Spec
-from .checkpoint import Checkpoint, read_slice, read_tensor
+from .checkpoint import Checkpoint
 from .errors import CorruptCheckpointError, NotLlama4Error, ShapeMismatchError, SourceNotFoundError, UsageError
 from .sources import PRESETS, Source
 
-# Stored tensors of one compressed-tensors Linear, by format (written by formats/compressed_tensors.py;
-# here, without torch, for validation and for every reader of derivatives)
+# Stored tensors of one compressed-tensors Linear, by format, in write order: the one table of them. The
+# scheme classes in formats/compressed_tensors.py read theirs from here; it lives here because model
+# validation must not import anything above the foundation (nor torch).
 QUANTIZED_SUFFIXES = {
     "pack-quantized": ("weight_packed", "weight_scale", "weight_shape"),
     "int-quantized": ("weight", "weight_scale"),
@@ -54,6 +55,10 @@ class Model:
         return (self.dir, *sorted(p for p in self.dir.iterdir() if p.is_file()))
 
     def fingerprint(self) -> str:
+        return self._fingerprint
+
+    @cached_property
+    def _fingerprint(self) -> str:  # read once however many outputs a run writes
         return self.ckpt.fingerprint()
 
     def check_finite(self) -> None:
@@ -66,25 +71,6 @@ def unfuse_gate_up(gate_up_slice):
     Llama 4 checkpoint needs. The down projection is `down_proj[e].T`."""
     inter = gate_up_slice.shape[1] // 2
     return gate_up_slice[:, :inter].T, gate_up_slice[:, inter:].T
-
-
-def linear_weights(model: Model):
-    """(module, role, layer, expert, load) for every Linear of a BF16 model in storage order, experts
-    unfused; `load()` reads that one weight as an [out, in] view in its stored dtype."""
-    for info in model.ckpt.tensors:
-        role = arch.classify(info.name, model.spec)
-        if role.role in arch.LINEAR_ROLES:
-            yield info.name.removesuffix(".weight"), role.role, role.layer, None, lambda info=info: read_tensor(info)
-        elif role.role == arch.EXPERTS_GATE_UP:
-            base = info.name.removesuffix(".gate_up_proj")
-            for e in range(info.shape[0]):
-                for half, proj in enumerate(EXPERT_PROJECTIONS[:2]):
-                    yield (f"{base}.{e}.{proj}", "experts", role.layer, e,
-                           lambda info=info, e=e, half=half: unfuse_gate_up(read_slice(info, e))[half])
-        elif role.role == arch.EXPERTS_DOWN:
-            base = info.name.removesuffix(".down_proj")
-            for e in range(info.shape[0]):
-                yield f"{base}.{e}.down_proj", "experts", role.layer, e, lambda info=info, e=e: read_slice(info, e).T
 
 
 def open_model(source: Source, *, allow_quantized: bool = False) -> Model:

@@ -238,8 +238,9 @@ class Partial:
 
 
 def check_output(out: Path, sources: Iterable[Path], *, resume: bool, overwrite: bool, is_file: bool = False,
-                 resumable: bool = True) -> Path:
-    """The early checks (before any heavy work): returns `out` made absolute."""
+                 resumable: bool = True, fingerprint: str | None = None) -> Path:
+    """The early checks (before any heavy work): returns `out` made absolute. With `fingerprint`, a
+    partial that --resume would continue must have been started with it."""
     out = absolute(out)
     sources = tuple(sources)
     if out.exists() or out.is_symlink():
@@ -259,7 +260,16 @@ def check_output(out: Path, sources: Iterable[Path], *, resume: bool, overwrite:
         if not overwrite and not (resume and resumable and partial.is_dir()):
             action = "pass --resume to continue it or --overwrite to start over" if resumable else "pass --overwrite to start over"
             raise OutputExistsError(f"an interrupted run left {partial}; {action}")
+        if resume and not overwrite and fingerprint is not None:
+            progress = _load_progress(partial)
+            if progress and progress.get("fingerprint") != fingerprint:
+                raise _mismatch(partial)
     return out
+
+
+def _mismatch(partial: Path) -> ResumeMismatchError:
+    return ResumeMismatchError(f"{partial} was started from another source or with other options; rerun with the same "
+                               "ones, or pass --overwrite instead of --resume to start over")
 
 
 def _busy(out: Path) -> OutputBusyError:
@@ -301,9 +311,7 @@ def start(out: Path, sources: Iterable[Path], fingerprint: str, *, resume: bool,
                 progress = _load_progress(part.dir)
                 if resume and progress:
                     if progress.get("fingerprint") != fingerprint:
-                        raise ResumeMismatchError(
-                            f"{part.dir} was started from another source or with other options; rerun with the same "
-                            "ones, or pass --overwrite instead of --resume to start over")
+                        raise _mismatch(part.dir)
                     for stray in part.dir.glob("*.tmp"):
                         stray.unlink()
                     part.progress, part.resumed = progress, True

@@ -1,10 +1,11 @@
-"""Plan and run a streaming quantization: source checkpoint -> compressed-tensors directory.
+"""The compressed-tensors target: source checkpoint -> compressed-tensors directory, from the walk.
 
 The plan is computed from headers alone: every output tensor's name, dtype and shape, grouped into
-units of work (one tensor, or one expert's three projections) and units into size-bounded shards.
-Running it reads one unit's source bytes at a time, so memory is bounded by the largest expert slice,
-and writes each shard header-first. Shards are finished atomically and recorded in a progress file,
-so an interrupted run resumes at the first unfinished shard and yields the same bytes.
+units of work (one tensor, or one expert's three projections, as the walk yields them) and units
+into size-bounded shards. The target takes one weight at a time from the walk (`walk.py`), so memory
+is bounded by the largest expert slice or Linear, and writes each shard header-first. Shards are
+finished atomically and recorded in a progress file, so an interrupted run resumes at the first
+unfinished shard and yields the same bytes.
 """
 
 from __future__ import annotations
@@ -17,30 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from . import __version__, arch, outputs
+from . import __version__, arch, outputs, walk
 from .arch import Llama4Spec
-from .checkpoint import (
-    Checkpoint,
-    ShardWriter,
-    TensorEntry,
-    TensorInfo,
-    check_raw_finite,
-    iter_raw_chunks,
-    read_slice,
-    read_tensor,
-    split_in_order,
-    write_index,
-)
+from .checkpoint import ShardWriter, TensorEntry, split_in_order, tensor_bytes, write_index
 from .errors import UsageError
 from .formats import compressed_tensors as ct
 from .devices import resolve_device
-from .model import EXPERT_PROJECTIONS, Model, display_name, open_model, unfuse_gate_up
+from .model import EXPERT_PROJECTIONS, Model, display_name, open_model
 from .outputs import RECIPE_NAME
 from .scale_search import search_scales
-from .schemes import check_finite
 from .sources import Source
+from .walk import Weight
 
 # Attention stays BF16 unless --quantize-attention: vLLM permutes Llama 4's q/k rows for its rotary
 # kernels, and until its fixes of February 2026 (PRs #34243, and #34471 re-landed as #35033; first
@@ -61,15 +50,15 @@ CARRIED_FILES = (
 
 @dataclass(frozen=True)
 class Unit:
-    """One step of streaming work: read `sources`, emit `outputs` in order.
+    """One step of streaming work: the walk's `weights` in, `outputs` written in order.
 
-    kind "copy": one tensor copied byte for byte; "linear": one Linear quantized;
-    "expert": expert `expert` of a fused MoE layer, read as its slices of gate_up_proj and down_proj
-    and written as three unfused modules (quantized, or BF16 when ignored).
+    kind "copy": one tensor copied byte for byte; "linear": one Linear quantized; "expert": expert
+    `expert` of a fused MoE layer, its three projections written as unfused modules (quantized, or
+    BF16 when ignored).
     """
 
     kind: str
-    sources: tuple[TensorInfo, ...]
+    weights: tuple[Weight, ...]
     outputs: tuple[TensorEntry, ...]
     module: str = ""
     expert: int = -1
@@ -77,9 +66,7 @@ class Unit:
 
     @property
     def source_bytes(self) -> int:
-        if self.kind == "expert":
-            return sum(s.nbytes // s.shape[0] for s in self.sources)
-        return sum(s.nbytes for s in self.sources)
+        return sum(w.source_bytes for w in self.weights)
 
     @property
     def output_bytes(self) -> int:
@@ -112,13 +99,7 @@ class Plan:
 
     def quantized_modules(self) -> list[str]:
         """Names of the Linears this plan quantizes (experts unfused)."""
-        names = []
-        for u in self.units:
-            if u.kind == "linear" and u.quantize:
-                names.append(u.module)
-            elif u.kind == "expert" and u.quantize:
-                names += [f"{u.module}.{u.expert}.{p}" for p in EXPERT_PROJECTIONS]
-        return names
+        return [w.module for u in self.units if u.quantize and u.kind != "copy" for w in u.weights]
 
     def fingerprint(self, source_fingerprint: str) -> str:
         """Identifies the source's content (see `Checkpoint.fingerprint`), the options and the output
@@ -167,40 +148,34 @@ def check_ignore_groups(spec: Llama4Spec, ignore: list[str]) -> None:
 
 
 def build_plan(
-    ckpt: Checkpoint,
-    spec: Llama4Spec,
+    model: Model,
     scheme: ct.Scheme,
     ignore: list[str] | tuple[str, ...] = (),
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    config: dict | None = None,
 ) -> Plan:
-    """Decide every output tensor from headers alone, in the source's storage order.
+    """Decide every output tensor from headers alone, in the walk's order.
 
     `ignore` is the full list of the user's patterns (see `ignore_patterns`)."""
-    check_ignore_groups(spec, list(ignore))
+    check_ignore_groups(model.spec, list(ignore))
     ignore = list(ct.ALWAYS_IGNORED) + list(ignore)
     units: list[Unit] = []
-    experts_done: set[int] = set()
-    for info in ckpt.tensors:
-        role = arch.classify(info.name, spec)
-        if role.role in arch.EXPERT_ROLES:
-            if role.layer not in experts_done:
-                experts_done.add(role.layer)
-                units += _expert_units(ckpt, spec, scheme, ignore, role.layer)
+    expert: list[Weight] = []
+    for w in walk.weights(model):
+        if w.expert is not None:
+            expert.append(w)
+            if len(expert) == len(EXPERT_PROJECTIONS):
+                units.append(_expert_unit(tuple(expert), scheme, ignore))
+                expert = []
             continue
-        module = info.name.removesuffix(".weight")
-        if (
-            role.role in arch.LINEAR_ROLES
-            and not ct.ignore_matches(ignore, module)
-            and ct.can_quantize(scheme, *info.shape)
-        ):
-            entries = ct.linear_entries(module, info.shape[0], info.shape[1], scheme)
-            units.append(Unit("linear", (info,), tuple(entries), module=module))
+        if (w.role in arch.LINEAR_ROLES and not ct.ignore_matches(ignore, w.module)
+                and scheme.can_quantize(*w.shape)):
+            entries = scheme.entries(w.module, *w.shape)
+            units.append(Unit("linear", (w,), tuple(entries), module=w.module))
         else:
-            if role.role in arch.LINEAR_ROLES and not ct.ignore_matches(ignore, module):
-                ignore.append(re_exact(module))  # cannot take this scheme's layout: keep it BF16
-            units.append(Unit("copy", (info,), (TensorEntry(info.name, info.dtype, info.shape),), quantize=False))
-    plan = Plan(spec, scheme, ignore, units, config=config or {})
+            if w.role in arch.LINEAR_ROLES and not ct.ignore_matches(ignore, w.module):
+                ignore.append(re_exact(w.module))  # cannot take this scheme's layout: keep it BF16
+            units.append(Unit("copy", (w,), (TensorEntry(w.name, w.info.dtype, w.shape),), quantize=False))
+    plan = Plan(model.spec, scheme, ignore, units, config=model.config)
     # Units are never split: one expert's tensors stay together in one shard.
     plan.shards = split_in_order(units, lambda u: u.output_bytes, max_shard_size)
     return plan
@@ -211,22 +186,17 @@ def re_exact(module: str) -> str:
     return ".*" + module.replace("language_model.model.", "").replace("model.layers.", "layers.").replace(".", "\\.") + "$"
 
 
-def _expert_units(ckpt: Checkpoint, spec: Llama4Spec, scheme: ct.Scheme, ignore: list[str], layer: int) -> list[Unit]:
-    base = f"{spec.layer_prefix}{layer}.feed_forward.experts"
-    gate_up, down = ckpt.by_name[f"{base}.gate_up_proj"], ckpt.by_name[f"{base}.down_proj"]
-    h, inter = spec.hidden_size, spec.intermediate_size
-    units = []
-    for i in range(spec.num_experts):
-        mods = [(f"{base}.{i}.gate_proj", inter, h), (f"{base}.{i}.up_proj", inter, h), (f"{base}.{i}.down_proj", h, inter)]
-        ignored = [ct.ignore_matches(ignore, m) for m, _, _ in mods]  # all or none: see check_ignore_groups
-        quantize = not ignored[0] and all(ct.can_quantize(scheme, o, n) for _, o, n in mods)
-        entries = []
-        for module, o, n in mods:
-            entries += ct.linear_entries(module, o, n, scheme) if quantize else [TensorEntry(f"{module}.weight", gate_up.dtype, (o, n))]
-            if not quantize and not ignored[0]:
-                ignore.append(re_exact(module))
-        units.append(Unit("expert", (gate_up, down), tuple(entries), module=base, expert=i, quantize=quantize))
-    return units
+def _expert_unit(weights: tuple[Weight, ...], scheme: ct.Scheme, ignore: list[str]) -> Unit:
+    """One expert's gate, up and down projections: all quantized or all BF16 (see check_ignore_groups)."""
+    ignored = ct.ignore_matches(ignore, weights[0].module)
+    quantize = not ignored and all(scheme.can_quantize(*w.shape) for w in weights)
+    entries = []
+    for w in weights:
+        entries += scheme.entries(w.module, *w.shape) if quantize else [TensorEntry(w.name, w.info.dtype, w.shape)]
+        if not quantize and not ignored:
+            ignore.append(re_exact(w.module))
+    base = weights[0].module.rsplit(".", 2)[0]
+    return Unit("expert", weights, tuple(entries), module=base, expert=weights[0].expert, quantize=quantize)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,55 +212,16 @@ class Encoder:
     def precomputed(self, unit: Unit) -> bool:
         return self.gptq is not None and unit.quantize and unit.kind in ("linear", "expert")
 
-    def encode(self, module: str, weight: torch.Tensor, key: str, expert: int | None):
+    def encode(self, w: Weight, weight: torch.Tensor):
+        """The stored tensors of Linear `w` from its [out, in] values `weight`."""
         if self.method != "mse":
-            return ct.encode_linear(module, weight, self.scheme)
+            return self.scheme.encode_weight(w.module, weight)
         importance = None
         if self.stats is not None:
-            found = self.stats.importance(key)
+            found = self.stats.importance(w.stats_key)
             if found is not None:
-                importance = torch.from_numpy(found[expert] if expert is not None else found).to(weight.device)
-        return ct.encode_linear(module, weight, self.scheme, scale=search_scales(weight, self.scheme.name, importance))
-
-
-def _produce(unit: Unit, encoder: Encoder, device: torch.device):
-    """Yield (name, tensor-or-bytes) for the unit's outputs, in planned order."""
-    if unit.kind == "copy":
-        (info,) = unit.sources
-        for chunk in iter_raw_chunks(info):
-            check_raw_finite(chunk, info.dtype, info.name)
-            yield info.name, chunk
-        return
-    if encoder.precomputed(unit):
-        for entry in unit.outputs:
-            yield entry.name, encoder.gptq.get(entry.name)
-        return
-    if unit.kind == "linear":
-        (info,) = unit.sources
-        weight = read_tensor(info).to(device)
-        check_finite(weight, info.name)
-        yield from encoder.encode(unit.module, weight, unit.module, None)
-        return
-    gate_up_info, down_info = unit.sources
-    i = unit.expert
-    gate_up = read_slice(gate_up_info, i).to(device)
-    check_finite(gate_up, f"{gate_up_info.name}[{i}]")
-    gate, up = unfuse_gate_up(gate_up)
-    yield from _expert_projection(unit, "gate_proj", gate, encoder)
-    yield from _expert_projection(unit, "up_proj", up, encoder)
-    del gate_up, gate, up
-    down = read_slice(down_info, i).to(device)  # [inter, hidden]
-    check_finite(down, f"{down_info.name}[{i}]")
-    yield from _expert_projection(unit, "down_proj", down.T, encoder)
-
-
-def _expert_projection(unit: Unit, proj: str, weight: torch.Tensor, encoder: Encoder):
-    module = f"{unit.module}.{unit.expert}.{proj}"
-    weight = weight.contiguous()  # the kernels run about twice as fast on rows as on a transposed view
-    if unit.quantize:
-        yield from encoder.encode(module, weight, f"{unit.module}.{proj.removesuffix('_proj')}", unit.expert)
-    else:
-        yield f"{module}.weight", weight.cpu()
+                importance = torch.from_numpy(found[w.expert] if w.expert is not None else found).to(weight.device)
+        return self.scheme.encode_weight(w.module, weight, search_scales(weight, self.scheme, importance))
 
 
 def _copy_extra_files(src: Path, dst: Path) -> list[str]:
@@ -298,6 +229,136 @@ def _copy_extra_files(src: Path, dst: Path) -> list[str]:
     for name in copied:
         shutil.copyfile(src / name, dst / name)
     return copied
+
+
+class CompressedTensorsTarget:
+    """A compressed-tensors checkpoint at `out`, written from the walk (see `walk.Target`).
+
+    Shards are written in the walk's order, header first, and each finished shard is recorded in the
+    partial's progress, so --resume skips it (and the walk skips reading what no target still needs).
+    """
+
+    def __init__(self, model: Model, out: Path, scheme: ct.Scheme, *, method: str = "rtn", stats=None,
+                 ignore: list[str] | None = None, quantize_attention: bool = False,
+                 max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, resume: bool = False, overwrite: bool = False,
+                 device: torch.device = torch.device("cpu")):
+        self.model, self.out, self.stats, self.device = model, out, stats, device
+        self.resume, self.overwrite, self.quantize_attention = resume, overwrite, quantize_attention
+        self.plan = build_plan(model, scheme, ignore_patterns() if ignore is None else ignore, max_shard_size)
+        self.plan.method, self.plan.calib_digest = method, stats.digest() if stats else ""
+        if method == "gptq":  # GPTQ's values depend on the device's arithmetic: resume only on the same kind
+            self.plan.calib_digest += f" on {device.type}"
+        self.encoder = Encoder(scheme, method, stats)
+        self._unit_of = {w.name: (i, u) for i, shard in enumerate(self.plan.shards) for u in shard for w in u.weights}
+        self._last_of_shard = {shard[-1].weights[-1].name for shard in self.plan.shards}
+        self.partial: outputs.Partial | None = None
+        self._writer: ShardWriter | None = None
+        self.shards_written = 0
+
+    def check(self) -> None:
+        self.fingerprint = self.plan.fingerprint(self.model.fingerprint())
+        self.out = outputs.check_output(self.out, self.model.paths, resume=self.resume, overwrite=self.overwrite,
+                                        fingerprint=self.fingerprint)
+
+    def start(self) -> None:
+        self.partial = outputs.start(self.out, self.model.paths, self.fingerprint, resume=self.resume,
+                                     overwrite=self.overwrite)
+        self._done = set(self.partial.done)
+
+    def prepare(self, show_progress: bool) -> None:
+        if self.plan.method == "gptq":
+            with outputs.writing(self.partial.dir, resume_hint=True):
+                self.encoder.gptq = self._gptq_pass(show_progress)
+
+    def _gptq_pass(self, show_progress: bool):
+        """Run (or resume) the layer-sequential GPTQ pass into `partial/gptq`; returns its results."""
+        from .calibrate.methods import GPTQPass, GPTQResults
+        from .calibrate.sequential import run_pass
+        from .calibrate.weights import WeightSource
+
+        work = self.partial.path(GPTQ_DIR)
+        work.mkdir(exist_ok=True)
+        handler = GPTQPass(self.plan.spec, self.plan.scheme, set(self.plan.quantized_modules()))
+        run_pass(WeightSource(self.model, self.device), self.stats.ids, handler, work, self.fingerprint, show_progress,
+                 desc="gptq")
+        return GPTQResults(work, self.plan.spec.num_layers)
+
+    def _shard_done(self, i: int) -> bool:
+        return self.plan.shard_names[i] in self._done
+
+    def wants(self, w: Weight) -> str | None:
+        i, unit = self._unit_of[w.name]
+        if self._shard_done(i) or self.encoder.precomputed(unit):
+            return None
+        return walk.WHOLE if unit.kind == "linear" else walk.ROWS
+
+    def take(self, w: Weight, start_row: int, data: torch.Tensor) -> None:
+        i, unit = self._unit_of[w.name]
+        with outputs.writing(self.partial.dir, resume_hint=True):
+            writer = self._shard_writer(i)
+            if unit.kind == "copy":  # in blocks of rows: the bytes as stored
+                writer.write(w.name, tensor_bytes(data))
+            elif not unit.quantize:  # an ignored expert: its BF16 projection, unfused
+                writer.write(w.name, data.contiguous())
+            else:  # the kernels run about twice as fast on rows as on a transposed view
+                for name, tensor in self.encoder.encode(w, data.to(self.device).contiguous()):
+                    writer.write(name, tensor)
+
+    def weight_done(self, w: Weight) -> None:
+        i, unit = self._unit_of[w.name]
+        if self._shard_done(i):
+            return
+        with outputs.writing(self.partial.dir, resume_hint=True):
+            if self.encoder.precomputed(unit) and w.name == unit.weights[-1].name:
+                writer = self._shard_writer(i)
+                for entry in unit.outputs:
+                    writer.write(entry.name, self.encoder.gptq.get(entry.name))
+            if w.name in self._last_of_shard:
+                self._shard_writer(i).close()
+                self._writer = None
+                self.partial.mark_done(self.plan.shard_names[i])
+                self._done.add(self.plan.shard_names[i])
+                self.shards_written += 1
+
+    def _shard_writer(self, i: int) -> ShardWriter:
+        if self._writer is None:
+            name = self.plan.shard_names[i]
+            self._writer = ShardWriter(self.partial.path(name), [e for u in self.plan.shards[i] for e in u.outputs])
+        return self._writer
+
+    def finish(self) -> None:
+        with outputs.writing(self.partial.dir, resume_hint=True):
+            recipe = _recipe(self.plan, self.model.source, self.stats, self.partial.dir, self.quantize_attention)
+            _finish(self.plan, self.model.dir, self.partial.dir, recipe)
+
+    def commit(self) -> None:
+        with outputs.writing(self.partial.out, resume_hint=True):
+            self.partial.commit()
+
+    def fail(self, exc: BaseException) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+        self.partial.fail(exc)
+
+
+def load_stats(model: Model, calib: Path):
+    """The statistics directory of `l4q calibrate`, checked to belong to `model`."""
+    from .calibrate.stats import Stats
+
+    stats = Stats(calib)
+    stats.check_model(model.dir)
+    return stats
+
+
+def check_method(method: str, calib: Path | None) -> None:
+    from .calibrate.methods import METHODS
+
+    if method not in METHODS:
+        raise UsageError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if calib is not None and method == "rtn":
+        raise UsageError("--calib is used by --method mse or gptq; rtn takes no calibration")
+    if calib is None and method == "gptq":
+        raise UsageError("--method gptq needs --calib STATS: run `l4q calibrate` on this model first")
 
 
 @dataclass
@@ -331,89 +392,19 @@ def quantize(
     of `l4q calibrate`, whose token ids it runs; mse uses its importance matrix when given.
     Attention stays BF16 unless `quantize_attention` (see ATTENTION_IGNORE).
     """
-    from .calibrate.methods import METHODS
-
     model = source if isinstance(source, Model) else open_model(source)
     scheme = ct.get_scheme(scheme_name)
-    if method not in METHODS:
-        raise UsageError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    check_method(method, calib)
     if max_shard_size <= 0:
         raise UsageError("--max-shard-size must be positive")
-    if calib is not None and method == "rtn":
-        raise UsageError("--calib is used by --method mse or gptq; rtn takes no calibration")
-    if calib is None and method == "gptq":
-        raise UsageError("--method gptq needs --calib STATS: run `l4q calibrate` on this model first")
-    plan = build_plan(model.ckpt, model.spec, scheme, ignore_patterns(ignore, quantize_attention), max_shard_size,
-                      model.config)
-    outputs.check_output(out, model.paths, resume=resume, overwrite=overwrite)
-    stats = None
-    if calib is not None:
-        from .calibrate.stats import Stats
-
-        stats = Stats(calib)
-        stats.check_model(model.dir)
-    dev = resolve_device(device)
-    plan.method, plan.calib_digest = method, stats.digest() if stats else ""
-    if method == "gptq":  # GPTQ's values depend on the device's arithmetic: resume only on the same kind
-        plan.calib_digest += f" on {dev.type}"
-    fingerprint = plan.fingerprint(model.fingerprint())
-    partial = outputs.start(out, model.paths, fingerprint, resume=resume, overwrite=overwrite)
-    done = set(partial.done)
-    try:
-        with outputs.writing(partial.dir, resume_hint=True):
-            encoder = Encoder(scheme, method, stats)
-            if method == "gptq":
-                encoder.gptq = _gptq_pass(plan, model, stats, partial.dir, fingerprint, dev, show_progress)
-            written = _write_shards(plan, partial, encoder, dev, show_progress)
-            _finish(plan, model.dir, partial.dir, _recipe(plan, model.source, stats, partial.dir, quantize_attention))
-    except BaseException as exc:
-        partial.fail(exc)
-        raise
-    with outputs.writing(partial.out, resume_hint=True):
-        partial.commit()
-    return QuantizeResult(partial.out, plan, written, len(done), plan.source_bytes, plan.output_bytes)
-
-
-def _gptq_pass(plan: Plan, model: Model, stats, partial: Path, fingerprint: str, device: torch.device,
-               show_progress: bool):
-    """Run (or resume) the layer-sequential GPTQ pass into `partial/gptq`; returns its results."""
-    from .calibrate.methods import GPTQPass, GPTQResults
-    from .calibrate.sequential import run_pass
-    from .calibrate.weights import WeightSource
-
-    work = partial / GPTQ_DIR
-    work.mkdir(exist_ok=True)
-    handler = GPTQPass(plan.spec, plan.scheme, set(plan.quantized_modules()))
-    run_pass(WeightSource(model, device), stats.ids, handler, work, fingerprint, show_progress, desc="gptq")
-    return GPTQResults(work, plan.spec.num_layers)
-
-
-def _write_shards(plan: Plan, partial: outputs.Partial, encoder: Encoder, device: torch.device,
-                  show_progress: bool) -> int:
-    done = set(partial.done)
-    written = 0
-    with tqdm(
-        total=plan.source_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress,
-        desc="quantize", dynamic_ncols=True,
-    ) as bar:
-        for name, shard in zip(plan.shard_names, plan.shards):
-            entries = [e for u in shard for e in u.outputs]
-            if name in done and partial.path(name).is_file():
-                bar.update(sum(u.source_bytes for u in shard))
-                continue
-            writer = ShardWriter(partial.path(name), entries)
-            try:
-                for unit in shard:
-                    for tensor_name, data in _produce(unit, encoder, device):
-                        writer.write(tensor_name, data)
-                    bar.update(unit.source_bytes)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            partial.mark_done(name)
-            written += 1
-    return written
+    target = CompressedTensorsTarget(
+        model, out, scheme, method=method, ignore=ignore_patterns(ignore, quantize_attention),
+        quantize_attention=quantize_attention, max_shard_size=max_shard_size, resume=resume, overwrite=overwrite,
+        stats=load_stats(model, calib) if calib is not None else None, device=resolve_device(device))
+    walk.run(model, [target], show_progress, desc="quantize")
+    plan = target.plan
+    return QuantizeResult(target.out, plan, target.shards_written, len(plan.shards) - target.shards_written,
+                          plan.source_bytes, plan.output_bytes)
 
 
 def _recipe(plan: Plan, source: Source, stats, partial: Path, quantize_attention: bool) -> dict:

@@ -7,15 +7,17 @@ more finely. `search_scales` tries a fixed grid of candidates
 
     s_k = smallest scale_dtype value >= max(absmax * k / 64 / half_range, tiny),   k = 64, 63, ..., 40
 
-(half_range 7.5 / 127.5 / 448, exactly how `schemes` rounds its RTN scale) and keeps, per group,
-the one minimizing sum_j imp_j * (w_j - q_j * s)^2 with `schemes`' own rounding and clamping.
+(the scheme's `absmax_scale` rule, half_range 7.5 / 127.5 / 448, exactly how it rounds its RTN
+scale) and keeps, per group, the one minimizing sum_j imp_j * (w_j - q_j * s)^2 with the scheme's own
+rounding and clamping (`round_to_grid`, `lower_clamp`).
 
 * k = 64 is exactly the RTN scale, so the result is never worse than RTN (in the float32 objective).
 * k = 60 gives absmax / 8: int4 groups whose absmax is negative use the full [-8, 7] range.
 * Ties keep the larger scale, so all-zero groups (and groups with zero importance) keep RTN's scale.
 * Every candidate is at most the RTN scale, so it is finite, and fp8 candidates take the same
-  one-step-down rule as `schemes.fp8_scales` where 448 * scale would overflow the scale dtype. The
-  int4/int8 `-qmax` clamp for overflowing scales is applied as in `schemes`.
+  one-step-down rule as `schemes.fp8_scales` where 448 * scale would overflow the scale dtype (both
+  come from `absmax_scale`). The int4/int8 `-qmax` clamp for overflowing scales is the scheme's
+  `lower_clamp`, as in its quantize.
 """
 
 from __future__ import annotations
@@ -24,42 +26,21 @@ import torch
 from torch import Tensor
 
 from . import schemes
+from .formats.compressed_tensors import Scheme, as_scheme
 
 # Grid factors k / 64 applied to absmax, largest first (so ties keep the larger scale). Multiples of
 # 1/64 keep absmax * factor exact in float32 for BF16/FP16 weights.
 GRID_STEPS = tuple(range(64, 39, -1))
 GRID_FACTORS = tuple(k / 64 for k in GRID_STEPS)
 
-_HALF_RANGE = {
-    "int4": (schemes.INT4_MAX - schemes.INT4_MIN) / 2,
-    "int8": (schemes.INT8_MAX - schemes.INT8_MIN) / 2,
-    "fp8": schemes.FP8_MAX,
-}
-_INT_RANGE = schemes.INT_RANGES
 
+def candidate_scales(absmax: Tensor, scheme: Scheme | str, scale_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The grid of group scales [len(GRID_FACTORS), *absmax.shape] for float32 group absmax values.
 
-def scheme_group_size(scheme: str, in_features: int) -> int:
-    """Columns that share one scale: 128 for int4, the whole row for int8 and fp8."""
-    if scheme not in _HALF_RANGE:
-        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(_HALF_RANGE)}")
-    return schemes.INT4_GROUP_SIZE if scheme == "int4" else in_features
-
-
-def candidate_scales(absmax: Tensor, scheme: str, scale_dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """The grid of stored scales [len(GRID_FACTORS), *absmax.shape] for float32 group absmax values.
-
-    Row 0 is bit-identical to what `schemes.int4_scales` / `int8_scales` / `fp8_scales` return.
+    Row 0 is bit-identical to the scheme's RTN scale (`rtn_scales`).
     """
-    scheme_group_size(scheme, 1)
-    half_range = _HALF_RANGE[scheme]
-    top = torch.finfo(scale_dtype).max
-    out = []
-    for k in GRID_STEPS:
-        s = schemes._symmetric_scale(absmax * (k / 64), half_range, scale_dtype)
-        if scheme == "fp8":
-            s = schemes._step(s, s.double() * schemes.FP8_MAX > top, -1)
-        out.append(s)
-    return torch.stack(out)
+    scheme = as_scheme(scheme)
+    return torch.stack([scheme.absmax_scale(absmax * (k / 64), scale_dtype) for k in GRID_STEPS])
 
 
 def normalized_importance(importance: Tensor | None, in_features: int, device: torch.device) -> Tensor:
@@ -77,39 +58,35 @@ def normalized_importance(importance: Tensor | None, in_features: int, device: t
     return imp / top
 
 
-def _group_error(x: Tensor, scale: Tensor, imp: Tensor, norm: Tensor, scheme: str, buf: Tensor) -> Tensor:
+def _group_error(x: Tensor, scale: Tensor, imp: Tensor, norm: Tensor, scheme: Scheme, buf: Tensor) -> Tensor:
     """sum_j imp_j * ((x_j - q_j * s) / norm)^2 per group: x [rows, groups, gs] float32, scale [rows, groups].
 
-    q uses the same float32 operations as `schemes`' quantize functions; dividing by the group's
-    absmax (`norm`) only keeps the squares away from float32 overflow and underflow. `buf` is
-    scratch space shaped like x.
+    q uses the same float32 operations as the scheme's quantize; dividing by the group's absmax
+    (`norm`) only keeps the squares away from float32 overflow and underflow. `buf` is scratch space
+    shaped like x.
     """
     s = scale.to(torch.float32).unsqueeze(-1)
-    q = torch.div(x, s, out=buf)
-    if scheme == "fp8":
-        q = q.clamp_(-schemes.FP8_MAX, schemes.FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
-    else:
-        qmin, qmax = _INT_RANGE[scheme]
-        q.round_().clamp_(qmin, qmax)
-        overflow = scale.double() * -qmin > torch.finfo(scale.dtype).max
-        if bool(overflow.any()):
-            q.clamp_(min=torch.where(overflow, float(-qmax), float(qmin)).to(torch.float32).unsqueeze(-1))
+    lower = scheme.lower_clamp(scale)
+    q = scheme.round_to_grid(torch.div(x, s, out=buf), None if lower is None else lower.unsqueeze(-1))
     return q.mul_(s).sub_(x).div_(norm).square_().mul_(imp).sum(-1)
 
 
 def search_scales(
-    w: Tensor, scheme: str, importance: Tensor | None = None, scale_dtype: torch.dtype = torch.bfloat16
+    w: Tensor, scheme: Scheme | str, importance: Tensor | None = None, scale_dtype: torch.dtype = torch.bfloat16
 ) -> Tensor:
-    """MSE-optimal stored scales for `w` [out, in] from a fixed grid that includes the RTN scale.
+    """MSE-optimal group scales for `w` [out, in] from a fixed grid that includes the RTN scale.
 
-    Returns what `schemes.<scheme>_quantize` takes: int4 [out, in / 128], int8 and fp8 [out, 1], in
-    `scale_dtype`, on w's device. `importance` [in] weights the squared error per input column
-    (e.g. E[x^2] from calibration); None weights all columns equally. Rows are processed in slices
-    of `schemes._row_chunks`, with about three float32 copies of one slice alive at a time.
+    `scheme` is a Scheme or its registered name. Returns the scheme's group scale (for int4, int8 and
+    fp8 the `weight_scale` their quantize takes: int4 [out, in / 128], int8 and fp8 [out, 1]), in
+    `scale_dtype`, on w's device; `scheme.scales_with` completes the scales. `importance` [in] weights
+    the squared error per input column (e.g. E[x^2] from calibration); None weights all columns
+    equally. Rows are processed in slices of `schemes._row_chunks`, with about three float32 copies of
+    one slice alive at a time.
     """
+    scheme = as_scheme(scheme)
     schemes._check_weight(w)
     rows, cols = w.shape
-    group_size = scheme_group_size(scheme, cols)
+    group_size = scheme.group_size(cols)
     groups = schemes._check_groups(cols, group_size)
     imp = normalized_importance(importance, cols, w.device).view(1, groups, group_size)
     absmax = schemes._group_absmax(w, group_size)

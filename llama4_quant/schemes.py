@@ -2,6 +2,7 @@
 
 Pure torch functions on one weight matrix `w` of shape [out_features, in_features] (any float dtype,
 BF16 in practice). They run on the tensor's own device (CPU or CUDA) and compute in float32.
+Nothing here dispatches by scheme name: the scheme classes in `formats.compressed_tensors` pick the kernels.
 
 Convention (compressed-tensors 0.20 symmetric min-max observer, `calculate_qparams` and `_quantize`):
 
@@ -52,7 +53,6 @@ INT4_GROUP_SIZE = 128
 INT4_MIN, INT4_MAX = -8, 7
 INT8_MIN, INT8_MAX = -128, 127
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
-INT_RANGES = {"int4": (INT4_MIN, INT4_MAX), "int8": (INT8_MIN, INT8_MAX)}
 
 # Rows are processed in slices of at most this many elements, so quantizing a [16384, 5120] matrix
 # needs one 64 MiB float32 buffer rather than a full-size float32 copy.
@@ -124,25 +124,45 @@ def _symmetric_scale(absmax: Tensor, half_range: float, scale_dtype: torch.dtype
     return s
 
 
+def int_lower_clamp(scale: Tensor, qmin: int, qmax: int) -> Tensor | None:
+    """Float32 lower clamp per scale entry, or None where no entry needs one.
+
+    Where |qmin| * scale overflows the scale dtype, a decoder computing q * scale in that dtype would
+    get -Inf for qmin; clamping at -qmax there only changes the -(qmax + 0.5) tie.
+    """
+    overflow = scale.double() * -qmin > torch.finfo(scale.dtype).max
+    if not bool(overflow.any()):
+        return None
+    return torch.where(overflow, float(-qmax), float(qmin)).to(torch.float32)
+
+
+def round_int_(x: Tensor, qmin: int, qmax: int, lower: Tensor | None = None) -> Tensor:
+    """Float32 x = w / scale rounded half to even and clamped to [qmin, qmax] (and at `lower`, from
+    `int_lower_clamp`, broadcast to x), in place."""
+    x.round_().clamp_(qmin, qmax)
+    if lower is not None:
+        x.clamp_(min=lower)
+    return x
+
+
+def round_fp8(x: Tensor) -> Tensor:
+    """float8_e4m3fn values of float32 x = w / scale: clamped to +-448 in place, then rounded to nearest even."""
+    return x.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
 def _quantize_int(w: Tensor, scale: Tensor, group_size: int, qmin: int, qmax: int) -> Tensor:
     """int8 q = clamp(round_half_even(w / scale), qmin, qmax) per group, one float32 row slice at a time."""
     rows, cols = w.shape
     groups = _check_groups(cols, group_size)
     _check_scale(scale, (rows, groups))
     s = scale.to(torch.float32).unsqueeze(-1)  # [rows, groups, 1]
-    # Where |qmin| * scale overflows the scale dtype, a decoder computing q * scale in that dtype
-    # would get -Inf for qmin; clamping at -qmax instead only changes the -(qmax + 0.5) tie.
-    overflow = scale.double() * -qmin > torch.finfo(scale.dtype).max
-    low = None
-    if bool(overflow.any()):
-        low = torch.where(overflow, float(-qmax), float(qmin)).to(torch.float32).unsqueeze(-1)
+    low = int_lower_clamp(scale, qmin, qmax)
+    if low is not None:
+        low = low.unsqueeze(-1)
     q = torch.empty((rows, cols), dtype=torch.int8, device=w.device)
     for r in _row_chunks(rows, cols):
         x = w[r].to(torch.float32, copy=True)
-        xg = x.unflatten(-1, (groups, group_size))
-        xg.div_(s[r]).round_().clamp_(qmin, qmax)
-        if low is not None:
-            xg.clamp_(min=low[r])
+        round_int_(x.unflatten(-1, (groups, group_size)).div_(s[r]), qmin, qmax, None if low is None else low[r])
         q[r].copy_(x)
     return q
 
@@ -255,7 +275,13 @@ def fp8_scales(w: Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> Tensor:
     below 464, so the clamp to 448 still costs less than half an e4m3 ulp.
     """
     _check_weight(w)
-    s = _symmetric_scale(_group_absmax(w, w.shape[1]), FP8_MAX, scale_dtype)
+    return fp8_absmax_scale(_group_absmax(w, w.shape[1]), scale_dtype)
+
+
+def fp8_absmax_scale(absmax: Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The `fp8_scales` rule for float32 absmax values: `_symmetric_scale` by 448, one value down
+    where 448 * scale overflows `scale_dtype`."""
+    s = _symmetric_scale(absmax, FP8_MAX, scale_dtype)
     return _step(s, s.double() * FP8_MAX > torch.finfo(scale_dtype).max, -1)
 
 
@@ -268,39 +294,13 @@ def fp8_quantize(w: Tensor, scale: Tensor) -> Tensor:
     q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=w.device)
     for r in _row_chunks(rows, cols):
         x = w[r].to(torch.float32, copy=True)
-        x.div_(s[r]).clamp_(-FP8_MAX, FP8_MAX)
-        q[r].copy_(x)
+        q[r].copy_(round_fp8(x.div_(s[r])))
     return q
 
 
 def fp8_dequantize(q: Tensor, scale: Tensor) -> Tensor:
     """Float32 [out, in] weight q * scale (per-row scale [out, 1])."""
     return _dequantize(q, scale, q.shape[-1])
-
-
-# --------------------------------------------------------------------------------- by scheme name
-
-
-def _by_name(scheme: str, table: dict):
-    try:
-        return table[scheme]
-    except KeyError:
-        raise ValueError(f"unknown scheme {scheme!r}; choose one of int4, int8, fp8") from None
-
-
-def rtn_scales(w: Tensor, scheme: str) -> Tensor:
-    """The absmax scales of `scheme` ("int4", "int8" or "fp8") for w."""
-    return _by_name(scheme, {"int4": int4_scales, "int8": int8_scales, "fp8": fp8_scales})(w)
-
-
-def quantize(w: Tensor, scale: Tensor, scheme: str) -> Tensor:
-    """Round-to-nearest values of `scheme` for w with the given stored scale."""
-    return _by_name(scheme, {"int4": int4_quantize, "int8": int8_quantize, "fp8": fp8_quantize})(w, scale)
-
-
-def dequantize(q: Tensor, scale: Tensor, scheme: str) -> Tensor:
-    """Float32 q * scale for `scheme`'s values."""
-    return _by_name(scheme, {"int4": int4_dequantize, "int8": int8_dequantize, "fp8": fp8_dequantize})(q, scale)
 
 
 # ------------------------------------------------------------------------------------------ checks

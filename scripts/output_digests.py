@@ -6,11 +6,12 @@ Run it before and after a change and compare the two JSON files:
     ... change the code ...
     .venv/bin/python scripts/output_digests.py --out after.json && diff before.json after.json
 
-Each compressed-tensors output is digested over its shards, index and config.json (l4q_recipe.json
-records the l4q version and options, so it is left out); each GGUF file over all its bytes. Runs go
-through the `l4q` command, so the digests do not depend on the library's internal API. Quantized
-attention is asked for explicitly where the command knows the option, so the digests stay comparable
-across the change of default that keeps attention BF16.
+The matrix, for each tiny model: calibration statistics (the imatrix files and token ids), every
+compressed-tensors scheme with rtn, mse, mse weighted by the statistics and gptq, one run with quantized
+attention, every GGUF file type, and the K-quant types searched with the imatrix. Each
+compressed-tensors output is digested over its shards, index and config.json (l4q_recipe.json records
+the l4q version, so it is left out); each GGUF file over all its bytes; statistics over their tensor
+files. `tests/test_outputs.py` reruns the matrix in-process against `tests/data/output_digests.json`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-L4Q = [sys.executable, "-m", "cli.main"]
 MODELS = ("tiny", "tiny-maverick")
 SCHEMES = ("int4", "int8", "fp8")
-METHODS = ("rtn", "mse")
+METHODS = ("rtn", "mse", "mse-calib", "gptq")
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q4_K_M")
+IMATRIX_GGUF_TYPES = ("Q6_K", "Q4_K_M")
+STATS_FILES = ("imatrix.gguf", "imatrix.safetensors", "tokens.safetensors")
+CALIBRATION = ["--samples", "8", "--seq-len", "64", "--device", "cpu"]
 
 
 def digest_output(path: Path) -> str:
@@ -36,7 +39,7 @@ def digest_output(path: Path) -> str:
         files = [path]
     else:
         files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" or p.name in (
-            "model.safetensors.index.json", "config.json"))
+            "model.safetensors.index.json", "config.json", "imatrix.gguf"))
     for f in files:
         h.update(f.name.encode() if path.is_dir() else b"")
         with open(f, "rb") as fh:
@@ -45,33 +48,41 @@ def digest_output(path: Path) -> str:
     return h.hexdigest()
 
 
-def run(args: list[str]) -> None:
-    subprocess.run(L4Q + args + ["--quiet"], check=True)
+def runs(work: Path) -> list[tuple[str, list[str]]]:
+    """(name, l4q arguments) for every cell of the matrix, in an order where statistics come first."""
+    cells = []
+    for model in MODELS:
+        stats = work / f"{model}-stats"
+        cells.append((stats.name, ["calibrate", model, "--out", str(stats), *CALIBRATION]))
+        for scheme in SCHEMES:
+            for method in METHODS:
+                name = f"{model}-{scheme}-{method}"
+                calib = ["--calib", str(stats)] if method in ("mse-calib", "gptq") else []
+                cells.append((name, ["quantize", "--model", model, "--to", scheme, "--method", method.split("-")[0],
+                                     *calib, "--device", "cpu", "--out", str(work / name)]))
+        name = f"{model}-int4-rtn-attention"
+        cells.append((name, ["quantize", "--model", model, "--to", "int4", "--quantize-attention", "--out", str(work / name)]))
+        for ftype in GGUF_TYPES:
+            name = f"{model}-{ftype}.gguf"
+            cells.append((name, ["export", "gguf", model, "--type", ftype, "--out", str(work / name)]))
+        for ftype in IMATRIX_GGUF_TYPES:
+            name = f"{model}-{ftype}-imatrix.gguf"
+            cells.append((name, ["export", "gguf", model, "--type", ftype, "--imatrix", str(stats),
+                                 "--out", str(work / name)]))
+    return cells
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file of {run: sha256}")
-    parser.add_argument("--quick", action="store_true", help="tiny only, rtn only, Q8_0 and Q4_K_M only")
     opts = parser.parse_args()
-    help_text = subprocess.run(L4Q + ["quantize", "--help"], capture_output=True, text=True, check=True).stdout
-    attention = ["--quantize-attention"] if "--quantize-attention" in help_text else []
-    models = MODELS[:1] if opts.quick else MODELS
     digests = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for model in models:
-            for scheme in SCHEMES:
-                for method in METHODS[:1] if opts.quick else METHODS:
-                    out = work / f"{model}-{scheme}-{method}"
-                    run(["quantize", "--model", model, "--to", scheme, "--method", method, "--out", str(out), *attention])
-                    digests[out.name] = digest_output(out)
-                    print(out.name, digests[out.name], flush=True)
-            for ftype in ("Q8_0", "Q4_K_M") if opts.quick else GGUF_TYPES:
-                out = work / f"{model}-{ftype}.gguf"
-                run(["export", "gguf", model, "--type", ftype, "--out", str(out)])
-                digests[out.name] = digest_output(out)
-                print(out.name, digests[out.name], flush=True)
+        for name, args in runs(work):
+            subprocess.run([sys.executable, "-m", "cli.main", *args, "--quiet"], check=True)
+            digests[name] = digest_output(work / name)
+            print(name, digests[name], flush=True)
     opts.out.write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
 
 

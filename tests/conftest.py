@@ -11,13 +11,23 @@ import pytest
 from llama4_quant import synthetic
 
 
-def llama_cpp_reference():
-    """scripts/llama_cpp_reference.py: llama.cpp's own converter and llama-quantize, as independent references."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "llama_cpp_reference.py"
-    spec = importlib.util.spec_from_file_location("llama_cpp_reference", path)
+def load_script(name: str):
+    """A module of scripts/ (they are programs, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def llama_cpp_reference():
+    """scripts/llama_cpp_reference.py: llama.cpp's own converter and llama-quantize, as independent references."""
+    return load_script("llama_cpp_reference")
+
+
+def output_digests():
+    """scripts/output_digests.py: the matrix of recorded outputs and how each is digested."""
+    return load_script("output_digests")
 
 
 def small_config(num_layers: int = 4, num_experts: int = 4, maverick: bool = False) -> dict:

@@ -139,9 +139,9 @@ def test_unrouted_experts_get_all_token_statistics_and_sensible_gptq_weights(tmp
         gate_up = read_slice(base.by_name[f"{prefix}.gate_up_proj"], e).float()
         original = gate_up[:, :256].T
         parts = {s: read_tensor(cand.by_name[f"{prefix}.{e}.gate_proj.{s}"]) for s in ("weight_packed", "weight_scale", "weight_shape")}
-        w = ct.decode_linear(parts, scheme)
+        w = scheme.decode(parts)
         assert torch.isfinite(w).all()
-        rtn = ct.decode_linear({k.rsplit(".", 1)[1]: v for k, v in ct.encode_linear("m", original, scheme)}, scheme)
+        rtn = scheme.decode({k.rsplit(".", 1)[1]: v for k, v in scheme.encode_weight("m", original)})
         err, rtn_err = (w - original).norm() / original.norm(), (rtn - original).norm() / original.norm()
         assert err < 2 * rtn_err, (layer, e, err, rtn_err)
 

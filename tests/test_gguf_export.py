@@ -12,6 +12,7 @@ from gguf import GGUFReader
 from cli.main import main
 from llama4_quant import arch, evaluate, sources
 from llama4_quant.formats import gguf as l4q_gguf
+from llama4_quant.formats import gguf_types
 
 L4Q_ONLY_KEYS = {"general.base_model.count", "general.base_model.0.name", "general.quantized_by"}
 CTX, TOKENS = 256, 4 * 256
@@ -71,10 +72,10 @@ def test_q4_k_m_type_rules(tiny, tmp_path):
     _, tensors = read_gguf(out)
     types = {name: t[0] for name, t in tensors.items()}
     n = 4  # use_more_bits picks layers 2 and 3 of 4 (i < n/8, i >= 7n/8 or (i - n/8) % 3 == 2)
-    assert [l4q_gguf.use_more_bits(i, n) for i in range(n)] == [False, False, True, True]
+    assert [gguf_types.use_more_bits(i, n) for i in range(n)] == [False, False, True, True]
     assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
     for i in range(n):
-        more = l4q_gguf.use_more_bits(i, n)
+        more = gguf_types.use_more_bits(i, n)
         for name in (f"blk.{i}.attn_v.weight", f"blk.{i}.ffn_down_exps.weight", f"blk.{i}.ffn_down_shexp.weight"):
             assert types[name] == ("Q6_K" if more else "Q4_K"), name
         for name in (f"blk.{i}.attn_q.weight", f"blk.{i}.ffn_gate_exps.weight", f"blk.{i}.ffn_up_shexp.weight"):

@@ -7,15 +7,23 @@ import torch
 
 from llama4_quant import schemes as S
 from llama4_quant.calibrate.gptq import GPTQResult, gptq_quantize
+from llama4_quant.formats.compressed_tensors import get_scheme
 
 SCHEMES = ("int4", "int8", "fp8")
 
 
 # ----------------------------------------------------------------------------------- helpers
 
-rtn_scale = S.rtn_scales
-rtn_q = S.quantize
-dequant = S.dequantize
+def rtn_scale(w: torch.Tensor, scheme: str) -> torch.Tensor:
+    return get_scheme(scheme).rtn_scales(w)["weight_scale"]
+
+
+def rtn_q(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    return get_scheme(scheme).quantize(w, {"weight_scale": scale})
+
+
+def dequant(q: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    return get_scheme(scheme).dequantize(q, {"weight_scale": scale})
 
 
 def group_size(scheme: str, cols: int) -> int:
@@ -104,7 +112,7 @@ def test_matches_float64_reference(scheme, act_order):
     scale = rtn_scale(w, scheme)
     ref = ref_gptq(w, h, scheme, scale, act_order=act_order)
     for block_size in (128, 48):
-        res = gptq_quantize(w, h.float(), scheme, scale, block_size=block_size, act_order=act_order)
+        res = gptq_quantize(w, h.float(), get_scheme(scheme), scale, block_size=block_size, act_order=act_order)
         check_valid(res, w, scale, scheme)
         assert not res.fell_back
         mismatch = (res.q.double() != ref).double().mean()
@@ -119,7 +127,7 @@ def test_diagonal_hessian_equals_rtn(scheme):
     diag = torch.diag(torch.rand(384, generator=torch.Generator().manual_seed(0)) + 0.1)
     for h in (torch.eye(384), torch.eye(384, dtype=torch.float64) * 1e-9, diag):
         for act_order in (True, False):
-            res = gptq_quantize(w, h, scheme, scale, act_order=act_order)
+            res = gptq_quantize(w, h, get_scheme(scheme), scale, act_order=act_order)
             assert not res.fell_back
             assert torch.equal(res.q.view(torch.int8), expected.view(torch.int8))
 
@@ -129,7 +137,7 @@ def test_lower_output_error_than_rtn(scheme):
     w = weight()
     x = correlated_inputs()
     scale = rtn_scale(w, scheme)
-    res = gptq_quantize(w, x @ x.T, scheme, scale)
+    res = gptq_quantize(w, x @ x.T, get_scheme(scheme), scale)
     e_gptq = output_error(w, res.q, scale, scheme, x)
     e_rtn = output_error(w, rtn_q(w, scale, scheme), scale, scheme, x)
     assert e_gptq <= 0.8 * e_rtn, (e_gptq, e_rtn)
@@ -139,7 +147,7 @@ def test_fp8_output_error_not_worse_than_rtn():
     w = weight()
     x = correlated_inputs()
     scale = rtn_scale(w, "fp8")
-    res = gptq_quantize(w, x @ x.T, "fp8", scale)
+    res = gptq_quantize(w, x @ x.T, get_scheme("fp8"), scale)
     assert output_error(w, res.q, scale, "fp8", x) < output_error(w, rtn_q(w, scale, "fp8"), scale, "fp8", x)
 
 
@@ -151,7 +159,7 @@ def test_act_order_usually_better():
         scale = rtn_scale(w, "int4")
         errors = []
         for act_order in (True, False):
-            res = gptq_quantize(w, x @ x.T, "int4", scale, act_order=act_order)
+            res = gptq_quantize(w, x @ x.T, get_scheme("int4"), scale, act_order=act_order)
             check_valid(res, w, scale, "int4")
             errors.append(output_error(w, res.q, scale, "int4", x))
         wins += errors[0] < errors[1]
@@ -163,7 +171,7 @@ def test_rank_deficient_hessian(scheme):
     w = weight()
     x = correlated_inputs(n=32)
     scale = rtn_scale(w, scheme)
-    res = gptq_quantize(w, (x @ x.T).float(), scheme, scale)
+    res = gptq_quantize(w, (x @ x.T).float(), get_scheme(scheme), scale)
     check_valid(res, w, scale, scheme)
     assert not res.fell_back
 
@@ -172,7 +180,7 @@ def test_rank_deficient_hessian(scheme):
 def test_zero_hessian_is_rtn(scheme):
     w = weight()
     scale = rtn_scale(w, scheme)
-    res = gptq_quantize(w, torch.zeros(256, 256), scheme, scale)
+    res = gptq_quantize(w, torch.zeros(256, 256), get_scheme(scheme), scale)
     check_valid(res, w, scale, scheme)
     assert not res.fell_back
     assert torch.equal(res.q.view(torch.int8), rtn_q(w, scale, scheme).view(torch.int8))
@@ -185,7 +193,7 @@ def test_dead_channels_keep_their_weights():
     dead[[0, 5, 130, 255]] = True
     x[dead] = 0
     scale = rtn_scale(w, "int4")
-    res = gptq_quantize(w, x @ x.T, "int4", scale)
+    res = gptq_quantize(w, x @ x.T, get_scheme("int4"), scale)
     assert not res.fell_back
     # No error flows into or out of a dead channel, so its column is exactly RTN (not zeroed).
     assert torch.equal(res.q[:, dead], rtn_q(w, scale, "int4")[:, dead])
@@ -199,7 +207,7 @@ def test_non_finite_hessian_falls_back_to_rtn(scheme):
     h = x @ x.T
     h[3, 7] = float("nan")
     scale = rtn_scale(w, scheme)
-    res = gptq_quantize(w, h, scheme, scale)
+    res = gptq_quantize(w, h, get_scheme(scheme), scale)
     check_valid(res, w, scale, scheme)
     assert res.fell_back and "NaN" in res.reason
     assert torch.equal(res.q.view(torch.int8), rtn_q(w, scale, scheme).view(torch.int8))
@@ -210,11 +218,11 @@ def test_indefinite_hessian_falls_back_after_raising_dampening():
     h = torch.eye(256, dtype=torch.float64) - 100 * torch.outer(v, v)  # positive diagonal, eigenvalue -99
     w = weight()
     scale = rtn_scale(w, "int4")
-    res = gptq_quantize(w, h, "int4", scale)
+    res = gptq_quantize(w, h, get_scheme("int4"), scale)
     check_valid(res, w, scale, "int4")
     assert res.fell_back and "Cholesky" in res.reason
     # Mildly indefinite (eigenvalue -0.05): the first raised dampening succeeds.
-    res = gptq_quantize(w, torch.eye(256, dtype=torch.float64) - 1.05 * torch.outer(v, v), "int4", scale)
+    res = gptq_quantize(w, torch.eye(256, dtype=torch.float64) - 1.05 * torch.outer(v, v), get_scheme("int4"), scale)
     assert not res.fell_back
 
 
@@ -223,10 +231,10 @@ def test_scaling_invariance_and_determinism():
     x = correlated_inputs()
     h = x @ x.T
     scale = rtn_scale(w, "int4")
-    a = gptq_quantize(w, h, "int4", scale)
-    b = gptq_quantize(w, h, "int4", scale)
+    a = gptq_quantize(w, h, get_scheme("int4"), scale)
+    b = gptq_quantize(w, h, get_scheme("int4"), scale)
     assert torch.equal(a.q, b.q)
-    c = gptq_quantize(w, h * 2.0**-40, "int4", scale)
+    c = gptq_quantize(w, h * 2.0**-40, get_scheme("int4"), scale)
     assert (a.q != c.q).double().mean() < 0.005
 
 
@@ -235,9 +243,9 @@ def test_block_size_not_dividing_in_features():
     x = correlated_inputs(384, 1024)
     scale = rtn_scale(w, "int4")
     h = x @ x.T
-    base = gptq_quantize(w, h, "int4", scale, block_size=128).q
+    base = gptq_quantize(w, h, get_scheme("int4"), scale, block_size=128).q
     for block_size in (1, 100, 1000):
-        res = gptq_quantize(w, h, "int4", scale, block_size=block_size)
+        res = gptq_quantize(w, h, get_scheme("int4"), scale, block_size=block_size)
         check_valid(res, w, scale, "int4")
         assert (res.q != base).double().mean() < 0.005
 
@@ -246,9 +254,19 @@ def test_custom_scale_is_respected():
     w = weight()
     x = correlated_inputs()
     scale = (rtn_scale(w, "int4").float() * 0.8).to(torch.bfloat16)  # clips: values beyond [-8, 7] saturate
-    res = gptq_quantize(w, x @ x.T, "int4", scale)
+    res = gptq_quantize(w, x @ x.T, get_scheme("int4"), scale)
     check_valid(res, w, scale, "int4")
     assert int(res.q.min()) == -8 or int(res.q.max()) == 7
+
+
+def test_scheme_by_name():
+    w = weight()
+    x = correlated_inputs()
+    for scheme in SCHEMES:
+        scale = rtn_scale(w, scheme)
+        by_name = gptq_quantize(w, x @ x.T, scheme, scale).q
+        by_object = gptq_quantize(w, x @ x.T, get_scheme(scheme), scale).q
+        assert torch.equal(by_name.view(torch.int8), by_object.view(torch.int8))
 
 
 def test_invalid_arguments():
@@ -256,12 +274,12 @@ def test_invalid_arguments():
     scale = rtn_scale(w, "int4")
     h = torch.eye(256)
     with pytest.raises(ValueError):
-        gptq_quantize(w, torch.eye(128), "int4", scale)
+        gptq_quantize(w, torch.eye(128), get_scheme("int4"), scale)
     with pytest.raises(ValueError):
-        gptq_quantize(w, h, "int4", rtn_scale(w, "int8"))
+        gptq_quantize(w, h, get_scheme("int4"), rtn_scale(w, "int8"))
     with pytest.raises(ValueError):
         gptq_quantize(w, h, "int2", scale)
     with pytest.raises(ValueError):
-        gptq_quantize(w, h, "int4", torch.zeros_like(scale))
+        gptq_quantize(w, h, get_scheme("int4"), torch.zeros_like(scale))
     with pytest.raises(ValueError):
-        gptq_quantize(w, h, "int4", scale, block_size=0)
+        gptq_quantize(w, h, get_scheme("int4"), scale, block_size=0)

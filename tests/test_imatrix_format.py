@@ -10,8 +10,8 @@ import pytest
 from conftest import llama_cpp_reference
 from gguf import GGUFReader, GGUFValueType
 
-from llama4_quant import arch, sources
-from llama4_quant.checkpoint import Checkpoint
+from llama4_quant import sources
+from llama4_quant.model import open_model
 from llama4_quant.formats import gguf as l4q_gguf
 from llama4_quant.formats.imatrix import (
     gguf_imatrix_entries,
@@ -53,8 +53,7 @@ def f32_gguf(tiny, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def plan(tiny):
-    spec = arch.spec_from_config(arch.load_config(tiny.path))
-    return l4q_gguf.plan(Checkpoint(tiny.path), spec, "Q4_K_M")
+    return l4q_gguf.plan(open_model(tiny), "Q4_K_M")
 
 
 def synthetic_stats(plan) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import output_digests
 
 from cli.main import main
 from llama4_quant import outputs, pipeline
@@ -143,8 +144,7 @@ def _fingerprint_of(model_dir: Path) -> str:
     from llama4_quant.model import open_model
 
     model = open_model(Source(model_dir, model_dir.name))
-    plan = pipeline.build_plan(model.ckpt, model.spec, ct.get_scheme("int8"), pipeline.ignore_patterns(),
-                               2_000_000, model.config)
+    plan = pipeline.build_plan(model, ct.get_scheme("int8"), pipeline.ignore_patterns(), 2_000_000)
     plan.method = "rtn"
     return plan.fingerprint(model.fingerprint())
 
@@ -180,24 +180,22 @@ def test_attention_stays_bf16_by_default(small_model, tmp_path, scheme):
     assert recipe["quantized_attention"] is True and "0.17.0" in recipe["minimum_vllm"]
 
 
-@pytest.mark.parametrize("run", ["tiny-int4-rtn", "tiny-fp8-rtn", "tiny-Q4_K_M.gguf"])
-def test_quantize_attention_reproduces_the_recorded_bytes(run, tmp_path):
-    """The digests in tests/data/output_digests.json were recorded (scripts/output_digests.py) before
-    attention became BF16 by default; --quantize-attention must still give exactly those bytes."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("digests", Path(__file__).parents[1] / "scripts" / "output_digests.py")
-    digests = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(digests)
-    recorded = json.loads((Path(__file__).parent / "data" / "output_digests.json").read_text())[run]
-    out = tmp_path / run
-    if run.endswith(".gguf"):
-        args = ["export", "gguf", "tiny", "--type", "Q4_K_M", "--out", str(out)]
-    else:
-        _, scheme, method = run.split("-")
-        args = ["quantize", "--model", "tiny", "--to", scheme, "--method", method, "--out", str(out), "--quantize-attention"]
-    assert l4q(*args).exit_code == 0
-    assert digests.digest_output(out) == recorded
+@pytest.mark.parametrize("model", ["tiny", "tiny-maverick"])
+def test_every_output_has_its_recorded_bytes(model, tmp_path):
+    """Every cell of scripts/output_digests.py's matrix (statistics, every scheme with rtn, mse,
+    calibrated mse and gptq, quantized attention, every GGUF type, the imatrix-searched K-quants)
+    gives the bytes recorded in tests/data/output_digests.json before the one-walk refactor."""
+    digests = output_digests()
+    recorded = json.loads((Path(__file__).parent / "data" / "output_digests.json").read_text())
+    wrong = []
+    for name, args in digests.runs(tmp_path):
+        if not name.startswith(f"{model}-") or name.startswith("tiny-maverick-") != (model == "tiny-maverick"):
+            continue
+        result = l4q(*args)
+        assert result.exit_code == 0, f"{name}: {result.stderr}"
+        if digests.digest_output(tmp_path / name) != recorded[name]:
+            wrong.append(name)
+    assert not wrong, f"outputs whose bytes changed: {wrong}"
 
 
 def test_push_refuses_a_symlink_leaving_the_derivative(tmp_path):

@@ -87,7 +87,7 @@ def test_every_tensor_within_rounding_bound(model, scheme, request, tmp_path):
     assert sum(".experts." in m for m in quantized) == experts
     for module in quantized:
         parts = {n.rsplit(".", 1)[1]: t for n, t in out.items() if n.rsplit(".", 1)[0] == module}
-        deq = ct.decode_linear(parts, sch).double()
+        deq = sch.decode(parts).double()
         ref = weights[module]
         assert deq.shape == ref.shape, module
         assert torch.isfinite(deq).all()

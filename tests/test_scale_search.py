@@ -7,6 +7,7 @@ import torch
 
 from llama4_quant import scale_search as SS
 from llama4_quant import schemes as S
+from llama4_quant.formats.compressed_tensors import get_scheme
 
 BF16 = torch.bfloat16
 TINY = torch.finfo(BF16).tiny
@@ -16,9 +17,16 @@ HALF_RANGE = {"int4": 7.5, "int8": 127.5, "fp8": 448.0}
 
 # ----------------------------------------------------------------------------------- helpers
 
-rtn_scale = S.rtn_scales
-quantize = S.quantize
-dequantize = S.dequantize
+def rtn_scale(w: torch.Tensor, scheme: str) -> torch.Tensor:
+    return get_scheme(scheme).rtn_scales(w)["weight_scale"]
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    return get_scheme(scheme).quantize(w, {"weight_scale": scale})
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    return get_scheme(scheme).dequantize(q, {"weight_scale": scale})
 
 
 def group_size(scheme: str, cols: int) -> int:
@@ -83,7 +91,7 @@ def test_matches_float64_brute_force(scheme, weighted):
     cols = 384 if scheme == "int4" else 300
     w = student_t(48, cols, seed=1)
     importance = torch.rand(cols, generator=torch.Generator().manual_seed(2)) ** 3 if weighted else None
-    got = SS.search_scales(w, scheme, importance)
+    got = SS.search_scales(w, get_scheme(scheme), importance)
     ref = ref_search(w, scheme, importance)
     assert got.shape == rtn_scale(w, scheme).shape and got.dtype == BF16
     # float32 vs float64 objective: only near-ties may pick another candidate, at (almost) the same error.
@@ -99,7 +107,7 @@ def test_first_candidate_is_rtn(scheme):
     w[1, :128] = 1e-39  # subnormal in bf16
     w[2, 5] = -3e38
     absmax = S._group_absmax(w, group_size(scheme, 256))
-    cands = SS.candidate_scales(absmax, scheme)
+    cands = SS.candidate_scales(absmax, get_scheme(scheme))
     assert cands.shape == (len(SS.GRID_FACTORS), *rtn_scale(w, scheme).shape)
     assert torch.equal(cands[0].view(torch.int16), rtn_scale(w, scheme).view(torch.int16))
     assert torch.isfinite(cands.float()).all() and (cands > 0).all()
@@ -111,7 +119,7 @@ def test_never_worse_than_rtn(scheme):
     w = student_t(64, 512, seed=4, df=5.0)
     importance = torch.rand(512, generator=torch.Generator().manual_seed(5))
     for imp in (None, importance):
-        s = SS.search_scales(w, scheme, imp)
+        s = SS.search_scales(w, get_scheme(scheme), imp)
         rtn = rtn_scale(w, scheme)
         assert torch.all(group_errors(w, s, scheme, imp) <= group_errors(w, rtn, scheme, imp) * (1 + 1e-5))
 
@@ -119,7 +127,7 @@ def test_never_worse_than_rtn(scheme):
 def test_heavy_tails_improve_on_rtn():
     w = student_t(256, 1024, seed=6)
     for scheme, gain in (("int4", 0.9), ("int8", 1.0), ("fp8", 1.0)):
-        mse = group_errors(w, SS.search_scales(w, scheme), scheme).sum()
+        mse = group_errors(w, SS.search_scales(w, get_scheme(scheme)), scheme).sum()
         rtn = group_errors(w, rtn_scale(w, scheme), scheme).sum()
         assert mse <= gain * rtn, (scheme, float(mse / rtn))
 
@@ -129,22 +137,22 @@ def test_importance_changes_the_choice():
     w = (torch.rand(1, 128, generator=g) * 0.6 - 0.3).to(BF16)
     w[0, 0] = 1.0  # one outlier
     rtn = S.int4_scales(w)
-    smallest = SS.candidate_scales(S._group_absmax(w, 128), "int4")[-1]
+    smallest = SS.candidate_scales(S._group_absmax(w, 128), get_scheme("int4"))[-1]
     care = torch.ones(128)
     care[0] = 1000.0
     ignore = torch.ones(128)
     ignore[0] = 0.0
-    assert torch.equal(SS.search_scales(w, "int4", care), rtn)  # keep the outlier exact
-    assert torch.equal(SS.search_scales(w, "int4", ignore), smallest)  # clip it, round the rest finely
+    assert torch.equal(SS.search_scales(w, get_scheme("int4"), care), rtn)  # keep the outlier exact
+    assert torch.equal(SS.search_scales(w, get_scheme("int4"), ignore), smallest)  # clip it, round the rest finely
     # Only ratios matter.
-    assert torch.equal(SS.search_scales(w, "int4", care * 1e-20), rtn)
+    assert torch.equal(SS.search_scales(w, get_scheme("int4"), care * 1e-20), rtn)
 
 
 def test_negative_absmax_uses_the_full_int4_range():
     g = torch.Generator().manual_seed(8)
     w = (torch.randn(1, 128, generator=g) * 0.05).to(BF16)
     w[0, 3] = -1.0
-    s = SS.search_scales(w, "int4")
+    s = SS.search_scales(w, get_scheme("int4"))
     assert float(s) < float(S.int4_scales(w))
     assert int(S.int4_quantize(w, s)[0, 3]) == -8
 
@@ -153,10 +161,10 @@ def test_deterministic_and_independent_of_row_slicing(monkeypatch):
     w = student_t(40, 512, seed=9)
     imp = torch.rand(512, generator=torch.Generator().manual_seed(10))
     for scheme in SCHEMES:
-        a = SS.search_scales(w, scheme, imp)
-        assert torch.equal(a, SS.search_scales(w, scheme, imp))
+        a = SS.search_scales(w, get_scheme(scheme), imp)
+        assert torch.equal(a, SS.search_scales(w, get_scheme(scheme), imp))
         monkeypatch.setattr(S, "_CHUNK_ELEMENTS", 3 * 512)
-        b = SS.search_scales(w, scheme, imp)
+        b = SS.search_scales(w, get_scheme(scheme), imp)
         monkeypatch.undo()
         assert torch.equal(a, b)
 
@@ -166,19 +174,19 @@ def test_zero_rows_and_groups(scheme):
     w = student_t(4, 256, seed=11)
     w[0] = 0
     w[1, :128] = 0
-    s = SS.search_scales(w, scheme)
+    s = SS.search_scales(w, get_scheme(scheme))
     assert torch.isfinite(s.float()).all() and (s > 0).all()
     assert float(s[0, 0]) == TINY
     if scheme == "int4":
         assert float(s[1, 0]) == TINY
     assert torch.all(dequantize(quantize(w, s, scheme), s, scheme)[0] == 0)
     # All-zero importance (say, an expert no calibration token reached) means uniform importance.
-    assert torch.equal(SS.search_scales(w, scheme, torch.zeros(256)), s)
+    assert torch.equal(SS.search_scales(w, get_scheme(scheme), torch.zeros(256)), s)
     if scheme == "int4":
         # An int4 group with zero importance: every candidate ties, RTN's (largest) scale is kept.
         imp = torch.ones(256)
         imp[128:] = 0
-        assert torch.equal(SS.search_scales(w, scheme, imp)[:, 1], rtn_scale(w, scheme)[:, 1])
+        assert torch.equal(SS.search_scales(w, get_scheme(scheme), imp)[:, 1], rtn_scale(w, scheme)[:, 1])
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -187,7 +195,7 @@ def test_extreme_magnitudes_stay_finite(scheme):
     w[0] = w[0] * 1e38 / w[0].abs().max()
     w[0, 7] = -torch.finfo(BF16).max
     w[1] = w[1] * 1e-38
-    s = SS.search_scales(w, scheme)
+    s = SS.search_scales(w, get_scheme(scheme))
     assert torch.isfinite(s.float()).all() and (s > 0).all()
     q = quantize(w, s, scheme)
     deq_bf16 = q.to(BF16).unflatten(-1, (s.shape[1], -1)) * s.unsqueeze(-1)  # a decoder's BF16 product
@@ -199,9 +207,17 @@ def test_other_scale_dtypes():
     w = student_t(8, 256, seed=13)
     for dtype in (torch.float16, torch.float32):
         for scheme in SCHEMES:
-            s = SS.search_scales(w, scheme, scale_dtype=dtype)
+            s = SS.search_scales(w, get_scheme(scheme), scale_dtype=dtype)
             assert s.dtype == dtype and s.shape == rtn_scale(w, scheme).shape
             assert torch.isfinite(s.float()).all() and (s > 0).all()
+
+
+def test_scheme_by_name():
+    """A registered name stands for its scheme (the pipeline passes names for now)."""
+    w = student_t(8, 256, seed=16)
+    imp = torch.rand(256, generator=torch.Generator().manual_seed(17))
+    for scheme in SCHEMES:
+        assert torch.equal(SS.search_scales(w, scheme, imp), SS.search_scales(w, get_scheme(scheme), imp))
 
 
 def test_invalid_arguments():
@@ -209,10 +225,10 @@ def test_invalid_arguments():
     with pytest.raises(ValueError):
         SS.search_scales(w, "int2")
     with pytest.raises(ValueError):
-        SS.search_scales(w, "int4", torch.ones(128))
+        SS.search_scales(w, get_scheme("int4"), torch.ones(128))
     with pytest.raises(ValueError):
-        SS.search_scales(w, "int4", -torch.ones(256))
+        SS.search_scales(w, get_scheme("int4"), -torch.ones(256))
     with pytest.raises(ValueError):
-        SS.search_scales(w, "int4", torch.full((256,), float("nan")))
+        SS.search_scales(w, get_scheme("int4"), torch.full((256,), float("nan")))
     with pytest.raises(ValueError):
-        SS.search_scales(student_t(4, 200, seed=15), "int4")
+        SS.search_scales(student_t(4, 200, seed=15), get_scheme("int4"))

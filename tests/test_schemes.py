@@ -7,6 +7,7 @@ import torch
 
 from llama4_quant import schemes as S
 from llama4_quant.errors import NonFiniteWeightError
+from llama4_quant.formats import compressed_tensors as ct
 
 BF16 = torch.bfloat16
 TINY = torch.finfo(BF16).tiny
@@ -383,3 +384,122 @@ def test_non_contiguous_input() -> None:
     wt = w.t().contiguous().t()  # same values, column-major strides
     assert not wt.is_contiguous()
     assert quantize_all_bytes(wt) == quantize_all_bytes(w)
+
+
+# ------------------------------------------------------------------------------- the scheme registry
+
+
+def test_registry() -> None:
+    from llama4_quant.model import QUANTIZED_SUFFIXES
+
+    assert ct.scheme_names() == list(ct.SCHEMES) == ["int4", "int8", "fp8"]
+    for name, scheme in ct.SCHEMES.items():
+        assert isinstance(scheme, ct.Scheme) and scheme.name == name
+        assert ct.get_scheme(name) is scheme and ct.as_scheme(name) is scheme and ct.as_scheme(scheme) is scheme
+        assert ct.scheme_for_format(scheme.format) is scheme
+        assert scheme.suffixes == QUANTIZED_SUFFIXES[scheme.format]
+        assert set(scheme.scale_suffixes) <= set(scheme.suffixes) and scheme.group_scale in scheme.scale_suffixes
+        group = ct.quantization_config(scheme, [])["config_groups"]["group_0"]
+        assert group["format"] == scheme.format and group["targets"] == ["Linear"]
+    assert ct.scheme_for_format("nvfp4-pack-quantized") is None and ct.scheme_for_format(None) is None
+    with pytest.raises(ValueError, match="unknown scheme 'int2'; choose one of int4, int8, fp8"):
+        ct.get_scheme("int2")
+    with pytest.raises(ValueError, match="twice"):
+        ct.register_scheme(type(ct.get_scheme("int4")))
+    assert ct.scheme_names() == ["int4", "int8", "fp8"]
+
+
+def test_registry_loads_without_torch() -> None:
+    """The CLI reads its --to choices from the registry before anything heavy is imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from llama4_quant.formats import compressed_tensors as ct; "
+            "assert ct.scheme_names() == ['int4', 'int8', 'fp8']; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def scheme_test_weight() -> torch.Tensor:
+    """random_weight plus a -bf16 max entry, whose scale needs the int lower clamp."""
+    w = random_weight(48, 1024, 13)
+    w[3, 5] = -BF16_MAX
+    return w
+
+
+@pytest.mark.parametrize("name", ct.scheme_names())
+def test_scheme_round_trips_within_its_bound(name: str) -> None:
+    """encode -> decode stays within the scheme's error bound, and entries() is exactly what encode writes."""
+    from llama4_quant.checkpoint import torch_to_st
+
+    scheme = ct.get_scheme(name)
+    w = scheme_test_weight()
+    module = "model.layers.0.feed_forward.experts.3.up_proj"
+    assert scheme.can_quantize(*w.shape)
+    parts = scheme.encode_weight(module, w)
+    entries = scheme.entries(module, *w.shape)
+    assert [n for n, _ in parts] == [e.name for e in entries] == [f"{module}.{s}" for s in scheme.suffixes]
+    for entry, (_, t) in zip(entries, parts):
+        assert (torch_to_st()[t.dtype], tuple(t.shape)) == (entry.dtype, entry.shape), entry.name
+        assert t.device.type == "cpu" and entry.nbytes == t.numel() * t.element_size()
+    tensors = {n.removeprefix(module + "."): t for n, t in parts}
+    scales = scheme.rtn_scales(w)
+    assert list(scales) == list(scheme.scale_suffixes)
+    for s, t in scales.items():
+        assert torch.equal(t, tensors[s]), s
+    d = scheme.decode(tensors)
+    assert d.dtype == torch.float32 and d.shape == w.shape
+    assert torch.equal(d, scheme.dequantize(scheme.quantize(w, scales), scales))
+    assert torch.equal(scheme.decode_as_loaded(tensors), d.to(BF16).float())
+    err = (w.double() - d.double()).abs()
+    bound = scheme.error_bound(w, scales)
+    assert bound.shape == w.shape
+    assert bool((err <= bound).all())
+    assert float((err / bound).max()) > 0.4  # the bound is tight
+    # a given group scale is what gets stored
+    half = (scales[scheme.group_scale].float() / 2).to(BF16)
+    again = dict(scheme.encode_weight(module, w, half))
+    assert torch.equal(again[f"{module}.{scheme.group_scale}"], half)
+
+
+@pytest.mark.parametrize("name", ct.scheme_names())
+def test_scheme_rounding_rule_is_its_quantize(name: str) -> None:
+    """What scale_search and GPTQ use (group size, absmax rule, lower clamp, grid) reproduces RTN bit for bit."""
+    scheme = ct.get_scheme(name)
+    w = scheme_test_weight()
+    rows, cols = w.shape
+    scales = scheme.rtn_scales(w)
+    s = scales[scheme.group_scale]
+    gs = scheme.group_size(cols)
+    assert s.shape == (rows, cols // gs)
+    assert torch.equal(s, scheme.absmax_scale(S._group_absmax(w, gs), BF16))
+    low = scheme.lower_clamp(s)
+    x = w.float().unflatten(-1, (cols // gs, gs)) / s.float().unsqueeze(-1)
+    grid = scheme.round_to_grid(x, None if low is None else low.unsqueeze(-1))
+    assert grid.dtype == torch.float32
+    q = scheme.to_values(grid.flatten(-2))
+    expected = scheme.quantize(w, scales)
+    assert q.dtype == expected.dtype
+    assert torch.equal(q.view(torch.int8), expected.view(torch.int8))
+
+
+def test_scheme_kernels_match_named_kernels() -> None:
+    """The int4 / int8 / fp8 classes call these kernels with the same constants."""
+    w = scheme_test_weight()
+    for name, scales, quant in (("int4", S.int4_scales, S.int4_quantize), ("int8", S.int8_scales, S.int8_quantize),
+                                ("fp8", S.fp8_scales, S.fp8_quantize)):
+        scheme = ct.get_scheme(name)
+        s = scheme.rtn_scales(w)["weight_scale"]
+        assert torch.equal(s, scales(w))
+        assert torch.equal(scheme.quantize(w, {"weight_scale": s}).view(torch.int8), quant(w, s).view(torch.int8))
+    int4, int8 = ct.get_scheme("int4"), ct.get_scheme("int8")
+    assert (int4.qmin, int4.qmax, int4.group) == (S.INT4_MIN, S.INT4_MAX, S.INT4_GROUP_SIZE)
+    assert (int8.qmin, int8.qmax) == (S.INT8_MIN, S.INT8_MAX)
+    assert (int4.half_range, int8.half_range, ct.get_scheme("fp8").half_range) == (7.5, 127.5, S.FP8_MAX)
+    for scheme in (int4, int8):
+        s = scheme.rtn_scales(w)["weight_scale"]
+        low = scheme.lower_clamp(s)  # only the -bf16 max group clamps at -qmax
+        expected = torch.full_like(s, float(scheme.qmin), dtype=torch.float32)
+        expected[3, 5 // scheme.group_size(w.shape[1])] = -scheme.qmax
+        assert torch.equal(low, expected), scheme.name
+    assert ct.get_scheme("fp8").lower_clamp(S.fp8_scales(w)) is None

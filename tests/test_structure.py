@@ -88,3 +88,19 @@ def test_opening_a_model_imports_no_torch():
     code = ("import sys, llama4_quant.model, llama4_quant.outputs, cli.main; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)
+
+
+def test_the_walk_sits_below_its_targets():
+    """walk.py is the one front end: the targets build on it, never the reverse."""
+    graph = import_graph()
+    assert "llama4_quant.walk" in graph["llama4_quant.pipeline"] and "llama4_quant.walk" in graph["llama4_quant.formats.gguf"]
+    assert not graph["llama4_quant.walk"] & {"llama4_quant.pipeline", "llama4_quant.formats.gguf", "llama4_quant.derive"}
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(PACKAGE)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

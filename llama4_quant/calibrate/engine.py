@@ -125,7 +125,7 @@ class Engine:
         into one preallocated [T, vocab] tensor, normalized in place.
         """
         x = self._norm(h, f"{self.spec.text_prefix}model.norm.weight")
-        blocks = [b.to(self.device) for b in iter_row_blocks(self.src.lm_head_info(), 64 * 1024 * 1024)]
+        blocks = [b.to(self.device) for b in iter_row_blocks(self.src.lm_head_info())]
         vocab = sum(len(b) for b in blocks)
         for seq in x:
             logits = torch.empty(len(seq), vocab, device=self.device)

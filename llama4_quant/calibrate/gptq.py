@@ -8,9 +8,10 @@ Conventions here:
 
 * The scales are chosen before GPTQ (RTN or `scale_search`) and never change, so the static
   act-order (columns in decreasing diag(H)) cannot break the int4 group structure, and the result
-  is stored like any RTN result of `schemes`.
-* Quantizing one column uses exactly `schemes`' float32 rounding and clamping, so with a diagonal H
-  (no error to spread) the result is bit-identical to RTN with the same scales.
+  is stored like any RTN result of the scheme.
+* Quantizing one column uses exactly the scheme's float32 rounding and clamping (`round_to_grid`,
+  `lower_clamp`), so with a diagonal H (no error to spread) the result is bit-identical to RTN with
+  the same scales.
 * H is first normalized by the mean diagonal of its live channels (only ratios matter), dead input
   channels (zero diagonal) become decoupled unit channels, and damp * mean(diag) is added to the
   diagonal. If the Cholesky factorization fails, the dampening rises tenfold a few times; if it
@@ -25,16 +26,16 @@ import torch
 from torch import Tensor
 
 from .. import schemes
+from ..formats.compressed_tensors import Scheme, as_scheme
 
 _DAMP_RETRIES = 3  # extra tries, each with ten times the previous dampening
-
-_INT_RANGE = schemes.INT_RANGES
 
 
 @dataclass
 class GPTQResult:
-    """q: int8 values (int4, int8) or float8_e4m3fn (fp8), [out, in] in the original column order.
-    scale: the scale that was passed in. fell_back/reason: whether and why q is plain RTN instead."""
+    """q: the scheme's values as its quantize returns them (int8 for int4 and int8, float8_e4m3fn for
+    fp8), [out, in] in the original column order. scale: the group scale that was passed in.
+    fell_back/reason: whether and why q is plain RTN instead."""
 
     q: Tensor
     scale: Tensor
@@ -81,36 +82,71 @@ def _inverse_cholesky_upper(h: Tensor) -> Tensor | None:
     return u
 
 
-def _check_scale(w: Tensor, scale: Tensor, scheme: str) -> None:
+def _check_scale(w: Tensor, scale: Tensor, scheme: Scheme) -> None:
     rows, cols = w.shape
-    if scheme == "int4":
-        shape = (rows, schemes._check_groups(cols, schemes.INT4_GROUP_SIZE))
-    elif scheme in ("int8", "fp8"):
-        shape = (rows, 1)
-    else:
-        raise ValueError(f"unknown scheme {scheme!r}; choose one of int4, int8, fp8")
-    schemes._check_scale(scale, shape)
+    schemes._check_scale(scale, (rows, schemes._check_groups(cols, scheme.group_size(cols))))
     if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
         raise ValueError("scale must be finite and positive")
+
+
+def _damped_inverse_cholesky(h: Tensor, damp: float) -> tuple[Tensor | None, float]:
+    """Upper Cholesky factor of (H + d * mean(diag H) * I)^-1 in float32, raising d until it exists;
+    returns (factor or None, the last d tried)."""
+    mean_diag = float(h.diagonal().mean())
+    dampings = [damp] + [max(damp, 0.01) * 10**k for k in range(1, _DAMP_RETRIES + 1)]
+    for d in dampings:
+        u = _inverse_cholesky_upper(h + torch.diag(h.new_full((h.shape[0],), d * mean_diag)))
+        if u is not None:
+            return u.to(torch.float32), d
+    return None, dampings[-1]
+
+
+def _quantize_columns(work: Tensor, u: Tensor, scheme: Scheme, scale: Tensor, col_group: Tensor, block_size: int) -> bool:
+    """GPTQ's column loop, in place on float32 `work` [out, in] (columns in processing order): each
+    column is rounded to its group's grid and its error spread over the later columns through `u`,
+    in lazy batches of `block_size`. Leaves the rounded grid values in `work`; False on NaN/Inf."""
+    rows, cols = work.shape
+    s_all = scale.to(torch.float32)
+    low_all = scheme.lower_clamp(scale)
+    bad = torch.zeros((), dtype=torch.bool, device=work.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        blk = work[:, i1:i2]  # a view: updated in place, quantized columns overwritten by their q values
+        s_blk = s_all[:, col_group[i1:i2]]
+        low_blk = low_all[:, col_group[i1:i2]] if low_all is not None else None
+        err_blk = torch.empty((rows, i2 - i1), dtype=torch.float32, device=work.device)
+        for i in range(i2 - i1):
+            x = blk[:, i]
+            s = s_blk[:, i]
+            q = scheme.round_to_grid(x / s, None if low_blk is None else low_blk[:, i])
+            err = (x - q * s).div_(u[i1 + i, i1 + i])
+            blk[:, i + 1 :].addr_(err, u[i1 + i, i1 + i + 1 : i2], alpha=-1)
+            blk[:, i] = q
+            err_blk[:, i] = err
+        bad |= ~torch.isfinite(err_blk).all()
+        if i2 < cols:
+            work[:, i2:].addmm_(err_blk, u[i1:i2, i2:], alpha=-1)
+    return not bool(bad)
 
 
 def gptq_quantize(
     w: Tensor,
     hessian: Tensor,
-    scheme: str,
+    scheme: Scheme | str,
     scale: Tensor,
     *,
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
 ) -> GPTQResult:
-    """GPTQ-quantize `w` [out, in] with fixed `scale` (the shape `schemes.<scheme>_quantize` takes).
+    """GPTQ-quantize `w` [out, in] with the fixed group scale `scale` of `scheme` (a Scheme or its name).
 
     `hessian` [in, in] is sum x x^T over the layer's inputs at any positive scaling. Columns are
     processed in decreasing diag(H) order when `act_order`, in lazy batches of `block_size`; the
     weight updates run in float32 on w's device, the factorization in float64. The result is always
     valid for `scale`: on a failed factorization or non-finite values it is RTN with `fell_back` set.
     """
+    scheme = as_scheme(scheme)
     schemes._check_weight(w)
     _check_scale(w, scale, scheme)
     if block_size <= 0:
@@ -122,7 +158,7 @@ def gptq_quantize(
     device = w.device
 
     def fallback(reason: str) -> GPTQResult:
-        return GPTQResult(schemes.quantize(w, scale, scheme), scale, True, reason)
+        return GPTQResult(scheme.quantize(w, scheme.scales_with(w, scale)), scale, True, reason)
 
     h, reason = _prepare_hessian(hessian, cols, device)
     if h is None:
@@ -133,61 +169,20 @@ def gptq_quantize(
         perm = torch.argsort(hessian.diagonal().to(device), descending=True, stable=True)
         h = h[perm][:, perm]
 
-    mean_diag = float(h.diagonal().mean())
-    u = None
-    dampings = [damp] + [max(damp, 0.01) * 10**k for k in range(1, _DAMP_RETRIES + 1)]
-    for d in dampings:
-        u = _inverse_cholesky_upper(h + torch.diag(h.new_full((cols,), d * mean_diag)))
-        if u is not None:
-            break
+    u, tried = _damped_inverse_cholesky(h, damp)
     if u is None:
-        return fallback(f"Cholesky failed even with dampening {dampings[-1]:g} * mean(diag H)")
-    u = u.to(torch.float32)
+        return fallback(f"Cholesky failed even with dampening {tried:g} * mean(diag H)")
 
-    # Per-column scale and (for int) lower clamp, looked up through the column's group.
-    group_size = schemes.INT4_GROUP_SIZE if scheme == "int4" else cols
-    col_group = torch.arange(cols, device=device) // group_size
+    # Per-column scale and lower clamp (if any), looked up through the column's group.
+    col_group = torch.arange(cols, device=device) // scheme.group_size(cols)
     if perm is not None:
         col_group = col_group[perm]
-    s_all = scale.to(torch.float32)
-    low_all = None
-    if scheme != "fp8":
-        qmin, qmax = _INT_RANGE[scheme]
-        overflow = scale.double() * -qmin > torch.finfo(scale.dtype).max
-        if bool(overflow.any()):
-            low_all = torch.where(overflow, float(-qmax), float(qmin)).to(torch.float32)
-
     work = (w if perm is None else w[:, perm]).to(torch.float32, copy=True)
-    bad = torch.zeros((), dtype=torch.bool, device=device)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        blk = work[:, i1:i2]  # a view: updated in place, quantized columns overwritten by their q values
-        s_blk = s_all[:, col_group[i1:i2]]
-        low_blk = low_all[:, col_group[i1:i2]] if low_all is not None else None
-        err_blk = torch.empty((rows, i2 - i1), dtype=torch.float32, device=device)
-        for i in range(i2 - i1):
-            x = blk[:, i]
-            s = s_blk[:, i]
-            q = x / s
-            if scheme == "fp8":
-                q = q.clamp_(-schemes.FP8_MAX, schemes.FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
-            else:
-                q.round_().clamp_(qmin, qmax)
-                if low_blk is not None:
-                    q = torch.maximum(q, low_blk[:, i])
-            err = (x - q * s).div_(u[i1 + i, i1 + i])
-            blk[:, i + 1 :].addr_(err, u[i1 + i, i1 + i + 1 : i2], alpha=-1)
-            blk[:, i] = q
-            err_blk[:, i] = err
-        bad |= ~torch.isfinite(err_blk).all()
-        if i2 < cols:
-            work[:, i2:].addmm_(err_blk, u[i1:i2, i2:], alpha=-1)
-    if bool(bad):
+    if not _quantize_columns(work, u, scheme, scale, col_group, block_size):
         return fallback("the GPTQ updates produced NaN/Inf values")
 
-    out_dtype = torch.float8_e4m3fn if scheme == "fp8" else torch.int8
-    q_all = work.to(out_dtype)
+    q_all = scheme.to_values(work)
     if perm is not None:
         inverse = torch.argsort(perm)
-        q_all = q_all.view(torch.int8)[:, inverse].contiguous().view(out_dtype)
+        q_all = q_all.view(torch.int8)[:, inverse].contiguous().view(q_all.dtype)
     return GPTQResult(q_all, scale)

@@ -37,7 +37,7 @@ GPTQ_BLOCK = 128
 
 def decode(parts: list[tuple[str, torch.Tensor]], module: str, scheme: ct.Scheme, device) -> torch.Tensor:
     """The float32 weight a loader will see for these stored tensors."""
-    return ct.decode_linear_as_loaded({name.removeprefix(module + "."): t.to(device) for name, t in parts}, scheme)
+    return scheme.decode_as_loaded({name.removeprefix(module + "."): t.to(device) for name, t in parts})
 
 
 class GPTQPass(StatsCollector):
@@ -67,9 +67,9 @@ class GPTQPass(StatsCollector):
             check_finite(w, module)
             diag = h.diagonal()
             # A non-finite Hessian: absmax-grid scales without weights, and gptq_quantize falls back to RTN.
-            scale = search_scales(w, self.scheme.name, importance=diag if bool(torch.isfinite(diag).all()) else None)
-            result = gptq_quantize(w, h, self.scheme.name, scale, block_size=GPTQ_BLOCK, damp=GPTQ_DAMP, act_order=True)
-            parts = ct.encode_quantized(module, result.q, result.scale, self.scheme)
+            scale = search_scales(w, self.scheme, importance=diag if bool(torch.isfinite(diag).all()) else None)
+            result = gptq_quantize(w, h, self.scheme, scale, block_size=GPTQ_BLOCK, damp=GPTQ_DAMP, act_order=True)
+            parts = self.scheme.encode(module, result.q, self.scheme.scales_with(w, result.scale))
             self.encoded.update(parts)
             self.log.append({"module": module, "tokens": len(x), "fell_back_to_rtn": result.fell_back,
                              "reason": result.reason})

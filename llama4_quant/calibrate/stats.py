@@ -204,7 +204,7 @@ def _write_llama_imatrix(path: Path, src: WeightSource, tensors: dict[str, torch
             return None
         return tensors[f"{key}.in_sum2"].numpy(), tensors[f"{key}.counts"].numpy()
 
-    entries = imatrix.gguf_imatrix_entries(gguf.plan(src.ckpt, src.spec, "F16"), lookup)
+    entries = imatrix.gguf_imatrix_entries(gguf.plan(src.model, "F16"), lookup)
     imatrix.write_llama_imatrix(path, entries, datasets=[description], chunk_size=int(ids.shape[1]),
                                 chunk_count=int(ids.shape[0]))
 

@@ -15,11 +15,9 @@ import torch
 from ..checkpoint import read_rows, read_slice, read_tensor
 from ..errors import CorruptCheckpointError
 from ..formats import compressed_tensors as ct
-from ..model import QUANTIZED_SUFFIXES, Model, open_model, unfuse_gate_up
+from ..model import Model, open_model, unfuse_gate_up
 from ..schemes import check_finite
 from ..sources import Source
-
-_FORMAT_TO_SCHEME = {s.format: s for s in ct.SCHEMES.values()}
 
 
 class WeightSource:
@@ -34,7 +32,7 @@ class WeightSource:
         self.dir, self.config, self.spec, self.ckpt = model.dir, model.config, model.spec, model.ckpt
         self.device = torch.device(device)
         qc = self.config.get("quantization_config") or {}
-        self.scheme = _FORMAT_TO_SCHEME.get(qc.get("format"))
+        self.scheme = ct.scheme_for_format(qc.get("format"))
 
     def _info(self, name: str):
         try:
@@ -54,8 +52,8 @@ class WeightSource:
     def linear(self, module: str) -> torch.Tensor:
         """[out, in] float32 weight of one Linear, decoded if it is stored quantized."""
         if self.scheme is not None and f"{module}.weight_scale" in self.ckpt.by_name:
-            parts = {s: read_tensor(self._info(f"{module}.{s}")).to(self.device) for s in QUANTIZED_SUFFIXES[self.scheme.format]}
-            weight = ct.decode_linear_as_loaded(parts, self.scheme)
+            parts = {s: read_tensor(self._info(f"{module}.{s}")).to(self.device) for s in self.scheme.suffixes}
+            weight = self.scheme.decode_as_loaded(parts)
             check_finite(weight, module)
             return weight
         return self._to_device(read_tensor(self._info(f"{module}.weight")), f"{module}.weight")

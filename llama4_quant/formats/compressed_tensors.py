@@ -1,37 +1,170 @@
-"""The compressed-tensors layout that vLLM and transformers load: tensor names, encodings, config.
+"""The compressed-tensors layout that vLLM and transformers load, one registered class per scheme.
+
+A scheme (`--to int4`, ...) is one `Scheme` subclass registered with `register_scheme`, in the manner
+of compressed-tensors' compressor registry; `SCHEMES` maps each name to its one instance. The class
+holds everything scheme-specific: the compressed-tensors preset and format, the rounding rule that
+`scale_search` and GPTQ use, RTN scales, quantize / dequantize (through the kernels in
+`llama4_quant.schemes`), the stored tensors of one Linear (names, dtypes, shapes, encoding, decoding)
+and the `quantization_config` group. Adding a scheme is one new class here (plus the torch-free row
+of its stored suffixes in `model.QUANTIZED_SUFFIXES`, when its format is new) and its tests.
 
 One module per quantized Linear, experts unfused (`experts.{i}.{gate,up,down}_proj`), each with its
-own scales. This module decides names and dtypes; the numbers come from `llama4_quant.schemes`.
+own scales. Scale tensors travel as an ordered mapping suffix -> tensor, so a scheme may have several
+(say FP8 group scales plus a per-tensor global scale).
+
+torch is imported inside the methods: the registry (names, formats, suffixes) loads without it, for
+the CLI's option choices and model validation.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
-from .. import schemes
 from ..checkpoint import TensorEntry
+from ..model import QUANTIZED_SUFFIXES
 
-
-@dataclass(frozen=True)
-class Scheme:
-    name: str  # l4q's name, as given to --to
-    preset: str  # compressed-tensors preset scheme
-    format: str  # compressed-tensors compression format
-    description: str
-
-
-SCHEMES = {
-    "int4": Scheme("int4", "W4A16", "pack-quantized", "int4 weights, symmetric, group 128, 16-bit activations"),
-    "int8": Scheme("int8", "W8A8", "int-quantized", "int8 per-channel weights, dynamic per-token int8 activations"),
-    "fp8": Scheme("fp8", "FP8_DYNAMIC", "float-quantized", "FP8 e4m3 per-channel weights, dynamic per-token FP8 activations"),
-}
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 # Modules that always stay BF16 (compressed-tensors `ignore` patterns, matched with re.match against
 # module names). The router is a Linear subclass in transformers, and vLLM never quantizes it.
 ALWAYS_IGNORED = (".*lm_head", ".*feed_forward\\.router", ".*vision_model\\..*", ".*multi_modal_projector\\..*")
+
+
+class Scheme(ABC):
+    """One compressed-tensors weight scheme; use the registered instance, `get_scheme(name)`.
+
+    Weights are [out_features, in_features]. Scales are an ordered mapping suffix -> tensor, keys in
+    `scale_suffixes` order. `scale_search` and GPTQ work on one of them, the group scale
+    (`group_scale`): one value per group of `group_size(in_features)` input columns, the step that
+    float32 `w / s` is rounded on; `scales_with` completes the mapping from it.
+    """
+
+    name: ClassVar[str]  # as given to --to
+    preset: ClassVar[str]  # compressed-tensors preset scheme: the config group
+    format: ClassVar[str]  # compressed-tensors compression format
+    description: ClassVar[str]  # one line, for help texts
+    suffixes: ClassVar[tuple[str, ...]]  # the stored tensors of one Linear, in write order: QUANTIZED_SUFFIXES[format]
+    scale_suffixes: ClassVar[tuple[str, ...]]  # the scale tensors among them, in mapping order
+    group_scale: ClassVar[str]  # the scale tensor scale_search picks and GPTQ divides by
+    half_range: ClassVar[float]  # the absmax rule's divisor: group scale >= absmax / half_range
+
+    def __repr__(self) -> str:
+        return f"<scheme {self.name}>"
+
+    # ------------------------------------------------------------------ rounding rule (scale_search, GPTQ)
+
+    @abstractmethod
+    def group_size(self, in_features: int) -> int:
+        """Input columns that share one group scale."""
+
+    @abstractmethod
+    def absmax_scale(self, absmax: Tensor, scale_dtype: torch.dtype) -> Tensor:
+        """The group scale for float32 group absmax values: the RTN rule, which scale_search also
+        applies to shrunk absmax values."""
+
+    def lower_clamp(self, group_scale: Tensor) -> Tensor | None:
+        """Float32 lower clamp per group, where it is tighter than the grid's own minimum, else None."""
+        return None
+
+    @abstractmethod
+    def round_to_grid(self, x: Tensor, lower: Tensor | None = None) -> Tensor:
+        """Float32 x = w / s rounded to the scheme's grid, as float32 (x may be overwritten); `lower`
+        is `lower_clamp`'s result, broadcast to x."""
+
+    @abstractmethod
+    def to_values(self, grid: Tensor) -> Tensor:
+        """`round_to_grid`'s float32 values in the dtype `quantize` returns (exact)."""
+
+    # ------------------------------------------------------------------------------- scales and values
+
+    @abstractmethod
+    def rtn_scales(self, w: Tensor) -> dict[str, Tensor]:
+        """Absmax (round-to-nearest) scales for w, in `scale_suffixes` order."""
+
+    @abstractmethod
+    def scales_with(self, w: Tensor, group_scale: Tensor) -> dict[str, Tensor]:
+        """All scales for w when the group scale is `group_scale` (chosen by scale_search)."""
+
+    @abstractmethod
+    def quantize(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        """Round-to-nearest values for w with the given scales."""
+
+    @abstractmethod
+    def dequantize(self, q: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        """Float32 [out, in] weight from values and scales."""
+
+    @abstractmethod
+    def error_bound(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        """Float64 [out, in] bound on |w - dequantize(quantize(w, scales), scales)| that the scheme
+        guarantees for BF16 or FP16 weights and its RTN scales."""
+
+    # --------------------------------------------------------------------------------- stored tensors
+
+    def can_quantize(self, out_features: int, in_features: int) -> bool:
+        """Whether a [out, in] weight fits the layout; those that do not stay BF16."""
+        return True
+
+    @abstractmethod
+    def layout(self, out_features: int, in_features: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """suffix -> (safetensors dtype, shape) of each stored tensor of one [out, in] Linear."""
+
+    @abstractmethod
+    def stored(self, q: Tensor, scales: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """suffix -> stored tensor, for values from `quantize` (or GPTQ) and their scales."""
+
+    @abstractmethod
+    def decode(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """Float32 weight of one module from its suffix -> stored tensor mapping (the inverse of `encode`)."""
+
+    @abstractmethod
+    def decode_as_loaded(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """Float32 copy of the weight transformers decompresses to (`decode` in the model dtype)."""
+
+    def entries(self, module: str, out_features: int, in_features: int) -> list[TensorEntry]:
+        """The tensors one quantized Linear becomes, in the order they are written."""
+        layout = self.layout(out_features, in_features)
+        return [TensorEntry(f"{module}.{s}", *layout[s]) for s in self.suffixes]
+
+    def encode(self, module: str, q: Tensor, scales: Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
+        """(name, tensor) on the CPU in `entries` order, for values and their scales."""
+        tensors = self.stored(q, scales)
+        return [(f"{module}.{s}", tensors[s].cpu()) for s in self.suffixes]
+
+    def encode_weight(self, module: str, w: Tensor, group_scale: Tensor | None = None) -> list[tuple[str, Tensor]]:
+        """Quantize one [out, in] weight (RTN scales unless `group_scale` is given) and encode it."""
+        scales = self.rtn_scales(w) if group_scale is None else self.scales_with(w, group_scale)
+        return self.encode(module, self.quantize(w, scales), scales)
+
+    def config_group(self):
+        """This scheme's `config_groups` entry: compressed-tensors' preset, with our format."""
+        from compressed_tensors.quantization import preset_name_to_scheme
+
+        group = preset_name_to_scheme(self.preset, ["Linear"])
+        group.format = self.format
+        return group
+
+
+# --------------------------------------------------------------------------------------- registry
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(cls: type[Scheme]) -> type[Scheme]:
+    """Class decorator: registers one instance of `cls` under `cls.name`."""
+    if cls.name in SCHEMES:
+        raise ValueError(f"scheme {cls.name!r} is registered twice")
+    SCHEMES[cls.name] = cls()
+    return cls
+
+
+def scheme_names() -> list[str]:
+    """The registered names, in registration order (no torch needed)."""
+    return list(SCHEMES)
 
 
 def get_scheme(name: str) -> Scheme:
@@ -41,61 +174,206 @@ def get_scheme(name: str) -> Scheme:
         raise ValueError(f"unknown scheme {name!r}; choose one of {', '.join(SCHEMES)}") from None
 
 
-def can_quantize(scheme: Scheme, out_features: int, in_features: int) -> bool:
-    """Whether a [out, in] weight fits the scheme's layout (int4 needs whole groups and packed words)."""
-    if scheme.name == "int4":
-        return in_features % schemes.INT4_GROUP_SIZE == 0
-    return True
+def as_scheme(scheme: Scheme | str) -> Scheme:
+    """A scheme, or the registered one of that name."""
+    return get_scheme(scheme) if isinstance(scheme, str) else scheme
 
 
-def linear_entries(module: str, out_features: int, in_features: int, scheme: Scheme) -> list[TensorEntry]:
-    """The tensors one quantized Linear becomes, in the order they are written."""
-    if scheme.name == "int4":
-        return [
-            TensorEntry(f"{module}.weight_packed", "I32", (out_features, in_features // 8)),
-            TensorEntry(f"{module}.weight_scale", "BF16", (out_features, in_features // schemes.INT4_GROUP_SIZE)),
-            TensorEntry(f"{module}.weight_shape", "I64", (2,)),
-        ]
-    weight_dtype = "I8" if scheme.name == "int8" else "F8_E4M3"
-    return [
-        TensorEntry(f"{module}.weight", weight_dtype, (out_features, in_features)),
-        TensorEntry(f"{module}.weight_scale", "BF16", (out_features, 1)),
-    ]
+def scheme_for_format(fmt: str | None) -> Scheme | None:
+    """The scheme that writes compressed-tensors format `fmt`, or None."""
+    return next((s for s in SCHEMES.values() if s.format == fmt), None)
 
 
-def encode_linear(module: str, weight: torch.Tensor, scheme: Scheme, scale: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
-    """Quantize one [out, in] weight (absmax scales unless `scale` is given); returns (name, tensor) in
-    `linear_entries` order, on the CPU."""
-    scale = schemes.rtn_scales(weight, scheme.name) if scale is None else scale
-    return encode_quantized(module, schemes.quantize(weight, scale, scheme.name), scale, scheme)
+# ----------------------------------------------------------------------------------------- schemes
+# Symmetric absmax schemes with one scale tensor, `weight_scale` (BF16): see llama4_quant/schemes.py
+# for the rounding rules and their exact error bounds.
 
 
-def encode_quantized(module: str, q: torch.Tensor, scale: torch.Tensor, scheme: Scheme) -> list[tuple[str, torch.Tensor]]:
-    """Already-quantized values (int8 holding int4/int8, or float8) and their scales, as stored tensors."""
-    if scheme.name == "int4":
-        shape = torch.tensor(list(q.shape), dtype=torch.int64)
-        out = [("weight_packed", schemes.pack_int4(q)), ("weight_scale", scale), ("weight_shape", shape)]
-    else:
-        out = [("weight", q), ("weight_scale", scale)]
-    return [(f"{module}.{suffix}", t.cpu()) for suffix, t in out]
+class _SymmetricScheme(Scheme):
+    scale_suffixes = ("weight_scale",)
+    group_scale = "weight_scale"
+
+    def absmax_scale(self, absmax: Tensor, scale_dtype: torch.dtype) -> Tensor:
+        from .. import schemes
+
+        return schemes._symmetric_scale(absmax, self.half_range, scale_dtype)
+
+    def scales_with(self, w: Tensor, group_scale: Tensor) -> dict[str, Tensor]:
+        return {"weight_scale": group_scale}
+
+    def _scale_per_element(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        return scales["weight_scale"].double().repeat_interleave(self.group_size(w.shape[1]), dim=1)
+
+    def decode_as_loaded(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        # compressed-tensors' decompressor and half-precision kernels compute q * scale in the scale's
+        # dtype, the model dtype (BF16)
+        return self.decode(tensors).to(tensors["weight_scale"].dtype).float()
 
 
-def decode_linear(tensors: dict[str, torch.Tensor], scheme: Scheme) -> torch.Tensor:
-    """Float32 weight of one module from its suffix -> tensor dict (the inverse of `encode_linear`)."""
-    scale = tensors["weight_scale"]
-    if scheme.name == "int4":
-        out_features, in_features = (int(x) for x in tensors["weight_shape"])
+class _IntScheme(_SymmetricScheme):
+    qmin: ClassVar[int]
+    qmax: ClassVar[int]
+
+    def lower_clamp(self, group_scale: Tensor) -> Tensor | None:
+        from .. import schemes
+
+        return schemes.int_lower_clamp(group_scale, self.qmin, self.qmax)
+
+    def round_to_grid(self, x: Tensor, lower: Tensor | None = None) -> Tensor:
+        from .. import schemes
+
+        return schemes.round_int_(x, self.qmin, self.qmax, lower)
+
+    def to_values(self, grid: Tensor) -> Tensor:
+        import torch
+
+        return grid.to(torch.int8)
+
+    def error_bound(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        return self._scale_per_element(w, scales) / 2  # half a step
+
+
+class _PerChannel:
+    """Storage of a per-output-channel scheme: `weight` [out, in] in `weight_dtype`, `weight_scale` [out, 1]."""
+
+    weight_dtype: ClassVar[str]  # safetensors dtype of the values
+    kernels: ClassVar[str]  # prefix of its kernels in `llama4_quant.schemes`: <k>_scales, _quantize, _dequantize
+
+    def _kernel(self, what: str):
+        from .. import schemes
+
+        return getattr(schemes, f"{self.kernels}_{what}")
+
+    def rtn_scales(self, w: Tensor) -> dict[str, Tensor]:
+        return {"weight_scale": self._kernel("scales")(w)}
+
+    def quantize(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        return self._kernel("quantize")(w, scales["weight_scale"])
+
+    def dequantize(self, q: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        return self._kernel("dequantize")(q, scales["weight_scale"])
+
+    def group_size(self, in_features: int) -> int:
+        return in_features
+
+    def layout(self, out_features: int, in_features: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {"weight": (self.weight_dtype, (out_features, in_features)), "weight_scale": ("BF16", (out_features, 1))}
+
+    def stored(self, q: Tensor, scales: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {"weight": q, "weight_scale": scales["weight_scale"]}
+
+    def decode(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        return self.dequantize(tensors["weight"], {"weight_scale": tensors["weight_scale"]})
+
+
+@register_scheme
+class Int4(_IntScheme):
+    """int4 values in [-8, 7] per group of 128 input columns, packed eight to an int32 word."""
+
+    name = "int4"
+    preset = "W4A16"
+    format = "pack-quantized"
+    description = "int4 weights, symmetric, group 128, 16-bit activations"
+    suffixes = QUANTIZED_SUFFIXES[format]
+    qmin, qmax = -8, 7
+    half_range = (qmax - qmin) / 2
+    group = 128
+
+    def group_size(self, in_features: int) -> int:
+        return self.group
+
+    def can_quantize(self, out_features: int, in_features: int) -> bool:
+        return in_features % self.group == 0  # whole groups (and so whole packed words)
+
+    def rtn_scales(self, w: Tensor) -> dict[str, Tensor]:
+        from .. import schemes
+
+        return {"weight_scale": schemes.int4_scales(w, self.group)}
+
+    def quantize(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        from .. import schemes
+
+        return schemes.int4_quantize(w, scales["weight_scale"], self.group)
+
+    def dequantize(self, q: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        from .. import schemes
+
+        return schemes.int4_dequantize(q, scales["weight_scale"], self.group)
+
+    def layout(self, out_features: int, in_features: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {
+            "weight_packed": ("I32", (out_features, in_features // 8)),
+            "weight_scale": ("BF16", (out_features, in_features // self.group)),
+            "weight_shape": ("I64", (2,)),
+        }
+
+    def stored(self, q: Tensor, scales: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        import torch
+
+        from .. import schemes
+
+        return {
+            "weight_packed": schemes.pack_int4(q),
+            "weight_scale": scales["weight_scale"],
+            "weight_shape": torch.tensor(list(q.shape), dtype=torch.int64),
+        }
+
+    def decode(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        from .. import schemes
+
+        _, in_features = (int(x) for x in tensors["weight_shape"])
         q = schemes.unpack_int4(tensors["weight_packed"], in_features)
-        return schemes.int4_dequantize(q, scale)
-    if scheme.name == "int8":
-        return schemes.int8_dequantize(tensors["weight"], scale)
-    return schemes.fp8_dequantize(tensors["weight"], scale)
+        return self.dequantize(q, {"weight_scale": tensors["weight_scale"]})
 
 
-def decode_linear_as_loaded(tensors: dict[str, torch.Tensor], scheme: Scheme) -> torch.Tensor:
-    """Float32 copy of the weight transformers decompresses to: q * scale rounded to the scale's dtype
-    (the model dtype, BF16), as compressed-tensors' decompressor and half-precision kernels compute it."""
-    return decode_linear(tensors, scheme).to(tensors["weight_scale"].dtype).float()
+@register_scheme
+class Int8(_PerChannel, _IntScheme):
+    """int8 values in [-128, 127], one scale per output channel."""
+
+    name = "int8"
+    preset = "W8A8"
+    format = "int-quantized"
+    description = "int8 per-channel weights, dynamic per-token int8 activations"
+    suffixes = QUANTIZED_SUFFIXES[format]
+    weight_dtype = "I8"
+    kernels = "int8"
+    qmin, qmax = -128, 127
+    half_range = (qmax - qmin) / 2
+
+
+@register_scheme
+class Fp8(_PerChannel, _SymmetricScheme):
+    """float8_e4m3fn values (saturating at +-448), one scale per output channel."""
+
+    name = "fp8"
+    preset = "FP8_DYNAMIC"
+    format = "float-quantized"
+    description = "FP8 e4m3 per-channel weights, dynamic per-token FP8 activations"
+    suffixes = QUANTIZED_SUFFIXES[format]
+    weight_dtype = "F8_E4M3"
+    kernels = "fp8"
+    half_range = 448.0  # the largest e4m3fn value
+
+    def absmax_scale(self, absmax: Tensor, scale_dtype: torch.dtype) -> Tensor:
+        from .. import schemes
+
+        return schemes.fp8_absmax_scale(absmax, scale_dtype)
+
+    def round_to_grid(self, x: Tensor, lower: Tensor | None = None) -> Tensor:
+        from .. import schemes
+
+        return schemes.round_fp8(x).float()
+
+    def to_values(self, grid: Tensor) -> Tensor:
+        import torch
+
+        return grid.to(torch.float8_e4m3fn)
+
+    def error_bound(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        import torch
+
+        # half an e4m3 ulp: 2**-4 relative for normals, 2**-10 * scale for subnormals
+        return torch.maximum(w.double().abs() * 2.0**-4, self._scale_per_element(w, scales) * 2.0**-10)
 
 
 def ignore_matches(patterns: list[str], module: str) -> bool:
@@ -104,15 +382,10 @@ def ignore_matches(patterns: list[str], module: str) -> bool:
 
 def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
     """`config.json`'s `quantization_config`, built with compressed-tensors' own classes."""
-    from compressed_tensors.quantization import (
-        QuantizationConfig,
-        preset_name_to_scheme,
-    )
+    from compressed_tensors.quantization import QuantizationConfig
 
-    group = preset_name_to_scheme(scheme.preset, ["Linear"])
-    group.format = scheme.format
     config = QuantizationConfig(
-        config_groups={"group_0": group},
+        config_groups={"group_0": scheme.config_group()},
         format=scheme.format,
         quantization_status="compressed",
         ignore=[f"re:{p}" for p in ignore],

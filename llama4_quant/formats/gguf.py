@@ -9,39 +9,30 @@ bounded by one slice, never by a tensor or the model. Block encodings live in `g
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from .. import __version__, arch, outputs
+from .. import __version__, arch, outputs, walk
 from ..arch import Llama4Spec
-from ..checkpoint import Checkpoint, iter_row_blocks, read_slice
-from ..errors import NonFiniteWeightError, SourceNotFoundError, UsageError
-from ..model import Model, display_name, open_model, unfuse_gate_up
+from ..checkpoint import rows_per_block
+from ..errors import SourceNotFoundError, UsageError
+from ..model import Model, display_name, open_model
 from ..sources import Source
 from . import gguf_quants
+from .gguf_types import FILE_TYPES, tensor_type
 
 GGUF_ALIGNMENT = 32
 LLAMA_CPP_CHUNK = 8192
-# --type -> (llama.cpp file type name, default type of a quantizable 2-D weight)
-FILE_TYPES = {
-    "F32": ("ALL_F32", "F32"),
-    "F16": ("MOSTLY_F16", "F16"),
-    "BF16": ("MOSTLY_BF16", "BF16"),
-    "Q8_0": ("MOSTLY_Q8_0", "Q8_0"),
-    "Q4_0": ("MOSTLY_Q4_0", "Q4_0"),
-    "Q6_K": ("MOSTLY_Q6_K", "Q6_K"),
-    "Q4_K_M": ("MOSTLY_Q4_K_M", "Q4_K"),
-}
-
 # HF names inside a decoder layer -> GGUF names (llama.cpp's tensor map for llama4)
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm",
@@ -62,18 +53,20 @@ _LAYER_NAMES = {
 
 @dataclass
 class GGUFTensor:
-    """One planned GGUF tensor: its name, numpy-order shape, type, and how to produce its rows.
+    """One planned GGUF tensor: its name, numpy-order shape and type, and where its data comes from.
 
-    `produce` yields blocks whose concatenation along dim 0 is the whole tensor: one expert at a time
-    for expert tensors, bounded blocks of whole rows otherwise."""
+    Expert tensors ([experts, rows, cols]) are fed one expert at a time by the walk's weights
+    `...experts.{e}.{gate,up,down}_proj.weight`; other tensors by the walk's weight `source` in blocks
+    of whole rows; rope_freqs is computed (`data`)."""
 
     name: str
     shape: tuple[int, ...]
     qtype: str
-    produce: Callable[[], Iterator[torch.Tensor]]
     layer: int | None = None
+    source: str | None = None  # the walk's weight name (for expert tensors: expert 0's projection)
     source_bytes: int = 0
     importance_key: str | None = None  # which calibration statistics apply (see `importance`)
+    data: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -82,40 +75,10 @@ class GGUFTensor:
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType[self.qtype]]
         return math.prod(self.shape) // block * size
 
-
-def use_more_bits(i_layer: int, n_layers: int) -> bool:
-    """llama.cpp's choice of layers that get more bits in the _M mixes."""
-    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
-
-
-def tensor_type(name: str, ndim: int, cols: int, ftype: str, layer: int | None, n_layers: int, attn_v_index: int) -> str:
-    """The GGUF type of one tensor under file type `ftype`, following llama.cpp.
-
-    Norms, 1-D tensors, rope_freqs and the router (ffn_gate_inp) stay F32 in every file type. For the
-    K-quant mixes (llama-quantize's rules for a model whose expert count is not 8):
-    output.weight -> Q6_K; attn_v -> Q6_K in the layers `use_more_bits` picks, else the default;
-    every ffn_down (routed, shared and dense) -> Q6_K in those layers; everything else the default.
-    Q4_0 puts output.weight in Q6_K as well, as llama-quantize does; Q8_0 keeps it Q8_0.
-    """
-    if ndim == 1 or name.startswith("rope_freqs") or ".ffn_gate_inp." in name or name.endswith("_norm.weight"):
-        return "F32"
-    default = FILE_TYPES[ftype][1]
-    if default in ("F32", "F16", "BF16"):
-        return default
-    block = gguf_quants.block_type(default)
-    if cols % block.block_size != 0:
-        # Rows that are not whole blocks: llama.cpp falls back Q4_K -> Q5_0 and Q6_K -> Q8_0. l4q has
-        # no Q5_0 encoder, so it writes Q8_0 there too (larger, more precise). Llama 4's rows (5120,
-        # 8192, 16384 wide) are all whole blocks, so no real checkpoint reaches this.
-        return block.fallback if block.fallback in gguf_quants.BLOCK_TYPES else "Q8_0"
-    if name == "output.weight":
-        return "Q8_0" if default == "Q8_0" else "Q6_K"
-    if ftype == "Q4_K_M":
-        if ".attn_v." in name and use_more_bits(attn_v_index, n_layers):
-            return "Q6_K"
-        if ".ffn_down" in name and use_more_bits(layer, n_layers):
-            return "Q6_K"
-    return default
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (one expert's matrix for a 3-D tensor)."""
+        return self.nbytes // self.shape[0]
 
 
 def rope_freqs(spec: Llama4Spec) -> torch.Tensor | None:
@@ -142,73 +105,43 @@ def rope_freqs(spec: Llama4Spec) -> torch.Tensor | None:
     return torch.tensor(factors, dtype=torch.float32)
 
 
-def plan(ckpt: Checkpoint, spec: Llama4Spec, ftype: str) -> list[GGUFTensor]:
-    """Every GGUF tensor of the text model, in the source's storage order (rope_freqs first)."""
+def plan(model: Model, ftype: str) -> list[GGUFTensor]:
+    """Every GGUF tensor of the text model, in the walk's order (rope_freqs first)."""
     if ftype not in FILE_TYPES:
         raise UsageError(f"unknown GGUF type {ftype!r}; choose one of {', '.join(FILE_TYPES)}")
-    n = spec.num_layers
+    spec = model.spec
     out: list[GGUFTensor] = []
     freqs = rope_freqs(spec)
     if freqs is not None:
-        out.append(GGUFTensor("rope_freqs.weight", tuple(freqs.shape), "F32", lambda f=freqs: iter([f])))
+        out.append(GGUFTensor("rope_freqs.weight", tuple(freqs.shape), "F32", data=freqs))
     attn_v_seen = 0
-    experts_done: set[int] = set()
     p = spec.text_prefix
-    for info in ckpt.tensors:
-        role = arch.classify(info.name, spec)
-        if role.role in (arch.VISION, arch.PROJECTOR):
+    for w in walk.weights(model):
+        if w.role in (arch.VISION, arch.PROJECTOR):
             continue  # the vision tower and projector belong in an mmproj file
-        if role.role in arch.EXPERT_ROLES:
-            if role.layer in experts_done:
-                continue
-            experts_done.add(role.layer)
-            out += _expert_tensors(ckpt, spec, ftype, role.layer)
+        if w.expert is not None:
+            if w.expert == 0:  # ffn_{gate,up,down}_exps: the experts of one projection stacked
+                kind = w.module.rsplit(".", 1)[1].removesuffix("_proj")
+                name = f"blk.{w.layer}.ffn_{kind}_exps.weight"
+                shape = (spec.num_experts, *w.shape)
+                qtype = tensor_type(name, 3, shape[-1], ftype, w.layer, spec.num_layers, 0)
+                out.append(GGUFTensor(name, shape, qtype, w.layer, w.name, w.source_bytes * spec.num_experts, w.stats_key))
             continue
-        if info.name == f"{p}model.embed_tokens.weight":
+        if w.name == f"{p}model.embed_tokens.weight":
             name = "token_embd.weight"
-        elif info.name == f"{p}model.norm.weight":
+        elif w.name == f"{p}model.norm.weight":
             name = "output_norm.weight"
-        elif info.name == f"{p}lm_head.weight":
+        elif w.name == f"{p}lm_head.weight":
             name = "output.weight"
-        elif role.layer is not None and (rest := info.name.split(f"layers.{role.layer}.", 1)[1]) in _LAYER_NAMES:
-            name = f"blk.{role.layer}.{_LAYER_NAMES[rest]}.weight"
+        elif w.layer is not None and (rest := w.name.split(f"layers.{w.layer}.", 1)[1]) in _LAYER_NAMES:
+            name = f"blk.{w.layer}.{_LAYER_NAMES[rest]}.weight"
         else:
-            warnings.warn(f"{info.name} has no GGUF counterpart and is left out", stacklevel=2)
+            warnings.warn(f"{w.name} has no GGUF counterpart and is left out", stacklevel=2)
             continue
-        qtype = tensor_type(name, len(info.shape), info.shape[-1], ftype, role.layer, n, attn_v_seen)
+        qtype = tensor_type(name, len(w.shape), w.shape[-1], ftype, w.layer, spec.num_layers, attn_v_seen)
         attn_v_seen += ".attn_v." in name
-        out.append(GGUFTensor(name, info.shape, qtype, lambda info=info: iter_row_blocks(info), role.layer,
-                              info.nbytes, importance_key=info.name.removesuffix(".weight")))
+        out.append(GGUFTensor(name, w.shape, qtype, w.layer, w.name, w.source_bytes, w.stats_key))
     return out
-
-
-def _expert_tensors(ckpt: Checkpoint, spec: Llama4Spec, ftype: str, layer: int) -> list[GGUFTensor]:
-    """ffn_{gate,up,down}_exps: the fused HF tensors transposed and split, produced one expert at a time."""
-    base = f"{spec.layer_prefix}{layer}.feed_forward.experts"
-    gate_up, down = ckpt.by_name[f"{base}.gate_up_proj"], ckpt.by_name[f"{base}.down_proj"]
-    e, h, inter = spec.num_experts, spec.hidden_size, spec.intermediate_size
-
-    def gate_or_up(half: int):
-        def produce():
-            for i in range(e):
-                yield unfuse_gate_up(read_slice(gate_up, i))[half][None]
-
-        return produce
-
-    def produce_down():
-        for i in range(e):
-            yield read_slice(down, i).T[None]
-
-    tensors = []
-    for kind, shape, produce, src in (
-        ("gate", (e, inter, h), gate_or_up(0), gate_up.nbytes // 2),
-        ("up", (e, inter, h), gate_or_up(1), gate_up.nbytes // 2),
-        ("down", (e, h, inter), produce_down, down.nbytes),
-    ):
-        name = f"blk.{layer}.ffn_{kind}_exps.weight"
-        qtype = tensor_type(name, 3, shape[-1], ftype, layer, spec.num_layers, 0)
-        tensors.append(GGUFTensor(name, shape, qtype, produce, layer, src, importance_key=f"{base}.{kind}"))
-    return tensors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +160,7 @@ def add_metadata(writer, model_dir: Path, config: dict, spec: Llama4Spec, ftype:
         meta.size_label = gguf.size_label(total, shared, expert, count)
     writer.add_type(gguf.GGUFType.MODEL)
     meta.set_gguf_meta_model(writer)
-    writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[ftype][0]])
+    writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[ftype].llama_name])
     # Beyond the converter's keys: what this file derives from, and that l4q made it.
     writer.add_base_model_count(1)
     writer.add_base_model_name(0, display_name(source))  # never a local path
@@ -341,6 +274,159 @@ def encode(data: torch.Tensor, qtype: str, importance: np.ndarray | None) -> np.
     return gguf_quants.quantize(rows, qtype, importance).reshape(-1)
 
 
+def fingerprint(tensors: list[GGUFTensor], ftype: str, source_fingerprint: str, importance_digest: str) -> str:
+    """Identifies the source's content, the options and the file's layout, for --resume."""
+    h = hashlib.sha256()
+    h.update(json.dumps([__version__, ftype, importance_digest, source_fingerprint]).encode())
+    for t in tensors:
+        h.update(f"{t.name}:{t.qtype}:{t.shape}\n".encode())
+    return h.hexdigest()
+
+
+class GGUFTarget:
+    """A GGUF file at `out`, written from the walk (see `walk.Target`).
+
+    The header, metadata and tensor infos are written first; every tensor's place in the file then
+    follows from the planned sizes, so each piece of data is written where it belongs as the walk
+    brings it (an expert tensor one expert at a time, others in blocks of rows). A tensor whose bytes
+    are all written and synced is recorded in the partial's progress, so --resume rewrites only the rest.
+    """
+
+    def __init__(self, model: Model, out: Path, ftype: str, *, importance: Callable[[str], np.ndarray | None] | None = None,
+                 importance_digest: str = "", resume: bool = False, overwrite: bool = False):
+        self.model, self.out, self.ftype, self.importance = model, out, ftype, importance
+        self.importance_digest, self.resume, self.overwrite = importance_digest, resume, overwrite
+        self.tensors = plan(model, ftype)
+        self._by_weight: dict[str, GGUFTensor] = {}
+        self._last_weight: dict[str, GGUFTensor] = {}  # the walk's last weight feeding each tensor
+        for t in self.tensors:
+            if t.source is None:
+                continue
+            if len(t.shape) == 3:
+                names = [t.source.replace(".experts.0.", f".experts.{e}.") for e in range(t.shape[0])]
+            else:
+                names = [t.source]
+            self._by_weight.update(dict.fromkeys(names, t))
+            self._last_weight[names[-1]] = t
+        self.partial: outputs.Partial | None = None
+        self._file = None
+        self._importance_of: dict[str, np.ndarray | None] = {}
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(t.source_bytes for t in self.tensors)
+
+    def check(self) -> None:
+        self.fingerprint = fingerprint(self.tensors, self.ftype, self.model.fingerprint(), self.importance_digest)
+        self.out = outputs.check_output(self.out, self.model.paths, resume=self.resume, overwrite=self.overwrite,
+                                        is_file=True, fingerprint=self.fingerprint)
+        if not (self.model.dir / "tokenizer.json").is_file():
+            raise SourceNotFoundError(f"{self.model.dir}: no tokenizer.json; a GGUF file carries the model's tokenizer, "
+                                      "so the source needs its tokenizer files")
+
+    def start(self) -> None:
+        self.partial = outputs.start(self.out, self.model.paths, self.fingerprint, resume=self.resume,
+                                     overwrite=self.overwrite, is_file=True)
+        self._done = set(self.partial.done)
+        path = self.partial.path(self.out.name)
+        with outputs.writing(self.partial.dir, resume_hint=True):
+            header = self._header()
+            data_start = len(header) + (-len(header) % GGUF_ALIGNMENT)
+            self._file = open(path, "r+b" if self.partial.resumed and path.is_file() else "wb")
+            self._file.write(header)
+            offset = data_start
+            self._offset = {}
+            for t in self.tensors:
+                self._offset[t.name] = offset
+                offset += t.nbytes + (-t.nbytes % GGUF_ALIGNMENT)
+            self._file.truncate(offset)  # the padding between and after tensors is zeros
+            for t in self.tensors:
+                if t.data is not None and t.name not in self._done:
+                    self._write(t, 0, t.data)
+                    self._tensor_done(t)
+
+    def _header(self) -> bytes:
+        """Header, metadata and tensor infos, as gguf-py's GGUFWriter writes them."""
+        import gguf
+
+        tmp = self.partial.path(self.out.name + ".header")
+        writer = gguf.GGUFWriter(tmp, "llama4")
+        for t in self.tensors:
+            # Declared as bytes: GGUFWriter turns the byte shape back into the element shape for any type.
+            byte_shape = (*t.shape[:-1], t.nbytes // math.prod(t.shape[:-1]))
+            writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes,
+                                   raw_dtype=gguf.GGMLQuantizationType[t.qtype])
+        add_metadata(writer, self.model.dir, self.model.config, self.model.spec, self.ftype, self.model.source)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            writer.close()
+            return tmp.read_bytes()
+        finally:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+
+    def prepare(self, show_progress: bool) -> None:
+        pass
+
+    def wants(self, w: walk.Weight) -> str | None:
+        t = self._by_weight.get(w.name)
+        return walk.ROWS if t is not None and t.name not in self._done else None
+
+    def take(self, w: walk.Weight, start_row: int, data: torch.Tensor) -> None:
+        t = self._by_weight[w.name]
+        if w.expert is not None:
+            self._write(t, w.expert, data[None])
+            return
+        step = rows_per_block(w.info)  # the walk's row blocks, however the data came
+        for first in range(0, data.shape[0], step):
+            self._write(t, start_row + first, data[first:first + step])
+
+    def _write(self, t: GGUFTensor, first_row: int, rows: torch.Tensor) -> None:
+        imp = self._importance(t)
+        if imp is not None and imp.ndim == 2:
+            imp = imp[first_row]  # an expert tensor's statistics: [experts, in]
+        raw = encode(rows, t.qtype, imp)
+        if raw.nbytes != rows.shape[0] * t.row_bytes:
+            raise RuntimeError(f"{t.name}: encoded {raw.nbytes} bytes for {rows.shape[0]} rows, planned {t.row_bytes} each")
+        with outputs.writing(self.partial.dir, resume_hint=True):
+            os.pwrite(self._file.fileno(), raw.tobytes(), self._offset[t.name] + first_row * t.row_bytes)
+
+    def _importance(self, t: GGUFTensor) -> np.ndarray | None:
+        if not (self.importance and t.importance_key):
+            return None
+        if t.name not in self._importance_of:  # once per tensor, not once per expert
+            self._importance_of = {t.name: self.importance(t.importance_key)}
+        return self._importance_of[t.name]
+
+    def weight_done(self, w: walk.Weight) -> None:
+        t = self._last_weight.get(w.name)
+        if t is not None and t.name not in self._done:
+            self._tensor_done(t)
+
+    def _tensor_done(self, t: GGUFTensor) -> None:
+        with outputs.writing(self.partial.dir, resume_hint=True):
+            os.fsync(self._file.fileno())
+            self.partial.mark_done(t.name)
+        self._done.add(t.name)
+
+    def finish(self) -> None:
+        with outputs.writing(self.partial.dir, resume_hint=True):
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+    def commit(self) -> None:
+        with outputs.writing(self.out):
+            self.partial.commit(self.out.name)
+
+    def fail(self, exc: BaseException) -> None:
+        if self._file is not None:
+            self._file.close()
+        self.partial.fail(exc)
+
+
 @dataclass
 class ExportResult:
     out: Path
@@ -350,49 +436,14 @@ class ExportResult:
     warnings: list[str]
 
 
-def _write_gguf(path: Path, tensors: list[GGUFTensor], model: Model, ftype: str, importance, show_progress: bool) -> None:
-    import gguf
-
-    writer = gguf.GGUFWriter(path, "llama4")
-    for t in tensors:
-        # Declared as bytes: GGUFWriter turns the byte shape back into the element shape for any type.
-        byte_shape = (*t.shape[:-1], t.nbytes // math.prod(t.shape[:-1]))
-        writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=gguf.GGMLQuantizationType[t.qtype])
-    add_metadata(writer, model.dir, model.config, model.spec, ftype, model.source)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        fout = writer.fout[0]
-        with tqdm(total=sum(t.source_bytes for t in tensors), unit="B", unit_scale=True, unit_divisor=1024,
-                  disable=not show_progress, desc=f"gguf {ftype}", dynamic_ncols=True) as bar:
-            for t in tensors:
-                fout.write(b"\0" * (-fout.tell() % GGUF_ALIGNMENT))
-                written = 0
-                imp = importance(t.importance_key) if importance and t.importance_key else None
-                for e, part in enumerate(t.produce()):  # e: the expert, for expert tensors
-                    if not torch.isfinite(part).all():
-                        raise NonFiniteWeightError(f"{t.name}: NaN/Inf in the source weight")
-                    imp_part = imp[e] if imp is not None and imp.ndim == 2 else imp
-                    raw = encode(part, t.qtype, imp_part)
-                    fout.write(raw.tobytes())
-                    written += raw.nbytes
-                    bar.update(part.numel() * 2 if t.source_bytes else 0)
-                if written != t.nbytes:
-                    raise RuntimeError(f"{t.name}: wrote {written} bytes, planned {t.nbytes}")
-            fout.write(b"\0" * (-fout.tell() % GGUF_ALIGNMENT))
-            fout.flush()
-            os.fsync(fout.fileno())
-    finally:
-        writer.close()
-
-
 def export_gguf(
     source: Source | Model,
     out: Path,
     ftype: str,
     *,
     importance: Callable[[str], np.ndarray | None] | None = None,
+    importance_digest: str = "",
+    resume: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> ExportResult:
@@ -400,22 +451,11 @@ def export_gguf(
 
     `importance(key)` may return per-input-channel importance weights for a tensor (calibration's
     E[x^2]), by the HF module name, or [experts, in] for expert tensors; the K-quant search uses them.
+    `importance_digest` identifies them for --resume.
     """
     model = source if isinstance(source, Model) else open_model(source)
-    spec = model.spec
-    if not (model.dir / "tokenizer.json").is_file():
-        raise SourceNotFoundError(f"{model.dir}: no tokenizer.json; a GGUF file carries the model's tokenizer, "
-                                  "so the source needs its tokenizer files")
-    tensors = plan(model.ckpt, spec, ftype)
-    partial = outputs.start(out, model.paths, "", resume=False, overwrite=overwrite, is_file=True, resumable=False)
-    out = partial.out
-    tmp = partial.path(out.name)
-    try:
-        with outputs.writing(partial.dir):
-            _write_gguf(tmp, tensors, model, ftype, importance, show_progress)
-    except BaseException as exc:
-        partial.fail(exc)
-        raise
-    with outputs.writing(out):
-        partial.commit(out.name)
-    return ExportResult(out, tensors, sum(t.source_bytes for t in tensors), out.stat().st_size, llama_cpp_warnings(spec))
+    target = GGUFTarget(model, out, ftype, importance=importance, importance_digest=importance_digest, resume=resume,
+                        overwrite=overwrite)
+    walk.run(model, [target], show_progress, desc=f"gguf {ftype}")
+    return ExportResult(target.out, target.tensors, target.source_bytes, target.out.stat().st_size,
+                        llama_cpp_warnings(model.spec))
