@@ -263,7 +263,7 @@ class CompressedTensorsTarget:
     def start(self) -> None:
         self.partial = outputs.start(self.out, self.model.paths, self.fingerprint, resume=self.resume,
                                      overwrite=self.overwrite)
-        self._done = set(self.partial.done)
+        self._done = {name for name in self.partial.done if self.partial.path(name).is_file()}
 
     def prepare(self, show_progress: bool) -> None:
         if self.plan.method == "gptq":

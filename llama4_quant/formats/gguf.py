@@ -327,8 +327,8 @@ class GGUFTarget:
     def start(self) -> None:
         self.partial = outputs.start(self.out, self.model.paths, self.fingerprint, resume=self.resume,
                                      overwrite=self.overwrite, is_file=True)
-        self._done = set(self.partial.done)
         path = self.partial.path(self.out.name)
+        self._done = set(self.partial.done) if path.is_file() else set()
         with outputs.writing(self.partial.dir, resume_hint=True):
             header = self._header()
             data_start = len(header) + (-len(header) % GGUF_ALIGNMENT)
