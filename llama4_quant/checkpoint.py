@@ -373,7 +373,11 @@ class ShardWriter:
         self._next = 0
         self._written = 0  # bytes of the current tensor so far
         self._file = open(self.tmp, "wb")
-        self._file.write(encode_header(entries))
+        try:
+            self._file.write(encode_header(entries))
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, data) -> None:
         """Append (part of) the next tensor's bytes (a tensor, or raw bytes); a tensor may arrive in several chunks."""
@@ -405,8 +409,12 @@ class ShardWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self._file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self._file.close()
+        except OSError:
+            pass  # on a full disk the final flush fails too; the half-written file goes all the same
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def write_safetensors(path: Path, tensors: dict) -> None:

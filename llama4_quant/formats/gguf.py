@@ -423,7 +423,10 @@ class GGUFTarget:
 
     def fail(self, exc: BaseException) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass  # on a full disk the final flush fails too; the partial is kept for --resume
         self.partial.fail(exc)
 
 
