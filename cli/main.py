@@ -116,12 +116,13 @@ def quantize(model, schemes, gguf_types, out, out_dir, method, calib, max_shard_
              overwrite, device, quiet):
     """Stream a BF16 Llama 4 checkpoint into compressed-tensors checkpoints (int4 / int8 / FP8) and GGUF
     files, all from one read."""
+    schemes, gguf_types = list(dict.fromkeys(schemes)), list(dict.fromkeys(gguf_types))
     if out is not None and len(schemes) + len(gguf_types) > 1:
         raise click.UsageError("--out names one output; with several targets, use --out-dir")
     opened = open_model(model)
     name = Path(opened.source.label).name
-    scheme_outs = [(s, out or out_dir / f"{name}-{s}") for s in dict.fromkeys(schemes)]
-    gguf_outs = [(t, out or out_dir / f"{name}-{t}.gguf") for t in dict.fromkeys(gguf_types)]
+    scheme_outs = [(s, out or out_dir / f"{name}-{s}") for s in schemes]
+    gguf_outs = [(t, out or out_dir / f"{name}-{t}.gguf") for t in gguf_types]
     from llama4_quant.derive import derive
 
     done, read, warnings = derive(

@@ -53,6 +53,8 @@ def derive(
         raise UsageError("two targets would write the same output; give each its own name")
     if schemes:
         check_method(method, None if gguf_types and method == "rtn" else calib)
+        if max_shard_size <= 0:
+            raise UsageError("--max-shard-size must be positive")
     elif method != "rtn":
         raise UsageError("--method applies to --to targets; GGUF types choose their own rounding")
     stats = load_stats(model, calib) if calib is not None else None

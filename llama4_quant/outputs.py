@@ -309,7 +309,7 @@ def start(out: Path, sources: Iterable[Path], fingerprint: str, *, resume: bool,
         try:
             if existed:
                 progress = _load_progress(part.dir)
-                if resume and progress:
+                if resume and progress and not (overwrite and progress.get("fingerprint") != fingerprint):
                     if progress.get("fingerprint") != fingerprint:
                         raise _mismatch(part.dir)
                     for stray in part.dir.glob("*.tmp"):

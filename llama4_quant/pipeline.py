@@ -266,7 +266,7 @@ class CompressedTensorsTarget:
         self._done = {name for name in self.partial.done if self.partial.path(name).is_file()}
 
     def prepare(self, show_progress: bool) -> None:
-        if self.plan.method == "gptq":
+        if self.plan.method == "gptq" and not all(map(self._shard_done, range(len(self.plan.shards)))):
             with outputs.writing(self.partial.dir, resume_hint=True):
                 self.encoder.gptq = self._gptq_pass(show_progress)
 
@@ -336,6 +336,8 @@ class CompressedTensorsTarget:
             self.partial.commit()
 
     def fail(self, exc: BaseException) -> None:
+        if self.partial is None:
+            return
         if self._writer is not None:
             self._writer.abort()
         self.partial.fail(exc)

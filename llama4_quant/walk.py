@@ -190,8 +190,8 @@ def run(model: Model, targets: list, show_progress: bool = True, desc: str = "")
     started = []
     try:
         for t in targets:
-            t.start()
             started.append(t)
+            t.start()
         for t in targets:
             t.prepare(show_progress)
         total = sum(w.source_bytes for w in weights(model) if any(t.wants(w) for t in targets))
@@ -204,6 +204,11 @@ def run(model: Model, targets: list, show_progress: bool = True, desc: str = "")
         for t in started:
             t.fail(exc)
         raise
-    for t in targets:
-        t.commit()
+    for i, t in enumerate(targets):
+        try:
+            t.commit()
+        except BaseException:
+            for rest in targets[i + 1:]:  # complete, kept in their partials for a rerun with --resume
+                rest.partial.release()
+            raise
     return read_bytes

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,7 @@ from llama4_quant import checkpoint, outputs
 from llama4_quant.derive import derive
 from llama4_quant.model import open_model
 from llama4_quant.sources import resolve
+from llama4_quant.tiny_models import tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMES, GGUF_TYPES = ("int4", "fp8"), ("Q4_K_M", "Q8_0")
@@ -88,10 +91,11 @@ KILLER = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     from llama4_quant import derive, walk
+    from llama4_quant.formats.gguf_types import FILE_TYPES
     from llama4_quant.model import open_model
     from llama4_quant.sources import resolve
 
-    out, kill_after = Path(sys.argv[1]), int(sys.argv[2])
+    source, out, kill_after, targets = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
     real_walk, seen = walk.walk, [0]
 
     def dying_walk(model, targets, progress=lambda n: None):
@@ -103,16 +107,23 @@ KILLER = textwrap.dedent("""
         return real_walk(model, targets, count)
 
     walk.walk = dying_walk
-    schemes = [(s, out / f"tiny-{s}") for s in ("int4", "fp8")]
-    ggufs = [(t, out / f"tiny-{t}.gguf") for t in ("Q4_K_M", "Q8_0")]
-    derive.derive(open_model(resolve("tiny")), schemes, ggufs, max_shard_size=1_000_000, show_progress=False)
+    model = open_model(resolve(source))
+    name = Path(model.source.label).name
+    schemes = [(t, out / f"{name}-{t}") for t in targets if t not in FILE_TYPES]
+    ggufs = [(t, out / f"{name}-{t}.gguf") for t in targets if t in FILE_TYPES]
+    derive.derive(model, schemes, ggufs, max_shard_size=1_000_000, show_progress=False)
 """)
+
+
+def killed_run(source: str, out_dir: Path, kill_after: int, targets: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-c", KILLER, source, str(out_dir), str(kill_after), ",".join(targets)],
+                          cwd=ROOT)
+    assert proc.returncode == 9
 
 
 @pytest.mark.parametrize("kill_after", [3, 120])
 def test_resume_after_kill_9_gives_the_same_bytes(single_runs, tmp_path, kill_after):
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path), str(kill_after)], cwd=ROOT)
-    assert proc.returncode == 9
+    killed_run("tiny", tmp_path, kill_after, [*SCHEMES, *GGUF_TYPES])
     schemes, ggufs = target_lists(tmp_path)
     for _, out in schemes + ggufs:
         assert not out.exists() and outputs.partial_path(out).is_dir()  # nothing that looks complete
@@ -150,3 +161,20 @@ def test_tensors_read_in_many_row_blocks_give_the_same_bytes(monkeypatch, tmp_pa
     derive(model, [("int4", tmp_path / "tiny-int4-rtn")], [("Q4_K_M", tmp_path / "tiny-Q4_K_M.gguf")], show_progress=False)
     for name in ("tiny-int4-rtn", "tiny-Q4_K_M.gguf"):
         assert digest_output(tmp_path / name) == recorded[name], name
+
+
+def test_a_gguf_resumes_only_under_the_same_header(tmp_path):
+    """The header fixes every tensor's offset: a source whose metadata changed (here its chat
+    template) must not have its finished tensors reused at shifted places."""
+    src = Path(shutil.copytree(tiny_model_dir(), tmp_path / "src", copy_function=os.link))
+    killed_run(str(src), tmp_path, 60, ["Q8_0"])
+    out = tmp_path / "src-Q8_0.gguf"
+    assert json.loads((outputs.partial_path(out) / outputs.PROGRESS_NAME).read_text())["done"]
+    config = src / "tokenizer_config.json"
+    edited = {**json.loads(config.read_text()), "chat_template": "{{ messages }}"}
+    config.unlink()  # a hard link to the embedded model: replace it, do not write through it
+    config.write_text(json.dumps(edited))
+    result = l4q("export", "gguf", str(src), "--type", "Q8_0", "--out", str(out), "--resume")
+    assert result.exit_code == 1 and "started from another source or with other options" in result.stderr
+    result = l4q("export", "gguf", str(src), "--type", "Q8_0", "--out", str(out), "--resume", "--overwrite")
+    assert result.exit_code == 0 and out.is_file() and not outputs.partial_path(out).exists()

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -274,10 +275,11 @@ def encode(data: torch.Tensor, qtype: str, importance: np.ndarray | None) -> np.
     return gguf_quants.quantize(rows, qtype, importance).reshape(-1)
 
 
-def fingerprint(tensors: list[GGUFTensor], ftype: str, source_fingerprint: str, importance_digest: str) -> str:
+def fingerprint(tensors: list[GGUFTensor], ftype: str, source_fingerprint: str, importance_digest: str,
+                header_digest: str) -> str:
     """Identifies the source's content, the options and the file's layout, for --resume."""
     h = hashlib.sha256()
-    h.update(json.dumps([__version__, ftype, importance_digest, source_fingerprint]).encode())
+    h.update(json.dumps([__version__, ftype, importance_digest, source_fingerprint, header_digest]).encode())
     for t in tensors:
         h.update(f"{t.name}:{t.qtype}:{t.shape}\n".encode())
     return h.hexdigest()
@@ -317,12 +319,18 @@ class GGUFTarget:
         return sum(t.source_bytes for t in self.tensors)
 
     def check(self) -> None:
-        self.fingerprint = fingerprint(self.tensors, self.ftype, self.model.fingerprint(), self.importance_digest)
         self.out = outputs.check_output(self.out, self.model.paths, resume=self.resume, overwrite=self.overwrite,
-                                        is_file=True, fingerprint=self.fingerprint)
+                                        is_file=True)
         if not (self.model.dir / "tokenizer.json").is_file():
             raise SourceNotFoundError(f"{self.model.dir}: no tokenizer.json; a GGUF file carries the model's tokenizer, "
                                       "so the source needs its tokenizer files")
+        # The header (metadata, tokenizer, tensor infos) fixes every tensor's offset: resuming trusts the
+        # finished tensors only under the same header.
+        self._header_bytes = self._header()
+        self.fingerprint = fingerprint(self.tensors, self.ftype, self.model.fingerprint(), self.importance_digest,
+                                       hashlib.sha256(self._header_bytes).hexdigest())
+        outputs.check_output(self.out, self.model.paths, resume=self.resume, overwrite=self.overwrite, is_file=True,
+                             fingerprint=self.fingerprint)
 
     def start(self) -> None:
         self.partial = outputs.start(self.out, self.model.paths, self.fingerprint, resume=self.resume,
@@ -330,7 +338,7 @@ class GGUFTarget:
         path = self.partial.path(self.out.name)
         self._done = set(self.partial.done) if path.is_file() else set()
         with outputs.writing(self.partial.dir, resume_hint=True):
-            header = self._header()
+            header = self._header_bytes
             data_start = len(header) + (-len(header) % GGUF_ALIGNMENT)
             self._file = open(path, "r+b" if self.partial.resumed and path.is_file() else "wb")
             self._file.write(header)
@@ -349,7 +357,8 @@ class GGUFTarget:
         """Header, metadata and tensor infos, as gguf-py's GGUFWriter writes them."""
         import gguf
 
-        tmp = self.partial.path(self.out.name + ".header")
+        scratch = tempfile.TemporaryDirectory(prefix="l4q-gguf-header-")
+        tmp = Path(scratch.name) / "header.gguf"
         writer = gguf.GGUFWriter(tmp, "llama4")
         for t in self.tensors:
             # Declared as bytes: GGUFWriter turns the byte shape back into the element shape for any type.
@@ -365,7 +374,7 @@ class GGUFTarget:
             return tmp.read_bytes()
         finally:
             writer.close()
-            tmp.unlink(missing_ok=True)
+            scratch.cleanup()
 
     def prepare(self, show_progress: bool) -> None:
         pass
@@ -396,8 +405,8 @@ class GGUFTarget:
     def _importance(self, t: GGUFTensor) -> np.ndarray | None:
         if not (self.importance and t.importance_key):
             return None
-        if t.name not in self._importance_of:  # once per tensor, not once per expert
-            self._importance_of = {t.name: self.importance(t.importance_key)}
+        if t.name not in self._importance_of:  # once per tensor (dropped when it is done), not once per expert
+            self._importance_of[t.name] = self.importance(t.importance_key)
         return self._importance_of[t.name]
 
     def weight_done(self, w: walk.Weight) -> None:
@@ -410,6 +419,7 @@ class GGUFTarget:
             os.fsync(self._file.fileno())
             self.partial.mark_done(t.name)
         self._done.add(t.name)
+        self._importance_of.pop(t.name, None)
 
     def finish(self) -> None:
         with outputs.writing(self.partial.dir, resume_hint=True):
@@ -422,6 +432,8 @@ class GGUFTarget:
             self.partial.commit(self.out.name)
 
     def fail(self, exc: BaseException) -> None:
+        if self.partial is None:
+            return
         if self._file is not None:
             try:
                 self._file.close()
