@@ -52,16 +52,14 @@ CARRIED_FILES = (
 class Unit:
     """One step of streaming work: the walk's `weights` in, `outputs` written in order.
 
-    kind "copy": one tensor copied byte for byte; "linear": one Linear quantized; "expert": expert
-    `expert` of a fused MoE layer, its three projections written as unfused modules (quantized, or
+    kind "copy": one tensor copied byte for byte; "linear": one Linear quantized; "expert": one expert
+    of a fused MoE layer, its three projections written as unfused modules (quantized, or
     BF16 when ignored).
     """
 
     kind: str
     weights: tuple[Weight, ...]
     outputs: tuple[TensorEntry, ...]
-    module: str = ""
-    expert: int = -1
     quantize: bool = True
 
     @property
@@ -170,7 +168,7 @@ def build_plan(
         if (w.role in arch.LINEAR_ROLES and not ct.ignore_matches(ignore, w.module)
                 and scheme.can_quantize(*w.shape)):
             entries = scheme.entries(w.module, *w.shape)
-            units.append(Unit("linear", (w,), tuple(entries), module=w.module))
+            units.append(Unit("linear", (w,), tuple(entries)))
         else:
             if w.role in arch.LINEAR_ROLES and not ct.ignore_matches(ignore, w.module):
                 ignore.append(re_exact(w.module))  # cannot take this scheme's layout: keep it BF16
@@ -195,8 +193,7 @@ def _expert_unit(weights: tuple[Weight, ...], scheme: ct.Scheme, ignore: list[st
         entries += scheme.entries(w.module, *w.shape) if quantize else [TensorEntry(w.name, w.info.dtype, w.shape)]
         if not quantize and not ignored:
             ignore.append(re_exact(w.module))
-    base = weights[0].module.rsplit(".", 2)[0]
-    return Unit("expert", weights, tuple(entries), module=base, expert=weights[0].expert, quantize=quantize)
+    return Unit("expert", weights, tuple(entries), quantize=quantize)
 
 
 # ---------------------------------------------------------------------------------------------
