@@ -74,6 +74,16 @@ def _size_option(_ctx, _param, value: str) -> int:
     return parse_size(value)
 
 
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), help="CPU cores the kernels use [default: all available].")
+
+
+def use_threads(threads: int | None) -> None:
+    from llama4_quant import parallel
+
+    parallel.set_threads(threads)
+
+
 def open_model(name: str):
     """Resolve and validate a model before anything heavy is imported: bad input fails in well under a second."""
     from llama4_quant.model import open_model as open_validated
@@ -110,16 +120,18 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run: every target from its first unfinished shard or tensor.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (or discard interrupted ones).")
 @click.option("--device", default="auto", show_default=True, help="Where the kernels run: auto, cpu, cuda, cuda:N.")
+@threads_option
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
 def quantize(model, schemes, gguf_types, out, out_dir, method, calib, max_shard_size, ignore, quantize_attention, resume,
-             overwrite, device, quiet):
+             overwrite, device, threads, quiet):
     """Stream a BF16 Llama 4 checkpoint into compressed-tensors checkpoints (int4 / int8 / FP8) and GGUF
     files, all from one read."""
     schemes, gguf_types = list(dict.fromkeys(schemes)), list(dict.fromkeys(gguf_types))
     if out is not None and len(schemes) + len(gguf_types) > 1:
         raise click.UsageError("--out names one output; with several targets, use --out-dir")
     opened = open_model(model)
+    use_threads(threads)
     name = Path(opened.source.label).name
     scheme_outs = [(s, out or out_dir / f"{name}-{s}") for s in schemes]
     gguf_outs = [(t, out or out_dir / f"{name}-{t}.gguf") for t in gguf_types]
@@ -151,13 +163,15 @@ def quantize(model, schemes, gguf_types, out, out_dir, method, calib, max_shard_
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished layer.")
 @click.option("--overwrite", is_flag=True, help="Replace existing statistics (or discard an interrupted run).")
 @click.option("--json", "as_json", is_flag=True, help="Print stats.json instead of the summary.")
+@threads_option
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def calibrate(model, out, data, samples, seq_len, device, resume, overwrite, as_json, quiet):
+def calibrate(model, out, data, samples, seq_len, device, resume, overwrite, as_json, threads, quiet):
     """Collect per-expert routing and importance statistics, one decoder layer at a time."""
     from llama4_quant import outputs
 
     opened = open_model(model)
+    use_threads(threads)
     outputs.check_output(out, opened.paths, resume=resume, overwrite=overwrite)  # before the minutes of tokenizing
     from llama4_quant.calibrate.data import calibration_ids
     from llama4_quant.calibrate.stats import calibrate as run_calibration
@@ -204,11 +218,13 @@ def export():
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Calibration statistics from `l4q calibrate`: importance-weighted K-quant search.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished tensor.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@threads_option
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def export_gguf(model, ftype, out, imatrix, resume, overwrite, quiet):
+def export_gguf(model, ftype, out, imatrix, resume, overwrite, threads, quiet):
     """Write a GGUF file for llama.cpp straight from BF16 safetensors, in one streaming pass."""
     opened = open_model(model)
+    use_threads(threads)
     out = out or Path(f"{Path(opened.source.label).name}-{ftype}.gguf")
     from llama4_quant.derive import derive
 

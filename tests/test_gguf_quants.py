@@ -7,12 +7,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from llama4_quant import parallel
 from llama4_quant.errors import NonFiniteWeightError
 from llama4_quant.formats import gguf_quants as gq
 
@@ -552,6 +554,31 @@ def test_chunking_does_not_change_bytes(qtype, monkeypatch):
     monkeypatch.setattr(gq, "_CHUNK_ELEMS", 768 * 5)  # chunks of 5, 5, 3 rows
     np.testing.assert_array_equal(gq.quantize(x, qtype, imp), whole)
     np.testing.assert_array_equal(gq.quantize(torch.from_numpy(x).bfloat16(), qtype, imp), whole)  # x is bf16-exact
+
+
+@pytest.fixture
+def two_workers():
+    parallel.set_threads(2)
+    yield
+    parallel.set_threads(None)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])
+def test_workers_do_not_change_bytes(qtype, two_workers):
+    rows = gq._PARALLEL_MIN_ELEMS // 1024 + 300  # large enough to go to the workers, jobs of 1024 rows
+    x = np.concatenate([awkward(rows - 64, 1024, 3), gaussian(64, 1024, 4)], axis=0)
+    t = torch.from_numpy(x).bfloat16()
+    imp = np.linspace(0.2, 2, 1024, dtype=np.float32)
+    spread = gq.quantize(t, qtype, imp)
+    assert set(parallel._pools) == {gq.block_type(qtype).in_processes}  # the workers ran it
+    parallel.set_threads(1)
+    np.testing.assert_array_equal(spread, gq.quantize(t, qtype, imp))
+    parallel.set_threads(2)
+    x[rows - 5, 17] = np.inf  # in the last job: the worker's error names the row
+    with pytest.raises(NonFiniteWeightError, match=r"rows \d+\.\.\d+") as err:
+        gq.quantize(x, qtype)
+    lo, hi = map(int, re.search(r"rows (\d+)\.\.(\d+)", str(err.value)).groups())
+    assert lo <= rows - 5 <= hi and hi - lo < 1024
 
 
 def test_dequantize_checks_sizes():

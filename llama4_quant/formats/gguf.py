@@ -271,7 +271,9 @@ def encode(data: torch.Tensor, qtype: str, importance: np.ndarray | None) -> np.
         # bf16 -> f32 is exact; f32 -> f16 rounds to nearest even, as llama.cpp's converter does.
         arr = data.to(torch.float32).numpy()
         return (arr if qtype == "F32" else arr.astype(np.float16)).reshape(-1).view(np.uint8)
-    rows = data.reshape(-1, data.shape[-1]).to(torch.float32).numpy()
+    # bf16 rows in storage order (an expert's transposed view is copied here, at half the bytes of
+    # float32); the block quantizers widen them chunk by chunk on the kernel threads
+    rows = data.reshape(-1, data.shape[-1]).contiguous()
     return gguf_quants.quantize(rows, qtype, importance).reshape(-1)
 
 

@@ -14,7 +14,9 @@ dim); output is the raw bytes GGUF stores for it, a uint8 array [rows, cols // b
 Layout inside the K-quants: a chunk of rows is cut into sub-blocks and transposed to
 [values_per_subblock, n_subblocks], so a per-block scalar is a 1-D array and a sequential C sum is
 a short Python loop of vector adds. Rows go in chunks of about `_CHUNK_ELEMS` values (converted to
-float32 chunk by chunk), so the working memory is under 10 MB plus the output, whatever the matrix.
+float32 chunk by chunk), so the working memory is a few MB per worker plus the output, whatever the
+matrix. A large matrix's chunks run on `parallel`'s workers: threads for Q8_0 / Q4_0, processes for
+the K-quants (their search is many small numpy operations, between which a thread holds the GIL).
 
 What happens at the edges (all as in ggml, except that overflow is refused):
 - All-zero blocks encode as ggml does (d = 0), and decode to zeros. Small blocks lose precision as
@@ -46,7 +48,9 @@ from ..errors import L4QError, NonFiniteWeightError
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)
 _MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it rounds a float32 to an integer (nearest_int)
-_CHUNK_ELEMS = 1 << 18  # values per chunk of rows (1 MB of float32 per temporary; cache friendly)
+_CHUNK_ELEMS = 1 << 17  # values per chunk of rows: 512 KB float32 temporaries stay in L2 (4 MB ones run 2x slower)
+_JOB_ELEMS = 1 << 20  # values per job sent to a worker (its overhead is then small next to the work)
+_PARALLEL_MIN_ELEMS = 1 << 21  # smaller matrices are encoded in this process: a worker costs more than it saves
 _F32 = np.float32
 
 
@@ -66,10 +70,13 @@ class BlockType:
     module) plus its exactness tests."""
 
     name: str
-    encode: Callable[[Any, Any], np.ndarray]  # ([rows, cols] floats, importance or None) -> bytes
+    encode_chunk: Callable[[np.ndarray, Any], np.ndarray]  # (float32 rows, importance or None) -> blocks
     decode: Callable[[np.ndarray], np.ndarray]  # blocks [n, type_size] uint8 -> float32 [n, block_size]
     uses_importance: bool
     fallback: str | None  # llama.cpp's choice when cols % block_size != 0
+    # run a large matrix's chunks in worker processes rather than threads: the K-quant search is many
+    # small numpy operations, and a thread holds the GIL between them
+    in_processes: bool = False
 
     @property
     def block_size(self) -> int:
@@ -94,7 +101,7 @@ def quantize(weights: Any, qtype: str, importance: Any = None) -> np.ndarray:
     scale search toward the channels that matter; Q8_0 and Q4_0 ignore it, as llama.cpp does.
     """
     bt = block_type(qtype)
-    return bt.encode(weights, importance if bt.uses_importance else None)
+    return _encode_rows(weights, bt, importance if bt.uses_importance else None)
 
 
 def dequantize(raw: np.ndarray, qtype: str, cols: int) -> np.ndarray:
@@ -112,56 +119,83 @@ def dequantize(raw: np.ndarray, qtype: str, cols: int) -> np.ndarray:
 
 def quantize_q8_0(w: Any) -> np.ndarray:
     """Q8_0: per 32 values an f16 d = max|x| / 127 and 32 int8 round(x / d), half away from zero."""
-    src, rows, cols = _matrix(w, "Q8_0")
-    out = np.empty((rows, cols // 32 * 34), dtype=np.uint8)
-    for r0, r1, chunk in _float_chunks(src, rows, cols):
-        b = chunk.reshape(-1, 32)
-        d = np.abs(b).max(axis=1, keepdims=True) / _F32(127)
-        with np.errstate(all="ignore"):  # subnormal d: 1 / d overflows, as in gguf-py and ggml
-            inv = np.where(d == 0, _F32(0), _F32(1) / d)
-            q = _round_half_away(b * inv).astype(np.int8)
-        d16 = _to_f16(d, "Q8_0")
-        o = out[r0:r1].reshape(-1, 34)
-        o[:, :2] = d16.view(np.uint8)
-        o[:, 2:] = q.view(np.uint8)
-    return out
+    return quantize(w, "Q8_0")
 
 
 def quantize_q4_0(w: Any) -> np.ndarray:
     """Q4_0: per 32 values an f16 d = x[argmax |x|] / -8 and nibbles trunc(x / d + 8.5), clipped to 15."""
-    src, rows, cols = _matrix(w, "Q4_0")
-    out = np.empty((rows, cols // 32 * 18), dtype=np.uint8)
-    for r0, r1, chunk in _float_chunks(src, rows, cols):
-        b = chunk.reshape(-1, 32)
-        imax = np.abs(b).argmax(axis=1)[:, None]
-        d = np.take_along_axis(b, imax, axis=1) / _F32(-8)
-        with np.errstate(all="ignore"):
-            inv = np.where(d == 0, _F32(0), _F32(1) / d)
-            q = np.trunc(b * inv + _F32(8.5)).astype(np.uint8)
-        np.minimum(q, 15, out=q)
-        o = out[r0:r1].reshape(-1, 18)
-        o[:, :2] = _to_f16(d, "Q4_0").view(np.uint8)
-        o[:, 2:] = q[:, :16] | (q[:, 16:] << np.uint8(4))
-    return out
+    return quantize(w, "Q4_0")
+
+
+def _q8_0_chunk(chunk: np.ndarray, _qw: None) -> np.ndarray:
+    b = chunk.reshape(-1, 32)
+    d = np.abs(b).max(axis=1, keepdims=True) / _F32(127)
+    with np.errstate(all="ignore"):  # subnormal d: 1 / d overflows, as in gguf-py and ggml
+        inv = np.where(d == 0, _F32(0), _F32(1) / d)
+        q = _round_half_away(b * inv).astype(np.int8)
+    o = np.empty((b.shape[0], 34), dtype=np.uint8)
+    o[:, :2] = _to_f16(d, "Q8_0").view(np.uint8)
+    o[:, 2:] = q.view(np.uint8)
+    return o
+
+
+def _q4_0_chunk(chunk: np.ndarray, _qw: None) -> np.ndarray:
+    b = chunk.reshape(-1, 32)
+    imax = np.abs(b).argmax(axis=1)[:, None]
+    d = np.take_along_axis(b, imax, axis=1) / _F32(-8)
+    with np.errstate(all="ignore"):
+        inv = np.where(d == 0, _F32(0), _F32(1) / d)
+        q = np.trunc(b * inv + _F32(8.5)).astype(np.uint8)
+    np.minimum(q, 15, out=q)
+    o = np.empty((b.shape[0], 18), dtype=np.uint8)
+    o[:, :2] = _to_f16(d, "Q4_0").view(np.uint8)
+    o[:, 2:] = q[:, :16] | (q[:, 16:] << np.uint8(4))
+    return o
 
 
 def quantize_q4_k(w: Any, importance: Any = None) -> np.ndarray:
     """Q4_K as ggml's quantize_q4_K: 8 sub-blocks of 32 with 6-bit scale and min per 256 values."""
-    return _k_quant(w, "Q4_K", importance, _q4_k_chunk)
+    return quantize(w, "Q4_K", importance)
 
 
 def quantize_q6_k(w: Any, importance: Any = None) -> np.ndarray:
     """Q6_K as ggml's quantize_q6_K: 16 sub-blocks of 16 with int8 scales and an f16 d per 256 values."""
-    return _k_quant(w, "Q6_K", importance, _q6_k_chunk)
+    return quantize(w, "Q6_K", importance)
 
 
-def _k_quant(w: Any, qtype: str, importance: Any, encode_chunk) -> np.ndarray:
-    """Encode a matrix chunk of rows at a time with `encode_chunk(chunk, importance)`."""
-    src, rows, cols = _matrix(w, qtype)
-    qw = _as_importance(importance, cols)
-    out = np.empty((rows, cols // QK_K * block_type(qtype).type_size), dtype=np.uint8)
-    for r0, r1, chunk in _float_chunks(src, rows, cols):
-        out[r0:r1] = encode_chunk(chunk, qw).reshape(r1 - r0, -1)
+def _encode_rows(w: Any, bt: BlockType, qw: Any) -> np.ndarray:
+    """Encode a matrix in chunks of rows, spread over the kernel workers (`parallel`) when it is
+    large. Each chunk is encoded on its own, so the bytes never depend on the number of workers."""
+    from .. import parallel
+
+    src, rows, cols = _matrix(w, bt.name)
+    qw = _as_importance(qw, cols)
+    out = np.empty((rows, cols // bt.block_size * bt.type_size), dtype=np.uint8)
+    spans = _row_spans(rows, cols, _JOB_ELEMS)
+    jobs = ((bt.name, r0, _rows_for_worker(src, r0, r1), qw) for r0, r1 in spans)
+    if len(spans) > 1 and rows * cols >= _PARALLEL_MIN_ELEMS:
+        encoded = parallel.map_ordered(_encode_job, jobs, processes=bt.in_processes)
+    else:
+        encoded = map(_encode_job, jobs)
+    for (r0, r1), blocks in zip(spans, encoded):
+        out[r0:r1] = blocks
+    return out
+
+
+def _encode_job(job: tuple[str, int, np.ndarray, np.ndarray | None]) -> np.ndarray:
+    """Rows r0.. of a matrix (in a worker): widened to float32 and encoded a cache-sized chunk at a
+    time; NaN/Inf refused. Returns the blocks, uint8 [rows, row bytes]."""
+    qtype, r0, rows, qw = job
+    bt = BLOCK_TYPES[qtype]
+    out = np.empty((rows.shape[0], rows.shape[1] // bt.block_size * bt.type_size), dtype=np.uint8)
+    for a, b in _row_spans(*rows.shape, _CHUNK_ELEMS):
+        if rows.dtype == np.uint16:  # bf16 bits: widening is exact (the bits shifted up)
+            chunk = (rows[a:b].astype(np.uint32) << np.uint32(16)).view(np.float32)
+        else:
+            chunk = np.ascontiguousarray(rows[a:b], dtype=np.float32)
+        if not np.isfinite(chunk).all():
+            raise NonFiniteWeightError(f"cannot quantize weights holding NaN or Inf (rows {r0 + a}..{r0 + b - 1})")
+        out[a:b] = bt.encode_chunk(chunk, qw).reshape(b - a, -1)
     return out
 
 
@@ -193,20 +227,22 @@ def _matrix(w: Any, qtype: str) -> tuple[Any, int, int]:
     return src, rows, cols
 
 
-def _float_chunks(src: Any, rows: int, cols: int):
-    """(r0, r1, float32 C-contiguous rows r0:r1), about `_CHUNK_ELEMS` values each; refuses NaN/Inf."""
-    step = max(1, _CHUNK_ELEMS // max(cols, 1))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        if _is_torch(src):
-            import torch
+def _row_spans(rows: int, cols: int, elems: int) -> list[tuple[int, int]]:
+    """(r0, r1) row ranges of about `elems` values each (at least one row)."""
+    step = max(1, elems // max(cols, 1))
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
-            chunk = src[r0:r1].to(torch.float32).contiguous().numpy()
-        else:
-            chunk = np.ascontiguousarray(src[r0:r1], dtype=np.float32)
-        if not np.isfinite(chunk).all():
-            raise NonFiniteWeightError(f"cannot quantize weights holding NaN or Inf (rows {r0}..{r1 - 1})")
-        yield r0, r1, chunk
+
+def _rows_for_worker(src: Any, r0: int, r1: int) -> np.ndarray:
+    """Rows r0:r1 as a numpy array without widening (bf16 as its uint16 bits), to send to a worker."""
+    if _is_torch(src):
+        import torch
+
+        rows = src[r0:r1]
+        if rows.dtype == torch.bfloat16:
+            return rows.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return rows.to(torch.float32).contiguous().numpy()
+    return src[r0:r1]
 
 
 def _as_importance(importance: Any, cols: int) -> np.ndarray | None:
@@ -655,8 +691,8 @@ def _dequant_q6_k(blocks: np.ndarray) -> np.ndarray:
 # The registry. llama.cpp's fallbacks (llama-quant.cpp): Q4_K -> Q5_0, Q6_K -> Q8_0.
 
 BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
-    BlockType("Q8_0", lambda w, _imp: quantize_q8_0(w), _dequant_q8_0, uses_importance=False, fallback=None),
-    BlockType("Q4_0", lambda w, _imp: quantize_q4_0(w), _dequant_q4_0, uses_importance=False, fallback=None),
-    BlockType("Q4_K", quantize_q4_k, _dequant_q4_k, uses_importance=True, fallback="Q5_0"),
-    BlockType("Q6_K", quantize_q6_k, _dequant_q6_k, uses_importance=True, fallback="Q8_0"),
+    BlockType("Q8_0", _q8_0_chunk, _dequant_q8_0, uses_importance=False, fallback=None),
+    BlockType("Q4_0", _q4_0_chunk, _dequant_q4_0, uses_importance=False, fallback=None),
+    BlockType("Q4_K", _q4_k_chunk, _dequant_q4_k, uses_importance=True, fallback="Q5_0", in_processes=True),
+    BlockType("Q6_K", _q6_k_chunk, _dequant_q6_k, uses_importance=True, fallback="Q8_0", in_processes=True),
 )}
