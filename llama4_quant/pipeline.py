@@ -213,6 +213,7 @@ class Encoder:
         """The stored tensors of Linear `w` from its [out, in] values `weight`."""
         if self.method != "mse":
             return self.scheme.encode_weight(w.module, weight)
+        weight = weight.contiguous()  # the scale search runs on rows
         importance = None
         if self.stats is not None:
             found = self.stats.importance(w.stats_key)
@@ -297,8 +298,8 @@ class CompressedTensorsTarget:
                 writer.write(w.name, tensor_bytes(data))
             elif not unit.quantize:  # an ignored expert: its BF16 projection, unfused
                 writer.write(w.name, data.contiguous())
-            else:  # the kernels run about twice as fast on rows as on a transposed view
-                for name, tensor in self.encoder.encode(w, data.to(self.device).contiguous()):
+            else:  # an expert's transposed view as it is: the rtn kernels work in its stored layout
+                for name, tensor in self.encoder.encode(w, data.to(self.device)):
                     writer.write(name, tensor)
 
     def weight_done(self, w: Weight) -> None:

@@ -141,43 +141,136 @@ class Visitor:
         pass
 
 
-def walk(model: Model, targets: list, progress: Callable[[int], None] = lambda n: None) -> int:
-    """Read the source once, handing each weight to the targets that want it; returns bytes read."""
-    from .schemes import check_finite
+# Slices read ahead of the one being quantized: reading (the disk, or a copy from the page cache) then
+# runs beside the kernels, at the cost of this many more slices in memory.
+READ_AHEAD = 1
 
+
+@dataclass(frozen=True)
+class _Piece:
+    """What the reader hands on: rows of one read's weights (data None: nothing of it is wanted)."""
+
+    read: Read
+    wanted: list  # per weight of the read: the targets that want it
+    start_row: int = 0
+    data: object = None
+    nbytes: int = 0
+    last: bool = True  # the read's last piece: its weights are done after it
+
+
+def walk(model: Model, targets: list, progress: Callable[[int], None] = lambda n: None) -> int:
+    """Read the source once, handing each weight to the targets that want it; returns bytes read.
+
+    A reader thread reads up to READ_AHEAD slices ahead while the targets quantize and write the
+    current one. So a target's `wants(w)` is asked before the walk reaches `w`: its answer must not
+    change while earlier weights are handed out (it depends on what --resume found, not on the walk).
+    """
     read_bytes = 0
-    for r in reads(model):
-        wanted = [[t for t in targets if t.wants(w)] for w in r.weights]
-        if any(wanted):
-            if r.expert is not None:
-                data = read_slice(r.info, r.expert)
-                check_finite(data, f"{r.info.name}[{r.expert}]")
-                parts = unfuse_gate_up(data) if len(r.weights) == 2 else (data.T,)
-                for w, part, ts in zip(r.weights, parts, wanted):
-                    for t in ts:
-                        t.take(w, 0, part)
-                nbytes = data.numel() * data.element_size()
-            else:
-                nbytes = _read_tensor(r.weights[0], wanted[0])
-            read_bytes += nbytes
-            progress(nbytes)
-        for w in r.weights:
-            for t in targets:
-                t.weight_done(w)
+    with _Reader(model, targets) as pieces:
+        for p in pieces:
+            if p.data is not None:
+                if p.read.expert is not None:
+                    parts = unfuse_gate_up(p.data) if len(p.read.weights) == 2 else (p.data.T,)
+                    for w, part, ts in zip(p.read.weights, parts, p.wanted):
+                        for t in ts:
+                            t.take(w, 0, part)
+                else:
+                    for t in p.wanted[0]:
+                        t.take(p.read.weights[0], p.start_row, p.data)
+                read_bytes += p.nbytes
+                progress(p.nbytes)
+            if p.last:
+                for w in p.read.weights:
+                    for t in targets:
+                        t.weight_done(w)
     return read_bytes
 
 
-def _read_tensor(w: Weight, targets: list) -> int:
+class _Reader:
+    """The walk's reads as `_Piece`s, read on a thread up to READ_AHEAD pieces ahead (a context
+    manager: leaving it stops the thread, whether the walk finished or failed)."""
+
+    def __init__(self, model: Model, targets: list):
+        import queue
+        import threading
+
+        self.model, self.targets = model, targets
+        self.queue: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="l4q-reader", daemon=True)
+
+    def __enter__(self) -> Iterator[_Piece]:
+        self.thread.start()
+        return self._pieces()
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        while self.thread.is_alive():  # unblock a reader waiting on a full queue
+            self._drain()
+            self.thread.join(timeout=0.05)
+        self._drain()
+
+    def _drain(self) -> None:
+        import queue
+
+        try:
+            while True:
+                self.queue.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _pieces(self) -> Iterator[_Piece]:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self) -> None:
+        try:
+            for r in reads(self.model):
+                wanted = [[t for t in self.targets if t.wants(w)] for w in r.weights]
+                for piece in _read(r, wanted) if any(wanted) else [_Piece(r, wanted)]:
+                    if not self._put(piece):
+                        return
+            self._put(None)
+        except BaseException as exc:  # handed to the walk, which raises it
+            self._put(exc)
+
+
+def _read(r: Read, wanted: list) -> Iterator[_Piece]:
+    """The pieces of one wanted read: an expert slice, a whole tensor, or its blocks of rows."""
     from .schemes import check_finite
 
-    whole = any(t.wants(w) == WHOLE for t in targets)
+    if r.expert is not None:
+        data = read_slice(r.info, r.expert)
+        check_finite(data, f"{r.info.name}[{r.expert}]")
+        yield _Piece(r, wanted, 0, data, data.numel() * data.element_size())
+        return
+    info = r.info
+    whole = any(t.wants(r.weights[0]) == WHOLE for t in wanted[0])
+    blocks = [read_tensor(info)] if whole else iter_row_blocks(info)
     start = 0
-    for block in [read_tensor(w.info)] if whole else iter_row_blocks(w.info):
-        check_finite(block, w.info.name)
-        for t in targets:
-            t.take(w, start, block)
-        start += block.shape[0]
-    return w.info.nbytes
+    for block in blocks:
+        check_finite(block, info.name)
+        end = start + block.shape[0]
+        yield _Piece(r, wanted, start, block, block.numel() * block.element_size(), last=end == info.shape[0])
+        start = end
+    if start == 0:  # no rows at all: nothing to hand on, but the weight is still done
+        yield _Piece(r, wanted)
 
 
 def run(model: Model, targets: list, show_progress: bool = True, desc: str = "") -> int:
