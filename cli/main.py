@@ -82,6 +82,7 @@ def use_threads(threads: int | None) -> None:
     from llama4_quant import parallel
 
     parallel.set_threads(threads)
+    parallel.keep_freed_memory()
 
 
 def open_model(name: str):

@@ -1,23 +1,15 @@
-"""How many CPU cores the kernels use (`--threads`), and the worker processes that share them.
+"""How many CPU cores the kernels use (`--threads`).
 
-torch kernels (int4 / int8 / fp8, mse, GPTQ on the CPU) use torch's intra-op threads. The GGUF block
-quantizers are numpy, which runs one core per call and holds the GIL between its operations, so a
-large matrix is cut into row chunks that `map_ordered(..., processes=True)` encodes in worker
-processes. Every chunk is encoded on its own, so the bytes never depend on the number of workers.
+torch kernels (int4 / int8 / fp8, mse, GPTQ on the CPU) use torch's intra-op threads; the compiled
+GGUF block encoders (`formats.gguf_kernels`) spread a matrix's rows over numba's threads. Each row
+is encoded on its own, so the bytes never depend on the number of threads.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import TypeVar
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 _threads = 0  # 0: not set, use every core this process may run on
-_pools: dict[bool, Executor] = {}  # processes? -> pool
 
 
 def available_cores() -> int:
@@ -37,43 +29,31 @@ def set_threads(n: int | None) -> None:
     if n is not None and n < 0:
         raise ValueError(f"--threads must be positive, got {n}")
     _threads = n or 0
-    shutdown()
     import torch
 
     torch.set_num_threads(threads())
 
 
-def shutdown() -> None:
-    """Stop the workers (they start again on demand)."""
-    while _pools:
-        _pools.popitem()[1].shutdown(cancel_futures=True)
+def keep_freed_memory() -> None:
+    """Have glibc's malloc serve every allocation from the heap and keep what is freed, so the next
+    slice's buffers reuse those pages. By default a block over 32 MB is a fresh mapping whose every
+    page the kernel faults in and zeroes: at Scout's slice sizes that was 40% of an int4 run's time
+    (44 of 75 s in the kernel). Peak memory stays the largest working set; nothing on other libcs."""
+    import ctypes
+    import ctypes.util
 
-
-def _pool(processes: bool) -> Executor:
-    if processes not in _pools:
-        if processes:
-            import multiprocessing
-
-            # forkserver: a worker never inherits this process's threads (reader, torch) mid-lock
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["llama4_quant.formats.gguf_quants"])
-            _pools[True] = ProcessPoolExecutor(max_workers=threads(), mp_context=ctx)
-        else:
-            _pools[False] = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="l4q-kernel")
-    return _pools[processes]
-
-
-def map_ordered(fn: Callable[[T], R], items: Iterable[T], processes: bool = False) -> Iterator[R]:
-    """fn over items on the worker threads (or processes: fn and items must pickle), results in
-    order; in the calling thread when one core is set. At most twice as many items as workers are in
-    flight, so memory stays bounded by a few items."""
-    if threads() == 1:
-        yield from map(fn, items)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
         return
-    ex, window, pending = _pool(processes), 2 * threads(), []
-    for item in items:
-        pending.append(ex.submit(fn, item))
-        if len(pending) >= window:
-            yield pending.pop(0).result()
-    for f in pending:
-        yield f.result()
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, 2**31 - 1)
+
+
+def use_kernel_threads() -> None:
+    """Give numba's parallel loops `threads()` threads (numba keeps the setting per calling thread)."""
+    import numba
+
+    numba.set_num_threads(min(threads(), numba.config.NUMBA_NUM_THREADS))

@@ -49,8 +49,6 @@ QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)
 _MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it rounds a float32 to an integer (nearest_int)
 _CHUNK_ELEMS = 1 << 17  # values per chunk of rows: 512 KB float32 temporaries stay in L2 (4 MB ones run 2x slower)
-_JOB_ELEMS = 1 << 20  # values per job sent to a worker (its overhead is then small next to the work)
-_PARALLEL_MIN_ELEMS = 1 << 21  # smaller matrices are encoded in this process: a worker costs more than it saves
 _F32 = np.float32
 
 
@@ -70,13 +68,11 @@ class BlockType:
     module) plus its exactness tests."""
 
     name: str
-    encode_chunk: Callable[[np.ndarray, Any], np.ndarray]  # (float32 rows, importance or None) -> blocks
+    kernel: str  # the compiled encoder in `gguf_kernels`
+    encode_chunk: Callable[[np.ndarray, Any], np.ndarray]  # numpy: (float32 rows, importance or None) -> blocks
     decode: Callable[[np.ndarray], np.ndarray]  # blocks [n, type_size] uint8 -> float32 [n, block_size]
     uses_importance: bool
     fallback: str | None  # llama.cpp's choice when cols % block_size != 0
-    # run a large matrix's chunks in worker processes rather than threads: the K-quant search is many
-    # small numpy operations, and a thread holds the GIL between them
-    in_processes: bool = False
 
     @property
     def block_size(self) -> int:
@@ -100,6 +96,13 @@ def quantize(weights: Any, qtype: str, importance: Any = None) -> np.ndarray:
     `importance` (length `cols`, e.g. an imatrix's mean x^2 per input channel) steers the K-quants'
     scale search toward the channels that matter; Q8_0 and Q4_0 ignore it, as llama.cpp does.
     """
+    bt = block_type(qtype)
+    return _encode_compiled(weights, bt, importance if bt.uses_importance else None)
+
+
+def quantize_reference(weights: Any, qtype: str, importance: Any = None) -> np.ndarray:
+    """`quantize` by the numpy encoders of this module, on one core: the independent implementation
+    that the compiled kernels are tested against."""
     bt = block_type(qtype)
     return _encode_rows(weights, bt, importance if bt.uses_importance else None)
 
@@ -163,38 +166,56 @@ def quantize_q6_k(w: Any, importance: Any = None) -> np.ndarray:
     return quantize(w, "Q6_K", importance)
 
 
-def _encode_rows(w: Any, bt: BlockType, qw: Any) -> np.ndarray:
-    """Encode a matrix in chunks of rows, spread over the kernel workers (`parallel`) when it is
-    large. Each chunk is encoded on its own, so the bytes never depend on the number of workers."""
+def _encode_compiled(w: Any, bt: BlockType, qw: Any) -> np.ndarray:
+    """Encode a matrix with the compiled kernel, its rows spread over `parallel.threads()` threads."""
     from .. import parallel
+    from . import gguf_kernels
 
     src, rows, cols = _matrix(w, bt.name)
     qw = _as_importance(qw, cols)
+    bits, shift = _as_bits(src)
     out = np.empty((rows, cols // bt.block_size * bt.type_size), dtype=np.uint8)
-    spans = _row_spans(rows, cols, _JOB_ELEMS)
-    jobs = ((bt.name, r0, _rows_for_worker(src, r0, r1), qw) for r0, r1 in spans)
-    if len(spans) > 1 and rows * cols >= _PARALLEL_MIN_ELEMS:
-        encoded = parallel.map_ordered(_encode_job, jobs, processes=bt.in_processes)
+    bad, overflow = np.zeros(rows, dtype=bool), np.zeros(rows, dtype=np.float32)
+    kernel = getattr(gguf_kernels, bt.kernel)
+    parallel.use_kernel_threads()
+    if bt.uses_importance:
+        use_qw = qw is not None
+        kernel(bits, shift, qw if use_qw else np.zeros(cols, dtype=np.float32), use_qw, out, bad, overflow)
     else:
-        encoded = map(_encode_job, jobs)
-    for (r0, r1), blocks in zip(spans, encoded):
-        out[r0:r1] = blocks
+        kernel(bits, shift, out, bad, overflow)
+    if bad.any():
+        raise NonFiniteWeightError(f"cannot quantize weights holding NaN or Inf (row {int(bad.argmax())})")
+    if overflow.any():
+        _raise_overflow(float(overflow.max()), bt.name)
     return out
 
 
-def _encode_job(job: tuple[str, int, np.ndarray, np.ndarray | None]) -> np.ndarray:
-    """Rows r0.. of a matrix (in a worker): widened to float32 and encoded a cache-sized chunk at a
-    time; NaN/Inf refused. Returns the blocks, uint8 [rows, row bytes]."""
-    qtype, r0, rows, qw = job
-    bt = BLOCK_TYPES[qtype]
-    out = np.empty((rows.shape[0], rows.shape[1] // bt.block_size * bt.type_size), dtype=np.uint8)
-    for a, b in _row_spans(*rows.shape, _CHUNK_ELEMS):
-        if rows.dtype == np.uint16:  # bf16 bits: widening is exact (the bits shifted up)
-            chunk = (rows[a:b].astype(np.uint32) << np.uint32(16)).view(np.float32)
+def _as_bits(src: Any) -> tuple[np.ndarray, int]:
+    """The matrix as C-contiguous bits the kernels widen to float32 themselves: bf16 as uint16
+    (shift 16), anything else as float32's uint32 (shift 0)."""
+    if _is_torch(src):
+        import torch
+
+        if src.dtype == torch.bfloat16:
+            return src.contiguous().view(torch.int16).numpy().view(np.uint16), 16
+        src = src.to(torch.float32).contiguous().numpy()
+    return np.ascontiguousarray(src, dtype=np.float32).view(np.uint32), 0
+
+
+def _encode_rows(w: Any, bt: BlockType, qw: Any) -> np.ndarray:
+    """Encode a matrix with the numpy encoder, a cache-sized chunk of rows at a time."""
+    src, rows, cols = _matrix(w, bt.name)
+    qw = _as_importance(qw, cols)
+    out = np.empty((rows, cols // bt.block_size * bt.type_size), dtype=np.uint8)
+    for a, b in _row_spans(rows, cols, _CHUNK_ELEMS):
+        if _is_torch(src):
+            import torch
+
+            chunk = src[a:b].to(torch.float32).contiguous().numpy()
         else:
-            chunk = np.ascontiguousarray(rows[a:b], dtype=np.float32)
+            chunk = np.ascontiguousarray(src[a:b], dtype=np.float32)
         if not np.isfinite(chunk).all():
-            raise NonFiniteWeightError(f"cannot quantize weights holding NaN or Inf (rows {r0 + a}..{r0 + b - 1})")
+            raise NonFiniteWeightError(f"cannot quantize weights holding NaN or Inf (rows {a}..{b - 1})")
         out[a:b] = bt.encode_chunk(chunk, qw).reshape(b - a, -1)
     return out
 
@@ -233,18 +254,6 @@ def _row_spans(rows: int, cols: int, elems: int) -> list[tuple[int, int]]:
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
-def _rows_for_worker(src: Any, r0: int, r1: int) -> np.ndarray:
-    """Rows r0:r1 as a numpy array without widening (bf16 as its uint16 bits), to send to a worker."""
-    if _is_torch(src):
-        import torch
-
-        rows = src[r0:r1]
-        if rows.dtype == torch.bfloat16:
-            return rows.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return rows.to(torch.float32).contiguous().numpy()
-    return src[r0:r1]
-
-
 def _as_importance(importance: Any, cols: int) -> np.ndarray | None:
     if importance is None:
         return None
@@ -263,12 +272,15 @@ def _to_f16(d: np.ndarray, qtype: str) -> np.ndarray:
     with np.errstate(over="ignore"):
         h = d.astype(np.float16)
     if not np.isfinite(h).all():
-        big = float(np.abs(d[~np.isfinite(h)]).max())
-        raise ScaleOverflowError(
-            f"a {qtype} block scale ({big:.4g}) overflows float16: the weights are too large for {qtype}; "
-            "keep this tensor in F32 or BF16"
-        )
+        _raise_overflow(float(np.abs(d[~np.isfinite(h)]).max()), qtype)
     return h
+
+
+def _raise_overflow(big: float, qtype: str) -> None:
+    raise ScaleOverflowError(
+        f"a {qtype} block scale ({big:.4g}) overflows float16: the weights are too large for {qtype}; "
+        "keep this tensor in F32 or BF16"
+    )
 
 
 def _round_half_away(v: np.ndarray) -> np.ndarray:
@@ -691,8 +703,8 @@ def _dequant_q6_k(blocks: np.ndarray) -> np.ndarray:
 # The registry. llama.cpp's fallbacks (llama-quant.cpp): Q4_K -> Q5_0, Q6_K -> Q8_0.
 
 BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
-    BlockType("Q8_0", _q8_0_chunk, _dequant_q8_0, uses_importance=False, fallback=None),
-    BlockType("Q4_0", _q4_0_chunk, _dequant_q4_0, uses_importance=False, fallback=None),
-    BlockType("Q4_K", _q4_k_chunk, _dequant_q4_k, uses_importance=True, fallback="Q5_0", in_processes=True),
-    BlockType("Q6_K", _q6_k_chunk, _dequant_q6_k, uses_importance=True, fallback="Q8_0", in_processes=True),
+    BlockType("Q8_0", "encode_q8_0", _q8_0_chunk, _dequant_q8_0, uses_importance=False, fallback=None),
+    BlockType("Q4_0", "encode_q4_0", _q4_0_chunk, _dequant_q4_0, uses_importance=False, fallback=None),
+    BlockType("Q4_K", "encode_q4_k", _q4_k_chunk, _dequant_q4_k, uses_importance=True, fallback="Q5_0"),
+    BlockType("Q6_K", "encode_q6_k", _q6_k_chunk, _dequant_q6_k, uses_importance=True, fallback="Q8_0"),
 )}
