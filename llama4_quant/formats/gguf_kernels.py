@@ -47,6 +47,19 @@ def _nearest_int(v, bits, bits_f):
 
 
 @njit(**_KERNEL)
+def _in_fast_range(iscale, span):
+    """Whether every |iscale * v| with |v| <= span is below 2**21, so `_nearest_int` is the float
+    round trip; checked once per search step, the loops then skip the per-value test."""
+    return abs(iscale) * span < _FAST_LIMIT * f32(0.5)
+
+
+@njit(**_KERNEL)
+def _rint(v):
+    """nearest_int for |v| < 2**22: round half to even by the float round trip."""
+    return np.int32((v + _MAGIC) - _MAGIC)
+
+
+@njit(**_KERNEL)
 def _f16_bits(v, bits, bits_f):
     """float32 -> IEEE half bits, round to nearest even; an overflow gives the infinity bits."""
     bits_f[0] = v
@@ -175,6 +188,7 @@ def _make_qkx(x, a, w, L, Laux, nmax, rmin, rdelta, nstep, bits, bits_f):
             mx = v
         sum_w += w[i]
         sum_x += w[i] * v
+    xmin = mn
     if mn > 0:
         mn = f32(0)
     if mx == mn:
@@ -195,9 +209,14 @@ def _make_qkx(x, a, w, L, Laux, nmax, rmin, rdelta, nstep, bits, bits_f):
         sum_l = f32(0)
         sum_l2 = f32(0)
         sum_xl = f32(0)
+        if _in_fast_range(iscale, max(abs(mx - mn), abs(xmin - mn))):
+            for i in range(n):
+                Laux[i] = min(nmax, max(0, _rint(iscale * (x[a + i] - mn))))
+        else:
+            for i in range(n):
+                Laux[i] = min(nmax, max(0, _nearest_int(iscale * (x[a + i] - mn), bits, bits_f)))
         for i in range(n):
-            l = min(nmax, max(0, _nearest_int(iscale * (x[a + i] - mn), bits, bits_f)))
-            Laux[i] = l
+            l = Laux[i]
             wl = w[i] * f32(l)
             sum_l += wl
             sum_l2 += wl * f32(l)
@@ -412,9 +431,10 @@ def _make_qx(x, a, qw, use_qw, L, nmax, bits, bits_f):
         isc = -(f_nmax + f32(0.1) * f32(step)) / mx
         sumlx = f32(0)
         suml2 = f32(0)
+        fast = _in_fast_range(isc, amax)
         for i in range(n):
             v = x[a + i]
-            l = min(nmax - 1, max(-nmax, _nearest_int(isc * v, bits, bits_f)))
+            l = min(nmax - 1, max(-nmax, _rint(isc * v) if fast else _nearest_int(isc * v, bits, bits_f)))
             wi = qw[i] if use_qw else v * v
             sumlx += wi * v * f32(l)
             suml2 += wi * f32(l) * f32(l)
