@@ -1,0 +1,153 @@
+"""Speed against `cp -r` and llama.cpp, on one Scout-shaped synthetic checkpoint, in one run.
+
+Rows: `cp -r` of the source; `l4q quantize` to int4, int8, fp8 and `l4q export gguf` Q8_0 and Q4_K_M
+with --threads N; llama.cpp's own route to Q4_K_M (its converter to a BF16 GGUF, then `llama-quantize`
+with N threads, built from the llama-cpp-python source distribution) and the two together; then int4
+and Q4_K_M with one thread, for the scaling. Each row: wall time, the ratio to `cp -r`, cores busy
+(user + sys CPU time of the whole machine over the row's wall time: worker processes included, and
+anything else running then), the peak RSS of the job's process tree, and bytes written. The
+one-thread outputs are checked byte-identical to the N-thread ones.
+
+    python benchmarks/speed.py --layers 2 --workdir /tmp/l4q-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.gguf_export import borrow_tiny_tokenizer, llama_cpp_reference  # noqa: E402
+from benchmarks.quantize_memory import ensure_checkpoint  # noqa: E402
+from llama4_quant.checkpoint import Checkpoint  # noqa: E402
+
+
+def run_job(args: list[str]) -> dict:
+    """Run a command; its wall seconds, the machine's busy CPU seconds meanwhile, and the peak RSS
+    of its process tree (sampled every 0.1 s)."""
+    cpu0, t0 = psutil.cpu_times(), time.time()
+    proc = psutil.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [proc, *proc.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    wall, cpu1 = time.time() - t0, psutil.cpu_times()
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(map(str, args[:6]))}... failed:\n{proc.stderr.read().decode()[-2000:]}")
+    busy = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    return {"wall": wall, "cpu": busy, "rss": peak}
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix == ".safetensors"):
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def remove(path: Path) -> None:
+    path.unlink() if path.is_file() else shutil.rmtree(path, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=psutil.cpu_count())
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/l4q-bench"))
+    parser.add_argument("--skip-llama-cpp", action="store_true")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    src = ensure_checkpoint(args.workdir, args.layers)
+    borrow_tiny_tokenizer(src)
+    source_size = Checkpoint(src).total_bytes
+    work = args.workdir / "speed"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    py, n = sys.executable, str(args.threads)
+    rows, digests = [], {}
+
+    def job(name: str, cmd: list, out: Path, keep: str | None = None) -> dict:
+        r = run_job(cmd)
+        r["written"] = size_of(out)
+        if keep:
+            digests[keep] = digest(out)
+        rows.append((name, r))
+        return r
+
+    job("cp -r", ["cp", "-r", str(src), str(work / "copy")], work / "copy")
+    remove(work / "copy")
+    l4q = [py, "-m", "cli.main"]
+    for scheme in ("int4", "int8", "fp8"):
+        out = work / f"l4q-{scheme}"
+        job(f"l4q quantize {scheme}", [*l4q, "quantize", "--model", str(src), "--to", scheme, "--out", str(out),
+                                       "--device", "cpu", "--threads", n, "--quiet"], out, keep=scheme)
+        remove(out)
+    for ftype in ("Q8_0", "Q4_K_M"):
+        out = work / f"l4q-{ftype}.gguf"
+        job(f"l4q export gguf {ftype}", [*l4q, "export", "gguf", str(src), "--type", ftype, "--out", str(out),
+                                         "--threads", n, "--quiet"], out, keep=ftype)
+        remove(out)
+    if not args.skip_llama_cpp:
+        ref = llama_cpp_reference()
+        bf16, q4 = work / "llama.cpp-BF16.gguf", work / "llama.cpp-Q4_K_M.gguf"
+        a = job("llama.cpp converter to BF16 GGUF",
+                [py, "-c", ref.RUN_CONVERTER, str(ref.converter_dir()), str(src), "--outfile", str(bf16),
+                 "--outtype", "bf16"], bf16)
+        b = job(f"then llama-quantize Q4_K_M, {n} threads", [str(ref.quantize_tool()), str(bf16), str(q4), "Q4_K_M", n], q4)
+        rows.append(("llama.cpp's two programs together", {k: a[k] + b[k] for k in ("wall", "cpu", "written")}
+                     | {"rss": max(a["rss"], b["rss"])}))
+        remove(bf16), remove(q4)
+    scaling = {}
+    for scheme, cmd_of in (("int4", lambda out: [*l4q, "quantize", "--model", str(src), "--to", "int4", "--out", str(out),
+                                                 "--device", "cpu"]),
+                           ("Q4_K_M", lambda out: [*l4q, "export", "gguf", str(src), "--type", "Q4_K_M", "--out", str(out)])):
+        out = work / f"one-thread-{scheme}"
+        r = job(f"l4q {scheme}, 1 thread", [*cmd_of(out), "--threads", "1", "--quiet"], out)
+        scaling[scheme] = (r["wall"], digest(out) == digests[scheme])
+        remove(out)
+    print_table(rows, source_size, args, scaling)
+    if not all(same for _, same in scaling.values()):
+        sys.exit("the one-thread outputs differ from the N-thread ones")
+
+
+def print_table(rows: list, source_size: int, args, scaling: dict) -> None:
+    cp = rows[0][1]["wall"]
+    print(f"\nScout-shaped synthetic, {args.layers} MoE layers, {source_size / 1e9:.2f} GB BF16; "
+          f"{psutil.cpu_count()} CPU cores, --threads {args.threads}")
+    print("| job | wall s | vs cp -r | cores busy | peak RSS GB | written GB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in rows:
+        print(f"| {name} | {r['wall']:.1f} | {r['wall'] / cp:.2f}x | {r['cpu'] / r['wall']:.2f} | "
+              f"{r['rss'] / 1e9:.2f} | {r['written'] / 1e9:.2f} |")
+    walls = {name: r["wall"] for name, r in rows}
+    theirs = walls.get("llama.cpp's two programs together")
+    if theirs:
+        print(f"l4q Q4_K_M / llama.cpp's two programs: {walls['l4q export gguf Q4_K_M'] / theirs:.2f}x")
+    for scheme, (one, same) in scaling.items():
+        many = walls[f"l4q quantize {scheme}" if scheme == "int4" else f"l4q export gguf {scheme}"]
+        print(f"{scheme}: {args.threads} threads give {one / many:.2f}x the throughput of 1 thread; "
+              f"bytes identical: {'yes' if same else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
