@@ -12,6 +12,11 @@ attention, every GGUF file type, and the K-quant types searched with the imatrix
 compressed-tensors output is digested over its shards, index and config.json (l4q_recipe.json records
 the l4q version, so it is left out); each GGUF file over all its bytes; statistics over their tensor
 files. `tests/test_outputs.py` reruns the matrix in-process against `tests/data/output_digests.json`.
+
+Statistics and GPTQ run the model's forward passes, whose float32 sums depend on the CPU's matmul
+kernels (AVX2, AVX-512, AMX give different last bits): their digests hold on one kind of CPU only, and
+the file records which (`cpu`). The cells that consume statistics (calibrated mse, imatrix K-quants)
+read the statistics committed under tests/data/stats, so their bytes hold on every CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+STORED_STATS = Path(__file__).resolve().parents[1] / "tests" / "data" / "stats"
 MODELS = ("tiny", "tiny-maverick")
 SCHEMES = ("int4", "int8", "fp8")
 METHODS = ("rtn", "mse", "mse-calib", "gptq")
@@ -31,6 +37,24 @@ GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q4_K_M")
 IMATRIX_GGUF_TYPES = ("Q6_K", "Q4_K_M")
 STATS_FILES = ("imatrix.gguf", "imatrix.safetensors", "tokens.safetensors")
 CALIBRATION = ["--samples", "8", "--seq-len", "64", "--device", "cpu"]
+CPU_DEPENDENT = ("-stats", "-gptq")  # cells whose bytes come from this CPU's matmuls
+
+
+def cpu_signature() -> str:
+    """What picks torch's CPU matmul kernels: its vector ISA level and the matrix extensions."""
+    import torch
+
+    flags = set()
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        pass
+    extensions = sorted(flags & {"amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_fp16", "avx_vnni"})
+    return ",".join([torch.backends.cpu.get_cpu_capability(), *extensions])
+
+
+def cpu_dependent(name: str) -> bool:
+    return name.endswith(CPU_DEPENDENT)
 
 
 def digest_output(path: Path) -> str:
@@ -49,11 +73,11 @@ def digest_output(path: Path) -> str:
 
 
 def runs(work: Path) -> list[tuple[str, list[str]]]:
-    """(name, l4q arguments) for every cell of the matrix, in an order where statistics come first."""
+    """(name, l4q arguments) for every cell of the matrix."""
     cells = []
     for model in MODELS:
-        stats = work / f"{model}-stats"
-        cells.append((stats.name, ["calibrate", model, "--out", str(stats), *CALIBRATION]))
+        cells.append((f"{model}-stats", ["calibrate", model, "--out", str(work / f"{model}-stats"), *CALIBRATION]))
+        stats = STORED_STATS / model
         for scheme in SCHEMES:
             for method in METHODS:
                 name = f"{model}-{scheme}-{method}"
@@ -76,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file of {run: sha256}")
     opts = parser.parse_args()
-    digests = {}
+    digests = {"cpu": cpu_signature()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, args in runs(work):
