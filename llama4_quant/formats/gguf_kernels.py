@@ -313,7 +313,7 @@ def _q4_k_block(x, a, qw, use_qw, out, o, bits, bits_f, L, Laux, w, scales, mins
         b = a + 32 * j
         if use_qw:
             for i in range(32):
-                w[i] = np.sqrt(x[b + i] * x[b + i] + sigma2) * qw[b - a + i + 0 * j]
+                w[i] = np.sqrt(x[b + i] * x[b + i] + sigma2) * qw[32 * j + i]
             scales[j], mins[j] = _make_qkx(x, b, w, L, Laux, 15, f32(-0.9), f32(0.05), 36, bits, bits_f)
             s = f32(0)
             for i in range(32):

@@ -14,9 +14,9 @@ dim); output is the raw bytes GGUF stores for it, a uint8 array [rows, cols // b
 Layout inside the K-quants: a chunk of rows is cut into sub-blocks and transposed to
 [values_per_subblock, n_subblocks], so a per-block scalar is a 1-D array and a sequential C sum is
 a short Python loop of vector adds. Rows go in chunks of about `_CHUNK_ELEMS` values (converted to
-float32 chunk by chunk), so the working memory is a few MB per worker plus the output, whatever the
-matrix. A large matrix's chunks run on `parallel`'s workers: threads for Q8_0 / Q4_0, processes for
-the K-quants (their search is many small numpy operations, between which a thread holds the GIL).
+float32 chunk by chunk), so the working memory is a few MB plus the output, whatever the matrix.
+`quantize` runs the compiled copies of these encoders (`gguf_kernels`, the same bytes, on every
+kernel thread); `quantize_reference` runs the numpy ones, the independent implementation.
 
 What happens at the edges (all as in ggml, except that overflow is refused):
 - All-zero blocks encode as ggml does (d = 0), and decode to zeros. Small blocks lose precision as
