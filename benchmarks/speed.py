@@ -14,7 +14,6 @@ one-thread outputs are checked byte-identical to the N-thread ones.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
@@ -28,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.gguf_export import borrow_tiny_tokenizer, llama_cpp_reference  # noqa: E402
+from benchmarks.multi_target import digest  # noqa: E402
 from benchmarks.quantize_memory import ensure_checkpoint  # noqa: E402
 from llama4_quant.checkpoint import Checkpoint  # noqa: E402
 
@@ -54,15 +54,6 @@ def run_job(args: list[str]) -> dict:
 
 def size_of(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix == ".safetensors"):
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def remove(path: Path) -> None:

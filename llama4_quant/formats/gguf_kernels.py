@@ -88,6 +88,13 @@ def _f16_value(h):
 
 
 @njit(**_KERNEL)
+def _row_scratch(cols):
+    """Per-row scratch: the bit-cast cell (uint32 and its float32 view) and a widened row (both)."""
+    bits, row_bits = np.empty(1, np.uint32), np.empty(cols, np.uint32)
+    return bits, bits.view(np.float32), row_bits, row_bits.view(np.float32)
+
+
+@njit(**_KERNEL)
 def _load_row(src, r, row_bits, shift):
     """Widen row r of bf16 (shift 16) or float32 (shift 0) bits into `row_bits`; False on NaN/Inf."""
     finite = True
@@ -117,8 +124,7 @@ def _round_half_away(v):
 def encode_q8_0(src, shift, out, bad, overflow):
     cols = src.shape[1]
     for r in prange(src.shape[0]):
-        bits, row_bits = np.empty(1, np.uint32), np.empty(cols, np.uint32)
-        bits_f, x = bits.view(np.float32), row_bits.view(np.float32)
+        bits, bits_f, row_bits, x = _row_scratch(cols)
         if not _load_row(src, r, row_bits, shift):
             bad[r] = True
             continue
@@ -142,8 +148,7 @@ def encode_q8_0(src, shift, out, bad, overflow):
 def encode_q4_0(src, shift, out, bad, overflow):
     cols = src.shape[1]
     for r in prange(src.shape[0]):
-        bits, row_bits = np.empty(1, np.uint32), np.empty(cols, np.uint32)
-        bits_f, x = bits.view(np.float32), row_bits.view(np.float32)
+        bits, bits_f, row_bits, x = _row_scratch(cols)
         if not _load_row(src, r, row_bits, shift):
             bad[r] = True
             continue
@@ -379,8 +384,7 @@ def _q4_k_block(x, a, qw, use_qw, out, o, bits, bits_f, L, Laux, w, scales, mins
 def encode_q4_k(src, shift, qw, use_qw, out, bad, overflow):
     cols = src.shape[1]
     for r in prange(src.shape[0]):
-        bits, row_bits = np.empty(1, np.uint32), np.empty(cols, np.uint32)
-        bits_f, x = bits.view(np.float32), row_bits.view(np.float32)
+        bits, bits_f, row_bits, x = _row_scratch(cols)
         L, Laux = np.empty(cols, np.int32), np.empty(32, np.int32)
         w, scales, mins, sw = (np.empty(32, np.float32), np.empty(8, np.float32),
                                np.empty(8, np.float32), np.empty(8, np.float32))
@@ -493,8 +497,7 @@ def _q6_k_block(x, a, qw, use_qw, out, o, bits, bits_f, L, scales, sc):
 def encode_q6_k(src, shift, qw, use_qw, out, bad, overflow):
     cols = src.shape[1]
     for r in prange(src.shape[0]):
-        bits, row_bits = np.empty(1, np.uint32), np.empty(cols, np.uint32)
-        bits_f, x = bits.view(np.float32), row_bits.view(np.float32)
+        bits, bits_f, row_bits, x = _row_scratch(cols)
         L, scales, sc = np.empty(cols, np.int32), np.empty(16, np.float32), np.empty(16, np.int8)
         if not _load_row(src, r, row_bits, shift):
             bad[r] = True
