@@ -4,15 +4,11 @@ port of ggml-quants.c written here (Q4_K, Q6_K); decoding against gguf-py; error
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from libggml import ggml_quantize, needs_ggml
 from llama4_quant import parallel
 from llama4_quant.errors import NonFiniteWeightError
 from llama4_quant.formats import gguf_quants as gq
@@ -47,50 +43,6 @@ def awkward(rows: int, cols: int, seed: int = 1) -> np.ndarray:
     x[7, 64:96] *= 1e-3  # a tiny sub-block: its 6-bit scale rounds to 0 and ggml keeps the search's quants
     x[7, 160:176] *= 1e-3
     return torch.from_numpy(x).to(torch.bfloat16).float().numpy()
-
-
-# ---------------------------------------------------------------------------------------------
-# ggml itself, through llama-cpp-python's shared library (optional)
-
-
-def _load_ggml():
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
-        return None
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
-        path = Path(spec.origin).parent / "lib" / name
-        if path.exists():
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError:
-                return None
-            for fn in ("quantize_q8_0", "quantize_q4_0", "quantize_q4_K", "quantize_q6_K"):
-                f = getattr(lib, fn)
-                f.restype = ctypes.c_size_t
-                f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-            return lib
-    return None
-
-
-GGML = _load_ggml()
-
-
-def needs_ggml(test):
-    """ggml itself (llama-cpp-python's libggml-base, a test dependency) is the reference here."""
-    def run(*args, **kwargs):
-        assert GGML is not None, "llama-cpp-python's libggml-base is missing: pip install -e '.[test]'"
-        return test(*args, **kwargs)
-
-    return functools.wraps(test)(run)
-
-
-def ggml_quantize(x: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.zeros((x.shape[0], x.shape[1] // gq.block_type(qtype).block_size * gq.block_type(qtype).type_size), dtype=np.uint8)
-    qw = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
-    fn = getattr(GGML, "quantize_" + qtype[:2].lower() + qtype[2:])
-    fn(x.ctypes.data, out.ctypes.data, x.shape[0], x.shape[1], None if qw is None else qw.ctypes.data)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

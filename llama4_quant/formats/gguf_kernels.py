@@ -1,11 +1,13 @@
 """Compiled GGML block encoders (numba): the same bytes as `gguf_quants`' numpy encoders, written as
-the per-block loops of ggml-quants.c and run over the rows of a matrix on every kernel thread.
+the loops of ggml-quants.c and run over the rows of a matrix on every kernel thread.
 
 Why a second implementation: the numpy encoders search the K-quant scales in many passes over
-memory, about 3-6 M values/s per core, while ggml's scalar C does one pass per search step, and a
-numpy thread holds the GIL between its operations. Compiled loops run at C speed, release the GIL
-(so the walk's reader keeps reading) and spread rows over `numba`'s threads. The numpy encoders stay
-as the independent implementation the tests compare these with, value for value.
+memory and a numpy thread holds the GIL between its operations. Compiled loops release the GIL (so
+the walk's reader keeps reading) and spread rows over `numba`'s threads. The K-quant scale searches
+run on all sub-blocks of a row at once, one SIMD lane per sub-block: each lane does the C code's
+scalar operations in the C order, so the bytes are ggml's while a core does several sub-blocks per
+instruction (2-3x ggml's scalar C per core, `benchmarks/gguf_kernels.py`). The numpy encoders stay as
+the independent implementation the tests compare these with, value for value.
 
 Exactness rules, as in the numpy module: every value is float32 and every float32 operation is the
 C code's, in its order (a float32 times a Python int or float would widen to float64 in numba, so
@@ -177,73 +179,97 @@ def encode_q4_0(src, shift, out, bad, overflow):
 
 
 @njit(**_KERNEL)
-def _make_qkx(x, a, w, L, Laux, nmax, rmin, rdelta, nstep, bits, bits_f):
-    """ggml make_qkx2_quants / make_qkx3_quants (the same with MSE) on x[a:a+32]; L[a:a+32] gets the
-    levels. Returns (scale, the_min)."""
-    n = 32
-    mn = x[a]
-    mx = x[a]
-    sum_w = w[0]
-    sum_x = sum_w * x[a]
-    for i in range(1, n):
-        v = x[a + i]
-        if v < mn:
-            mn = v
-        if v > mx:
-            mx = v
-        sum_w += w[i]
-        sum_x += w[i] * v
-    xmin = mn
-    if mn > 0:
-        mn = f32(0)
-    if mx == mn:
-        for i in range(n):
-            L[a + i] = 0
-        return f32(0), -mn
+def _search_q4_k(xt, wt, nmax, rmin, rdelta, nstep, Lt, Laux, st, scales, mins, bits, bits_f):
+    """ggml make_qkx2_quants / make_qkx3_quants (the same with MSE) on many sub-blocks at once:
+    column j of xt (32 x n) is sub-block j, wt its weights, Lt gets its levels and scales[j],
+    mins[j] its (scale, the_min). Each column follows the C code's operations in its order; the
+    columns are independent, so the loops over them compile to SIMD lanes (a row's sub-blocks make
+    enough columns for the vectorizer, one super-block's eight do not)."""
+    n, lanes = xt.shape
+    mn, mx, xmin, sum_w, sum_x, rng, iscale, scale = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
+    best, sum_l, sum_l2, sum_xl, t_scale, t_min, err, better, live = (
+        st[8], st[9], st[10], st[11], st[12], st[13], st[14], st[15], st[16])
     f_nmax = f32(nmax)
-    iscale = f_nmax / (mx - mn)
-    scale = f32(1) / iscale
-    best_error = f32(0)
-    for i in range(n):
-        l = min(nmax, max(0, _nearest_int(iscale * (x[a + i] - mn), bits, bits_f)))
-        L[a + i] = l
-        diff = scale * f32(l) + mn - x[a + i]
-        best_error += w[i] * (diff * diff)
+    for j in range(lanes):
+        mn[j] = xt[0, j]
+        mx[j] = xt[0, j]
+        sum_w[j] = wt[0, j]
+        sum_x[j] = wt[0, j] * xt[0, j]
+    for i in range(1, n):
+        for j in range(lanes):
+            v = xt[i, j]
+            mn[j] = v if v < mn[j] else mn[j]
+            mx[j] = v if v > mx[j] else mx[j]
+            sum_w[j] += wt[i, j]
+            sum_x[j] += wt[i, j] * v
+    for j in range(lanes):
+        xmin[j] = mn[j]
+        mn[j] = f32(0) if mn[j] > 0 else mn[j]
+        # A constant sub-block (max == min) keeps levels 0 and scale 0; its lane computes with a
+        # range of 1 and never improves (all its levels are 0, so D == 0).
+        live[j] = f32(1) if mx[j] != mn[j] else f32(0)
+        rng[j] = mx[j] - mn[j] if mx[j] != mn[j] else f32(1)
+        iscale[j] = f_nmax / rng[j]
+        scale[j] = f32(1) / iscale[j]
+        best[j] = f32(0)
+    for i in range(n):  # |iscale * (x - min)| <= nmax here: the fast nearest_int holds
+        for j in range(lanes):
+            l = min(nmax, max(0, _rint(iscale[j] * (xt[i, j] - mn[j]))))
+            Lt[i, j] = l
+            diff = scale[j] * f32(l) + mn[j] - xt[i, j]
+            best[j] += wt[i, j] * (diff * diff)
     for step in range(nstep + 1):
-        iscale = (rmin + rdelta * f32(step) + f_nmax) / (mx - mn)
-        sum_l = f32(0)
-        sum_l2 = f32(0)
-        sum_xl = f32(0)
-        if _in_fast_range(iscale, max(abs(mx - mn), abs(xmin - mn))):
+        fast = True
+        for j in range(lanes):
+            iscale[j] = (rmin + rdelta * f32(step) + f_nmax) / rng[j]
+            fast &= _in_fast_range(iscale[j], max(abs(rng[j]), abs(xmin[j] - mn[j])))
+            sum_l[j] = f32(0)
+            sum_l2[j] = f32(0)
+            sum_xl[j] = f32(0)
+        if fast:
             for i in range(n):
-                Laux[i] = min(nmax, max(0, _rint(iscale * (x[a + i] - mn))))
+                for j in range(lanes):
+                    Laux[i, j] = min(nmax, max(0, _rint(iscale[j] * (xt[i, j] - mn[j]))))
         else:
             for i in range(n):
-                Laux[i] = min(nmax, max(0, _nearest_int(iscale * (x[a + i] - mn), bits, bits_f)))
+                for j in range(lanes):
+                    Laux[i, j] = min(nmax, max(0, _nearest_int(iscale[j] * (xt[i, j] - mn[j]), bits, bits_f)))
         for i in range(n):
-            l = Laux[i]
-            wl = w[i] * f32(l)
-            sum_l += wl
-            sum_l2 += wl * f32(l)
-            sum_xl += wl * x[a + i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > 0:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > 0:
-                this_min = f32(0)
-                this_scale = sum_xl / sum_l2
-            err = f32(0)
+            for j in range(lanes):
+                wl = wt[i, j] * f32(Laux[i, j])
+                sum_l[j] += wl
+                sum_l2[j] += wl * f32(Laux[i, j])
+                sum_xl[j] += wl * xt[i, j]
+        for j in range(lanes):
+            D = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j]
+            a = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / D
+            b = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / D
+            t_scale[j] = sum_xl[j] / sum_l2[j] if b > 0 else a
+            t_min[j] = f32(0) if b > 0 else b
+            err[j] = f32(0)
+        for i in range(n):
+            for j in range(lanes):
+                diff = t_scale[j] * f32(Laux[i, j]) + t_min[j] - xt[i, j]
+                err[j] += wt[i, j] * (diff * diff)
+        improved = False
+        for j in range(lanes):
+            D = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j]
+            ok = D > 0 and err[j] < best[j]
+            better[j] = f32(1) if ok else f32(0)
+            improved |= ok
+            if ok:
+                best[j] = err[j]
+                scale[j] = t_scale[j]
+                mn[j] = t_min[j]
+                rng[j] = mx[j] - mn[j]
+        if improved:
             for i in range(n):
-                diff = this_scale * f32(Laux[i]) + this_min - x[a + i]
-                err += w[i] * (diff * diff)
-            if err < best_error:
-                for i in range(n):
-                    L[a + i] = Laux[i]
-                best_error = err
-                scale = this_scale
-                mn = this_min
-    return scale, -mn
+                for j in range(lanes):
+                    if better[j] != 0:
+                        Lt[i, j] = Laux[i, j]
+    for j in range(lanes):
+        scales[j] = scale[j] if live[j] != 0 else f32(0)
+        mins[j] = -mn[j]
 
 
 @njit(**_KERNEL)
@@ -307,31 +333,40 @@ def _make_qp(x, qw, Lout, nmax, bits, bits_f):
 
 
 @njit(**_KERNEL)
-def _q4_k_block(x, a, qw, use_qw, out, o, bits, bits_f, L, Laux, w, scales, mins, sw, ls, lm):
-    """One super-block x[a:a+256] into out[o:o+144]; returns the largest overflowing f16 scale or 0."""
+def _q4_k_row_search(x, qw, use_qw, xt, wt, Lt, Laux, st, scales, mins, sw, bits, bits_f):
+    """The scale search of every 32-value sub-block of row x, as ggml's quantize_row_q4_K (its
+    weights, then make_qkx2 or, with importance, make_qkx3) in one pass over the row's sub-blocks."""
+    for j in range(x.shape[0] // 32):
+        for i in range(32):
+            xt[i, j] = x[32 * j + i]
     if use_qw:
-        s2 = f32(0)
-        for i in range(QK_K):
-            s2 += x[a + i] * x[a + i]
-        sigma2 = f32(2) * s2 / f32(QK_K)
-    for j in range(8):
-        b = a + 32 * j
-        if use_qw:
-            for i in range(32):
-                w[i] = np.sqrt(x[b + i] * x[b + i] + sigma2) * qw[32 * j + i]
-            scales[j], mins[j] = _make_qkx(x, b, w, L, Laux, 15, f32(-0.9), f32(0.05), 36, bits, bits_f)
+        for b in range(x.shape[0] // QK_K):
+            s2 = f32(0)
+            for i in range(QK_K):
+                s2 += x[QK_K * b + i] * x[QK_K * b + i]
+            sigma2 = f32(2) * s2 / f32(QK_K)
+            for j in range(8 * b, 8 * b + 8):
+                s = f32(0)
+                for i in range(32):
+                    wt[i, j] = np.sqrt(xt[i, j] * xt[i, j] + sigma2) * qw[32 * j + i]
+                    s += wt[i, j]
+                sw[j] = s
+        _search_q4_k(xt, wt, 15, f32(-0.9), f32(0.05), 36, Lt, Laux, st, scales, mins, bits, bits_f)
+    else:
+        for j in range(x.shape[0] // 32):
             s = f32(0)
             for i in range(32):
-                s += w[i]
-            sw[j] = s
-        else:
-            s = f32(0)
-            for i in range(32):
-                s += x[b + i] * x[b + i]
+                s += xt[i, j] * xt[i, j]
             av_x = np.sqrt(s / f32(32))
             for i in range(32):
-                w[i] = abs(x[b + i]) + av_x
-            scales[j], mins[j] = _make_qkx(x, b, w, L, Laux, 15, f32(-1.0), f32(0.1), 20, bits, bits_f)
+                wt[i, j] = abs(xt[i, j]) + av_x
+        _search_q4_k(xt, wt, 15, f32(-1.0), f32(0.1), 20, Lt, Laux, st, scales, mins, bits, bits_f)
+
+
+@njit(**_KERNEL)
+def _q4_k_block(x, a, use_qw, out, o, bits, bits_f, L, scales, mins, sw, ls, lm):
+    """Super-block x[a:a+256] into out[o:o+144], from its sub-blocks' searched scales and mins;
+    returns the largest overflowing f16 scale or 0."""
     if use_qw:
         d_block = _make_qp(scales, sw, ls, 63, bits, bits_f)
         m_block = _make_qp(mins, sw, lm, 63, bits, bits_f)
@@ -383,18 +418,23 @@ def _q4_k_block(x, a, qw, use_qw, out, o, bits, bits_f, L, Laux, w, scales, mins
 @njit(parallel=True, **_KERNEL)
 def encode_q4_k(src, shift, qw, use_qw, out, bad, overflow):
     cols = src.shape[1]
+    subs = cols // 32
     for r in prange(src.shape[0]):
         bits, bits_f, row_bits, x = _row_scratch(cols)
-        L, Laux = np.empty(cols, np.int32), np.empty(32, np.int32)
-        w, scales, mins, sw = (np.empty(32, np.float32), np.empty(8, np.float32),
-                               np.empty(8, np.float32), np.empty(8, np.float32))
-        ls, lm = np.empty(8, np.int32), np.empty(8, np.int32)
+        xt, wt, st = np.empty((32, subs), np.float32), np.empty((32, subs), np.float32), np.empty((17, subs), np.float32)
+        Lt, Laux = np.empty((32, subs), np.int32), np.empty((32, subs), np.int32)
+        scales, mins, sw = np.empty(subs, np.float32), np.empty(subs, np.float32), np.empty(subs, np.float32)
+        L, ls, lm = np.empty(cols, np.int32), np.empty(8, np.int32), np.empty(8, np.int32)
         if not _load_row(src, r, row_bits, shift):
             bad[r] = True
             continue
+        _q4_k_row_search(x, qw, use_qw, xt, wt, Lt, Laux, st, scales, mins, sw, bits, bits_f)
+        for j in range(subs):
+            for i in range(32):
+                L[32 * j + i] = Lt[i, j]
         for b in range(cols // QK_K):
-            big = _q4_k_block(x, QK_K * b, qw[QK_K * b:QK_K * (b + 1)], use_qw, out[r], 144 * b,
-                              bits, bits_f, L, Laux, w, scales, mins, sw, ls, lm)
+            s = slice(8 * b, 8 * b + 8)
+            big = _q4_k_block(x, QK_K * b, use_qw, out[r], 144 * b, bits, bits_f, L, scales[s], mins[s], sw[s], ls, lm)
             overflow[r] = max(overflow[r], big)
 
 
@@ -403,61 +443,73 @@ def encode_q4_k(src, shift, qw, use_qw, out, bad, overflow):
 
 
 @njit(**_KERNEL)
-def _make_qx(x, a, qw, use_qw, L, nmax, bits, bits_f):
-    """ggml make_qx_quants (rmse_type 1: weights x^2, or qw) on x[a:a+16]; L[a:a+16] gets l + nmax."""
-    n = 16
-    mx = f32(0)
-    amax = f32(0)
-    for i in range(n):
-        ax = abs(x[a + i])
-        if ax > amax:
-            amax = ax
-            mx = x[a + i]
-    if amax < _EPS:
-        for i in range(n):
-            L[a + i] = 0
-        return f32(0)
+def _search_q6_k(xt, wt, nmax, Lt, st, scales, bits, bits_f):
+    """ggml make_qx_quants (rmse_type 1: weights x^2, or the importance) on many 16-value sub-blocks
+    at once, column j of xt (16 x n) being sub-block j and wt its weights, as `_search_q4_k` does;
+    Lt gets the levels + nmax and scales[j] the scale."""
+    n, lanes = xt.shape
+    amax, mx, best_is, isc, sumlx, suml2, scale, best = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
     f_nmax = f32(nmax)
-    best_is = -f_nmax / mx
-    sumlx = f32(0)
-    suml2 = f32(0)
+    for j in range(lanes):
+        amax[j] = f32(0)
+        mx[j] = f32(0)
     for i in range(n):
-        v = x[a + i]
-        l = min(nmax - 1, max(-nmax, _nearest_int(best_is * v, bits, bits_f)))
-        wi = qw[i] if use_qw else v * v
-        sumlx += wi * v * f32(l)
-        suml2 += wi * f32(l) * f32(l)
-    scale = sumlx / suml2 if suml2 != 0 else f32(0)
-    best = scale * sumlx
+        for j in range(lanes):
+            ax = abs(xt[i, j])
+            mx[j] = xt[i, j] if ax > amax[j] else mx[j]
+            amax[j] = ax if ax > amax[j] else amax[j]
+    for j in range(lanes):
+        # An all-zero sub-block (amax < eps) gets levels 0 and scale 0; its lane computes with a
+        # max of 1 and is overwritten at the end.
+        mx[j] = mx[j] if amax[j] >= _EPS else f32(1)
+        best_is[j] = -f_nmax / mx[j]
+        sumlx[j] = f32(0)
+        suml2[j] = f32(0)
+    for i in range(n):  # |best_is * x| <= nmax here: the fast nearest_int holds
+        for j in range(lanes):
+            v = xt[i, j]
+            l = f32(min(nmax - 1, max(-nmax, _rint(best_is[j] * v))))
+            sumlx[j] += wt[i, j] * v * l
+            suml2[j] += wt[i, j] * l * l
+    for j in range(lanes):
+        scale[j] = sumlx[j] / suml2[j] if suml2[j] != 0 else f32(0)
+        best[j] = scale[j] * sumlx[j]
     for step in range(-9, 10):
         if step == 0:
             continue
-        isc = -(f_nmax + f32(0.1) * f32(step)) / mx
-        sumlx = f32(0)
-        suml2 = f32(0)
-        fast = _in_fast_range(isc, amax)
+        fast = True
+        for j in range(lanes):
+            isc[j] = -(f_nmax + f32(0.1) * f32(step)) / mx[j]
+            fast &= _in_fast_range(isc[j], amax[j])
+            sumlx[j] = f32(0)
+            suml2[j] = f32(0)
         for i in range(n):
-            v = x[a + i]
-            l = min(nmax - 1, max(-nmax, _rint(isc * v) if fast else _nearest_int(isc * v, bits, bits_f)))
-            wi = qw[i] if use_qw else v * v
-            sumlx += wi * v * f32(l)
-            suml2 += wi * f32(l) * f32(l)
-        if suml2 > 0 and sumlx * sumlx > best * suml2:
-            scale = sumlx / suml2
-            best = scale * sumlx
-            best_is = isc
+            for j in range(lanes):
+                v = xt[i, j]
+                q = _rint(isc[j] * v) if fast else _nearest_int(isc[j] * v, bits, bits_f)
+                l = f32(min(nmax - 1, max(-nmax, q)))
+                sumlx[j] += wt[i, j] * v * l
+                suml2[j] += wt[i, j] * l * l
+        for j in range(lanes):
+            if suml2[j] > 0 and sumlx[j] * sumlx[j] > best[j] * suml2[j]:
+                scale[j] = sumlx[j] / suml2[j]
+                best[j] = scale[j] * sumlx[j]
+                best_is[j] = isc[j]
     for i in range(n):
-        L[a + i] = min(nmax - 1, max(-nmax, _nearest_int(best_is * x[a + i], bits, bits_f))) + nmax
-    return scale
+        for j in range(lanes):
+            l = min(nmax - 1, max(-nmax, _nearest_int(best_is[j] * xt[i, j], bits, bits_f))) + nmax
+            Lt[i, j] = l if amax[j] >= _EPS else 0
+    for j in range(lanes):
+        scales[j] = scale[j] if amax[j] >= _EPS else f32(0)
 
 
 @njit(**_KERNEL)
-def _q6_k_block(x, a, qw, use_qw, out, o, bits, bits_f, L, scales, sc):
-    """One super-block x[a:a+256] into out[o:o+210]; returns the overflowing f16 scale or 0."""
+def _q6_k_block(x, a, out, o, bits, bits_f, L, scales, sc):
+    """Super-block x[a:a+256] into out[o:o+210], from its sub-blocks' searched scales; returns the
+    overflowing f16 scale or 0."""
     max_scale = f32(0)
     max_abs = f32(0)
     for j in range(16):
-        scales[j] = _make_qx(x, a + 16 * j, qw[16 * j:16 * (j + 1)], use_qw, L, 32, bits, bits_f)
         if abs(scales[j]) > max_abs:
             max_abs = abs(scales[j])
             max_scale = scales[j]
@@ -496,13 +548,24 @@ def _q6_k_block(x, a, qw, use_qw, out, o, bits, bits_f, L, scales, sc):
 @njit(parallel=True, **_KERNEL)
 def encode_q6_k(src, shift, qw, use_qw, out, bad, overflow):
     cols = src.shape[1]
+    subs = cols // 16
     for r in prange(src.shape[0]):
         bits, bits_f, row_bits, x = _row_scratch(cols)
-        L, scales, sc = np.empty(cols, np.int32), np.empty(16, np.float32), np.empty(16, np.int8)
+        xt, wt, st = np.empty((16, subs), np.float32), np.empty((16, subs), np.float32), np.empty((8, subs), np.float32)
+        Lt, L = np.empty((16, subs), np.int32), np.empty(cols, np.int32)
+        scales, sc = np.empty(subs, np.float32), np.empty(16, np.int8)
         if not _load_row(src, r, row_bits, shift):
             bad[r] = True
             continue
+        for j in range(subs):
+            for i in range(16):
+                v = x[16 * j + i]
+                xt[i, j] = v
+                wt[i, j] = qw[16 * j + i] if use_qw else v * v
+        _search_q6_k(xt, wt, 32, Lt, st, scales, bits, bits_f)
+        for j in range(subs):
+            for i in range(16):
+                L[16 * j + i] = Lt[i, j]
         for b in range(cols // QK_K):
-            big = _q6_k_block(x, QK_K * b, qw[QK_K * b:QK_K * (b + 1)], use_qw, out[r], 210 * b,
-                              bits, bits_f, L, scales, sc)
+            big = _q6_k_block(x, QK_K * b, out[r], 210 * b, bits, bits_f, L, scales[16 * b:16 * b + 16], sc)
             overflow[r] = max(overflow[r], big)
