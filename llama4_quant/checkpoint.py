@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import outputs
 from .errors import CorruptCheckpointError, NonFiniteWeightError, SourceNotFoundError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -374,6 +375,7 @@ class ShardWriter:
         self.entries = entries
         self._next = 0
         self._written = 0  # bytes of the current tensor so far
+        self._written_back = 0  # the file's bytes handed to the kernel's writeback so far
         self._file = open(self.tmp, "wb")
         try:
             self._file.write(encode_header(entries))
@@ -395,6 +397,8 @@ class ShardWriter:
                 )
             data = tensor_bytes(data)
         self._file.write(data)
+        if self._file.tell() - self._written_back >= outputs.WRITEBACK_STEP:
+            self._written_back = outputs.start_writeback(self._file, self._written_back)
         self._written += len(data)
         if self._written > entry.nbytes:
             raise RuntimeError(f"{name}: more bytes than planned")

@@ -102,6 +102,10 @@ def stored_transposed(w: Tensor) -> bool:
 def _group_absmax(w: Tensor, group_size: int) -> Tensor:
     """Float32 max |w| over consecutive groups of `group_size` columns: [out, in / group_size]."""
     if stored_transposed(w):
+        from . import cpu_kernels
+
+        if cpu_kernels.supports_rows(w.T) and w.dtype in (torch.bfloat16, torch.float16, torch.float32):
+            return cpu_kernels.group_absmax_of_rows(w.T, group_size).float().T.contiguous()
         # a running maximum over the group's rows: torch reduces over a middle axis 6x slower
         rows = w.T.unflatten(0, (w.shape[1] // group_size, group_size))  # [groups, group_size, out]
         m, tmp = rows[:, 0].abs(), torch.empty_like(rows[:, 0])
@@ -173,6 +177,12 @@ def _quantize_int(w: Tensor, scale: Tensor, group_size: int, qmin: int, qmax: in
     _check_scale(scale, (rows, groups))
     low = int_lower_clamp(scale, qmin, qmax)
     if stored_transposed(w):
+        from . import cpu_kernels
+
+        if w.dtype == torch.bfloat16 and cpu_kernels.supports_rows(w.T):  # one compiled pass
+            q = cpu_kernels.quantize_bf16_rows(w.T, group_size, scale.to(torch.float32).T.contiguous(),
+                                               None if low is None else low.T.contiguous(), qmin, qmax)
+            return q.T
         wt, s = w.T, scale.to(torch.float32).T.unsqueeze(1)  # [in, out]; [groups, 1, out]
         low = None if low is None else low.T.unsqueeze(1)
         qt = torch.empty((cols, rows), dtype=torch.int8, device=w.device)
@@ -258,6 +268,10 @@ def pack_int4(q: Tensor) -> Tensor:
         # the bytes in the stored [in, out] layout (two rows of values make one row of bytes), then
         # one transposed copy of half as many bytes as a bf16 copy of the weight
         qt = q.T
+        from . import cpu_kernels
+
+        if cpu_kernels.supports_rows(qt):
+            return cpu_kernels.pack_int4_transposed(qt).view(torch.int32)
         packed_t = (qt[0::2] + 8).view(torch.uint8)
         packed_t |= (qt[1::2] + 8).view(torch.uint8).bitwise_left_shift_(4)
         return packed_t.T.contiguous().view(torch.int32)
@@ -355,16 +369,11 @@ def fp8_dequantize(q: Tensor, scale: Tensor) -> Tensor:
 
 
 def check_finite(w: Tensor, name: str) -> None:
-    """Raise NonFiniteWeightError naming `name` and the count if `w` holds NaN or +-Inf.
-
-    The common path is one min/max reduction with no full-size temporary; counting happens only on failure.
-    """
-    if not w.is_floating_point() or w.numel() == 0:
+    """Raise NonFiniteWeightError naming `name` and the count if `w` holds NaN or +-Inf."""
+    if not w.is_floating_point():
         return
-    if w.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        lo, hi = torch.aminmax(w)
-        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
-            return
-    count = int((~torch.isfinite(w.float())).sum())
+    from .cpu_kernels import count_non_finite
+
+    count = count_non_finite(w)
     if count:
         raise NonFiniteWeightError(f"{name}: {count} non-finite values (NaN/Inf) in the source weight")

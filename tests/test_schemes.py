@@ -193,7 +193,10 @@ def test_pack_matches_compressed_tensors() -> None:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
     g = torch.Generator().manual_seed(8)
-    for q in (all_values_all_positions(), torch.randint(-8, 8, (37, 256), generator=g, dtype=torch.int8)):
+    stored = torch.randint(-8, 8, (256, 150), generator=g, dtype=torch.int8)  # an expert's [in, out] layout
+    transposed = stored[:, 3:140].T  # 137 rows: a partial tile of the compiled packer
+    assert S.stored_transposed(transposed)
+    for q in (all_values_all_positions(), torch.randint(-8, 8, (37, 256), generator=g, dtype=torch.int8), transposed):
         ours = S.pack_int4(q)
         theirs = pack_to_int32(q, 4)
         assert torch.equal(ours, theirs)
@@ -358,6 +361,58 @@ def test_check_finite_passes_finite() -> None:
     S.check_finite(w, "w")
     S.check_finite(torch.zeros(0, 8, dtype=BF16), "empty")
     S.check_finite(torch.randn(4, 4, dtype=torch.float32), "f32")
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float16, torch.float32, torch.float64])
+def test_count_non_finite_agrees_with_torch_on_every_bit_pattern_class(dtype) -> None:
+    from llama4_quant.cpu_kernels import count_non_finite
+
+    bits = {BF16: 16, torch.float16: 16, torch.float32: 32, torch.float64: 64}[dtype]
+    int_dtype = {16: torch.int16, 32: torch.int32, 64: torch.int64}[bits]
+    g = torch.Generator().manual_seed(0)
+    # random bit patterns: NaNs with payloads, both infinities, subnormals, -0, the largest finite
+    raw = torch.randint(-(2 ** (min(bits, 63) - 1)), 2 ** (min(bits, 63) - 1), (64, 96), generator=g, dtype=torch.int64)
+    w = raw.to(int_dtype).view(dtype)
+    w[0, :4] = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max, float("inf"), -0.0], dtype=dtype)
+    expected = int((~torch.isfinite(w)).sum())
+    assert expected > 0
+    assert count_non_finite(w) == expected
+    assert count_non_finite(w.T) == expected  # not contiguous: torch's own count
+    assert count_non_finite(w[:, :0]) == 0
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float16, torch.float32])
+def test_group_absmax_of_rows_equals_torch(dtype) -> None:
+    from llama4_quant.cpu_kernels import group_absmax_of_rows
+
+    g = torch.Generator().manual_seed(1)
+    stored = (torch.randn(256, 96, generator=g) * torch.logspace(-30, 4, 96)).to(dtype)  # subnormals to large
+    stored[3, 5], stored[130, 7] = -torch.finfo(dtype).max, -0.0
+    w = stored[:, 16:80]  # a strided view, as the gate half of gate_up_proj is
+    expected = w.abs().unflatten(0, (2, 128)).amax(dim=1)
+    assert torch.equal(group_absmax_of_rows(w, 128), expected)
+    w = w.clone()
+    w[200, 3] = float("nan")
+    assert group_absmax_of_rows(w, 128)[1, 3].isnan() and not group_absmax_of_rows(w, 128)[0, 3].isnan()
+
+
+@pytest.mark.parametrize("group_rows, qmin, qmax", [(128, -8, 7), (256, -128, 127)])
+def test_compiled_int_quantize_equals_float32_torch(group_rows, qmin, qmax) -> None:
+    from llama4_quant.cpu_kernels import quantize_bf16_rows
+
+    g = torch.Generator().manual_seed(2)
+    scale = (torch.rand(256 // group_rows, 64, generator=g) + 0.01).to(BF16).float()
+    steps = torch.randint(-4 * qmax, 4 * qmax, (256, 64), generator=g) / 2  # half steps: round-half-even ties
+    stored = torch.empty(256, 96, dtype=BF16)
+    stored[:, 16:80] = (steps * scale.repeat_interleave(group_rows, 0)).to(BF16)
+    w = stored[:, 16:80]
+    x = w.float() / scale.repeat_interleave(group_rows, 0)
+    expected = x.round().clamp(qmin, qmax).to(torch.int8)
+    assert torch.equal(quantize_bf16_rows(w, group_rows, scale, None, qmin, qmax), expected)
+    low = torch.full_like(scale, float(qmin))
+    low[0, :8] = float(-qmax)
+    expected = torch.maximum(x.round().clamp(qmin, qmax), low.repeat_interleave(group_rows, 0)).to(torch.int8)
+    assert torch.equal(quantize_bf16_rows(w, group_rows, scale, low, qmin, qmax), expected)
 
 
 # --------------------------------------------------------------------------- determinism and layout

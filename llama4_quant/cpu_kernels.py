@@ -1,0 +1,122 @@
+"""Compiled CPU loops (numba) over the raw bits of a weight, where torch's kernels are slow.
+
+The walk checks every weight for NaN/Inf before a target sees it, and the int / FP8 schemes start
+from the largest |w| per group. torch does the first as a min/max reduction (about 1.5 GB/s on bf16)
+and the second, on an expert's stored [in, out] layout, as a loop of small bf16 ops. Both only need
+the bits: a float is NaN or Inf exactly when its exponent bits are all ones, and for floats of one
+sign the order of the values is the order of their bits, so max |w| is an integer max of the bits
+with the sign cleared. These loops give the same answers at memory speed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+# dtype -> (same-width int dtype, numpy unsigned view, exponent mask, magnitude mask: all but the sign)
+_BITS = {
+    torch.bfloat16: (torch.int16, np.uint16, 0x7F80, 0x7FFF),
+    torch.float16: (torch.int16, np.uint16, 0x7C00, 0x7FFF),
+    torch.float32: (torch.int32, np.uint32, 0x7F800000, 0x7FFFFFFF),
+}
+
+
+def _bits(w: torch.Tensor) -> np.ndarray:
+    """The bits of CPU tensor `w` as an unsigned numpy view of the same memory (any strides)."""
+    int_dtype, np_dtype, _, _ = _BITS[w.dtype]
+    return w.view(int_dtype).numpy().view(np_dtype)
+
+
+@njit(nogil=True, cache=True)
+def _count_exponent_all_ones(bits, mask):
+    n = 0
+    for i in range(bits.shape[0]):
+        n += (bits[i] & mask) == mask
+    return n
+
+
+def count_non_finite(w: torch.Tensor) -> int:
+    """How many values of floating-point tensor `w` are NaN or +-Inf."""
+    if w.numel() == 0:
+        return 0
+    if w.device.type == "cpu" and w.dtype in _BITS and w.is_contiguous():
+        _, np_dtype, exponent, _ = _BITS[w.dtype]
+        return int(_count_exponent_all_ones(_bits(w.reshape(-1)), np_dtype(exponent)))
+    return int((~torch.isfinite(w)).sum())
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _group_max_abs_bits(bits, group_rows, magnitude, out):
+    """out[g, o] = max over rows [g * group_rows, (g + 1) * group_rows) of bits[r, o] & magnitude."""
+    for g in prange(out.shape[0]):
+        for o in range(bits.shape[1]):
+            out[g, o] = 0
+        for r in range(g * group_rows, (g + 1) * group_rows):
+            for o in range(bits.shape[1]):
+                v = bits[r, o] & magnitude
+                out[g, o] = v if v > out[g, o] else out[g, o]
+
+
+def supports_rows(w: torch.Tensor) -> bool:
+    """Whether the row kernels below take `w`: a 2-D CPU tensor with contiguous rows."""
+    return w.device.type == "cpu" and w.ndim == 2 and w.stride(1) == 1
+
+
+def group_absmax_of_rows(w: torch.Tensor, group_rows: int) -> torch.Tensor:
+    """max |w| over consecutive groups of `group_rows` rows of [rows, cols] `w` (rows contiguous,
+    any row stride), as [rows / group_rows, cols] in w's dtype. NaN ranks above every number, so a
+    group holding one gets NaN, as torch's maximum gives."""
+    int_dtype, np_dtype, _, magnitude = _BITS[w.dtype]
+    out = torch.empty((w.shape[0] // group_rows, w.shape[1]), dtype=int_dtype)
+    _group_max_abs_bits(_bits(w), group_rows, np_dtype(magnitude), out.numpy().view(np_dtype))
+    return out.view(w.dtype)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _quantize_bf16_rows(bits, group_rows, scale, low, qmin, qmax, out):
+    """out[r, o] = clamp(round_half_even(float32(w[r, o]) / scale[r // group_rows, o]), qmin, qmax),
+    then at least low[r // group_rows, o] where `low` has rows; w as bf16 bits."""
+    cols = bits.shape[1]
+    for r in prange(bits.shape[0]):
+        wide = np.empty(cols, np.uint32)
+        x = wide.view(np.float32)
+        for o in range(cols):
+            wide[o] = np.uint32(bits[r, o]) << np.uint32(16)
+        g = r // group_rows
+        for o in range(cols):
+            q = min(max(np.rint(x[o] / scale[g, o]), qmin), qmax)
+            if low.shape[0] > 0:
+                q = max(q, low[g, o])
+            out[r, o] = np.int8(q)
+
+
+def quantize_bf16_rows(w: torch.Tensor, group_rows: int, scale: torch.Tensor, low: torch.Tensor | None,
+                       qmin: int, qmax: int) -> torch.Tensor:
+    """int8 [rows, cols] values of bf16 [rows, cols] `w` (rows contiguous) in groups of `group_rows`
+    rows with float32 scales [rows / group_rows, cols], as `schemes._quantize_int` computes them."""
+    out = torch.empty(w.shape, dtype=torch.int8)
+    no_low = np.empty((0, 0), np.float32)
+    _quantize_bf16_rows(_bits(w), group_rows, scale.numpy(), no_low if low is None else low.numpy(),
+                        np.float32(qmin), np.float32(qmax), out.numpy())
+    return out
+
+
+_TILE = 64  # output rows packed together: their bytes advance side by side, each in its own cache line
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _pack_int4_rows_transposed(q, out):
+    for t in prange((q.shape[1] + _TILE - 1) // _TILE):
+        for k in range(q.shape[0] // 2):
+            for o in range(t * _TILE, min((t + 1) * _TILE, q.shape[1])):
+                out[o, k] = np.uint8(q[2 * k, o] + 8) | (np.uint8(q[2 * k + 1, o] + 8) << np.uint8(4))
+
+
+def pack_int4_transposed(qt: torch.Tensor) -> torch.Tensor:
+    """uint8 [cols, rows / 2]: int4 values int8 [rows, cols] (rows contiguous) of the transposed matrix,
+    two per byte, value 2k in the low nibble of byte k, each offset by 8; in one pass, where torch
+    packs in the stored layout and then copies it transposed byte by byte."""
+    out = torch.empty((qt.shape[1], qt.shape[0] // 2), dtype=torch.uint8)
+    _pack_int4_rows_transposed(qt.numpy(), out.numpy())
+    return out
