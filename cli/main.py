@@ -219,10 +219,11 @@ def export():
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Calibration statistics from `l4q calibrate`: importance-weighted K-quant search.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished tensor.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@click.option("--device", default="auto", show_default=True, help="Where the block encoders run: auto, cpu, cuda, cuda:N (the same bytes).")
 @threads_option
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def export_gguf(model, ftype, out, imatrix, resume, overwrite, threads, quiet):
+def export_gguf(model, ftype, out, imatrix, resume, overwrite, device, threads, quiet):
     """Write a GGUF file for llama.cpp straight from BF16 safetensors, in one streaming pass."""
     opened = open_model(model)
     use_threads(threads)
@@ -230,7 +231,7 @@ def export_gguf(model, ftype, out, imatrix, resume, overwrite, threads, quiet):
     from llama4_quant.derive import derive
 
     (done,), _, warnings = derive(opened, [], [(ftype, out)], calib=imatrix, resume=resume, overwrite=overwrite,
-                                  show_progress=not quiet)
+                                  device=device, show_progress=not quiet)
     for warning in warnings:
         click.echo(f"l4q: warning: {warning}", err=True)
     if not quiet:

@@ -398,7 +398,9 @@ class ShardWriter:
             data = tensor_bytes(data)
         self._file.write(data)
         if self._file.tell() - self._written_back >= outputs.WRITEBACK_STEP:
-            self._written_back = outputs.start_writeback(self._file, self._written_back)
+            self._file.flush()
+            outputs.start_writeback(self._file.fileno(), self._written_back, self._file.tell())
+            self._written_back = self._file.tell()
         self._written += len(data)
         if self._written > entry.nbytes:
             raise RuntimeError(f"{name}: more bytes than planned")

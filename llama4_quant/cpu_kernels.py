@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from . import parallel
+
 # dtype -> (same-width int dtype, numpy unsigned view, exponent mask, magnitude mask: all but the sign)
 _BITS = {
     torch.bfloat16: (torch.int16, np.uint16, 0x7F80, 0x7FFF),
@@ -68,6 +70,7 @@ def group_absmax_of_rows(w: torch.Tensor, group_rows: int) -> torch.Tensor:
     any row stride), as [rows / group_rows, cols] in w's dtype. NaN ranks above every number, so a
     group holding one gets NaN, as torch's maximum gives."""
     int_dtype, np_dtype, _, magnitude = _BITS[w.dtype]
+    parallel.use_kernel_threads()
     out = torch.empty((w.shape[0] // group_rows, w.shape[1]), dtype=int_dtype)
     _group_max_abs_bits(_bits(w), group_rows, np_dtype(magnitude), out.numpy().view(np_dtype))
     return out.view(w.dtype)
@@ -95,6 +98,7 @@ def quantize_bf16_rows(w: torch.Tensor, group_rows: int, scale: torch.Tensor, lo
                        qmin: int, qmax: int) -> torch.Tensor:
     """int8 [rows, cols] values of bf16 [rows, cols] `w` (rows contiguous) in groups of `group_rows`
     rows with float32 scales [rows / group_rows, cols], as `schemes._quantize_int` computes them."""
+    parallel.use_kernel_threads()
     out = torch.empty(w.shape, dtype=torch.int8)
     no_low = np.empty((0, 0), np.float32)
     _quantize_bf16_rows(_bits(w), group_rows, scale.numpy(), no_low if low is None else low.numpy(),
@@ -117,6 +121,7 @@ def pack_int4_transposed(qt: torch.Tensor) -> torch.Tensor:
     """uint8 [cols, rows / 2]: int4 values int8 [rows, cols] (rows contiguous) of the transposed matrix,
     two per byte, value 2k in the low nibble of byte k, each offset by 8; in one pass, where torch
     packs in the stored layout and then copies it transposed byte by byte."""
+    parallel.use_kernel_threads()
     out = torch.empty((qt.shape[1], qt.shape[0] // 2), dtype=torch.uint8)
     _pack_int4_rows_transposed(qt.numpy(), out.numpy())
     return out

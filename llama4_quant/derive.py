@@ -66,7 +66,8 @@ def derive(
                                        resume=resume, overwrite=overwrite, device=dev)
                for name, out in schemes]
     targets += [GGUFTarget(model, out, ftype, importance=stats.importance if stats else None,
-                           importance_digest=stats.digest() if stats else "", resume=resume, overwrite=overwrite)
+                           importance_digest=stats.digest() if stats else "", resume=resume, overwrite=overwrite,
+                           device=dev)
                 for ftype, out in gguf_types]
     read = walk.run(model, targets, show_progress, desc="read once" if len(targets) > 1 else "quantize")
     done = [_derived(t) for t in targets]

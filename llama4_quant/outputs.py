@@ -82,15 +82,12 @@ def writing(what: Path, resume_hint: bool = False) -> Iterator[None]:
 WRITEBACK_STEP = 64 << 20  # bytes a streaming writer appends between two `start_writeback` calls
 
 
-def start_writeback(f, start: int) -> int:
-    """Have the kernel start writing file `f` from byte `start` to its end to disk now, without
-    waiting; returns the end. Dirty pages then flow to disk while the run goes on, and the fsync
-    that completes an output finds little left (Linux; elsewhere nothing happens)."""
-    f.flush()
-    end = f.tell()
+def start_writeback(fd: int, start: int, end: int) -> None:
+    """Have the kernel start writing bytes [start, end) of file `fd` to disk now, without waiting.
+    Dirty pages then flow to disk while the run goes on, and the fsync that completes an output
+    finds little left (Linux; elsewhere nothing happens)."""
     if hasattr(os, "posix_fadvise") and end > start:
-        os.posix_fadvise(f.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)  # writes back, then drops clean pages
-    return end
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)  # writes back, then drops clean pages
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

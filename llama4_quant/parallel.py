@@ -1,8 +1,9 @@
 """How many CPU cores the kernels use (`--threads`).
 
-torch kernels (int4 / int8 / fp8, mse, GPTQ on the CPU) use torch's intra-op threads; the compiled
-GGUF block encoders (`formats.gguf_kernels`) spread a matrix's rows over numba's threads. Each row
-is encoded on its own, so the bytes never depend on the number of threads.
+torch kernels (mse, GPTQ, the int / fp8 schemes on contiguous weights and on CUDA) use torch's
+intra-op threads; the compiled loops (numba) of the GGUF block encoders (`formats.gguf_kernels`) and
+of the int schemes on routed experts (`cpu_kernels`) spread rows over numba's threads. Each row is
+computed on its own, so the bytes never depend on the number of threads.
 """
 
 from __future__ import annotations

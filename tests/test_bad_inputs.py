@@ -273,6 +273,7 @@ BAD_OPTIONS = {
     "eval max tokens -5": ["eval", "--base", "tiny", "--candidate", "x", "--max-tokens", "-5"],
     "eval device meta": ["eval", "--base", "tiny", "--candidate", "tiny", "--device", "meta", "--report", "{tmp}/r"],
     "calibrate device garbage": ["calibrate", "tiny", "--out", "{tmp}/s", "--device", "garbage"],
+    "gguf device garbage": ["export", "gguf", "tiny", "--out", "{tmp}/x.gguf", "--device", "garbage"],
     "split experts": ["quantize", "--model", "tiny", "--to", "int4", "--ignore", ".*experts\\.0\\..*"],
     "split q/k/v": ["quantize", "--model", "tiny", "--to", "int4", "--quantize-attention", "--ignore", ".*q_proj"],
     "split shared gate/up": ["quantize", "--model", "tiny", "--to", "int4", "--ignore", ".*shared_expert\\.gate_proj"],

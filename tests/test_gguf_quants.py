@@ -496,7 +496,7 @@ def test_inputs_shapes_and_dtypes():
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])
-def test_numpy_chunking_does_not_change_bytes(qtype, monkeypatch):
+def test_reference_chunking_does_not_change_bytes(qtype, monkeypatch):
     x = awkward(13, 768)
     imp = np.linspace(0.2, 2, 768, dtype=np.float32)
     whole = gq.quantize_reference(x, qtype, imp)
@@ -520,8 +520,8 @@ def varied_blocks(seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("importance", [None, "random", "sparse"])
-def test_compiled_kernels_equal_numpy_encoders(qtype, importance):
-    """The compiled encoders and the numpy ones are independent implementations: same bytes."""
+def test_compiled_kernels_equal_torch_encoders(qtype, importance):
+    """The compiled encoders and the torch ones are independent implementations: same bytes."""
     x = varied_blocks(5)
     imp = None
     if importance == "random":

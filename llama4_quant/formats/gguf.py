@@ -263,18 +263,18 @@ def llama_cpp_warnings(spec: Llama4Spec) -> list[str]:
 # Writing
 
 
-def encode(data: torch.Tensor, qtype: str, importance: np.ndarray | None) -> np.ndarray:
-    """Rows of one tensor slice in `qtype`, as the bytes GGUF stores."""
+def encode(data: torch.Tensor, qtype: str, importance: np.ndarray | None, device: torch.device | str = "cpu") -> np.ndarray:
+    """Rows of one tensor slice in `qtype`, as the bytes GGUF stores; block types are encoded on
+    `device` (the same bytes on the CPU and a GPU)."""
     if qtype == "BF16":
         return data.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8).reshape(data.shape[0], -1)
     if qtype in ("F32", "F16"):
         # bf16 -> f32 is exact; f32 -> f16 rounds to nearest even, as llama.cpp's converter does.
         arr = data.to(torch.float32).numpy()
         return (arr if qtype == "F32" else arr.astype(np.float16)).reshape(-1).view(np.uint8)
-    # bf16 rows in storage order (an expert's transposed view is copied here, at half the bytes of
-    # float32); the block quantizers widen them chunk by chunk on the kernel threads
-    rows = data.reshape(-1, data.shape[-1]).contiguous()
-    return gguf_quants.quantize(rows, qtype, importance).reshape(-1)
+    # bf16 rows as they come (an expert's transposed view too: the compiled encoders read its
+    # columns, each thread a run of neighbouring rows, so no transposed copy is made first)
+    return gguf_quants.quantize(data.reshape(-1, data.shape[-1]), qtype, importance, device).reshape(-1)
 
 
 def fingerprint(tensors: list[GGUFTensor], ftype: str, source_fingerprint: str, importance_digest: str,
@@ -297,8 +297,10 @@ class GGUFTarget:
     """
 
     def __init__(self, model: Model, out: Path, ftype: str, *, importance: Callable[[str], np.ndarray | None] | None = None,
-                 importance_digest: str = "", resume: bool = False, overwrite: bool = False):
+                 importance_digest: str = "", resume: bool = False, overwrite: bool = False,
+                 device: torch.device | str = "cpu"):
         self.model, self.out, self.ftype, self.importance = model, out, ftype, importance
+        self.device = torch.device(device)
         self.importance_digest, self.resume, self.overwrite = importance_digest, resume, overwrite
         self.tensors = plan(model, ftype)
         self._by_weight: dict[str, GGUFTensor] = {}
@@ -344,6 +346,7 @@ class GGUFTarget:
             data_start = len(header) + (-len(header) % GGUF_ALIGNMENT)
             self._file = open(path, "r+b" if self.partial.resumed and path.is_file() else "wb")
             self._file.write(header)
+            self._written_back = 0  # the file's bytes handed to the kernel's writeback so far
             offset = data_start
             self._offset = {}
             for t in self.tensors:
@@ -398,11 +401,16 @@ class GGUFTarget:
         imp = self._importance(t)
         if imp is not None and imp.ndim == 2:
             imp = imp[first_row]  # an expert tensor's statistics: [experts, in]
-        raw = encode(rows, t.qtype, imp)
+        raw = encode(rows, t.qtype, imp, self.device)
         if raw.nbytes != rows.shape[0] * t.row_bytes:
             raise RuntimeError(f"{t.name}: encoded {raw.nbytes} bytes for {rows.shape[0]} rows, planned {t.row_bytes} each")
+        at = self._offset[t.name] + first_row * t.row_bytes
         with outputs.writing(self.partial.dir, resume_hint=True):
-            os.pwrite(self._file.fileno(), raw.tobytes(), self._offset[t.name] + first_row * t.row_bytes)
+            os.pwrite(self._file.fileno(), np.ascontiguousarray(raw), at)
+        # the data goes in file order, tensor by tensor: hand each 64 MiB run to the disk as it fills
+        if at + raw.nbytes - self._written_back >= outputs.WRITEBACK_STEP:
+            outputs.start_writeback(self._file.fileno(), self._written_back, at + raw.nbytes)
+            self._written_back = at + raw.nbytes
 
     def _importance(self, t: GGUFTensor) -> np.ndarray | None:
         if not (self.importance and t.importance_key):
@@ -462,6 +470,7 @@ def export_gguf(
     importance_digest: str = "",
     resume: bool = False,
     overwrite: bool = False,
+    device: torch.device | str = "cpu",
     show_progress: bool = True,
 ) -> ExportResult:
     """Write `source`'s text model as a GGUF file of type `ftype`; `out` appears only when complete.
@@ -472,7 +481,7 @@ def export_gguf(
     """
     model = source if isinstance(source, Model) else open_model(source)
     target = GGUFTarget(model, out, ftype, importance=importance, importance_digest=importance_digest, resume=resume,
-                        overwrite=overwrite)
+                        overwrite=overwrite, device=device)
     walk.run(model, [target], show_progress, desc=f"gguf {ftype}")
     return ExportResult(target.out, target.tensors, target.source_bytes, target.out.stat().st_size,
                         llama_cpp_warnings(model.spec))

@@ -1,15 +1,15 @@
-"""Compiled GGML block encoders (numba): the same bytes as `gguf_quants`' numpy encoders, written as
+"""Compiled GGML block encoders (numba): the same bytes as `gguf_quants`' torch encoders, written as
 the loops of ggml-quants.c and run over the rows of a matrix on every kernel thread.
 
-Why a second implementation: the numpy encoders search the K-quant scales in many passes over
-memory and a numpy thread holds the GIL between its operations. Compiled loops release the GIL (so
+Why a second implementation on the CPU: the torch encoders search the K-quant scales in many passes
+over memory, one small op at a time. Compiled loops release the GIL (so
 the walk's reader keeps reading) and spread rows over `numba`'s threads. The K-quant scale searches
 run on all sub-blocks of a row at once, one SIMD lane per sub-block: each lane does the C code's
 scalar operations in the C order, so the bytes are ggml's while a core does several sub-blocks per
-instruction (2-3x ggml's scalar C per core, `benchmarks/gguf_kernels.py`). The numpy encoders stay as
+instruction (2-3x ggml's scalar C per core, `benchmarks/kernels.py`). The torch encoders stay as
 the independent implementation the tests compare these with, value for value.
 
-Exactness rules, as in the numpy module: every value is float32 and every float32 operation is the
+Exactness rules, as in the torch module: every value is float32 and every float32 operation is the
 C code's, in its order (a float32 times a Python int or float would widen to float64 in numba, so
 every constant is an `f32`); `nearest_int` is C's bit trick, taken on the fast path as
 (v + 1.5 * 2**23) - 1.5 * 2**23 where that is the same integer (|v| < 2**22), else bit for bit.
@@ -116,6 +116,23 @@ def _round_half_away(v):
     if a - f >= f32(0.5):
         f += f32(1)
     return -f if v < 0 else f
+
+
+_TILE = 64
+
+
+@njit(parallel=True, **_KERNEL)
+def copy_in_c_order(src, out):
+    """out[:] = src for a strided src (a transposed view), in 64 x 64 tiles over the kernel threads:
+    both sides then move whole cache lines, where the rows of a transposed view are one value per line."""
+    rows, cols = src.shape
+    for t in prange((rows + _TILE - 1) // _TILE):
+        r0 = t * _TILE
+        r1 = min(rows, r0 + _TILE)
+        for c0 in range(0, cols, _TILE):
+            for c in range(c0, min(cols, c0 + _TILE)):
+                for r in range(r0, r1):
+                    out[r, c] = src[r, c]
 
 
 # ---------------------------------------------------------------------------------------------
