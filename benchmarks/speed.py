@@ -1,6 +1,7 @@
 """Speed against `cp -r` and llama.cpp, on one Scout-shaped synthetic checkpoint, in one run.
 
-Rows: `cp -r` of the source; `l4q quantize` to int4, int8, fp8 and `l4q export gguf` Q8_0 and Q4_K_M
+Rows: `cp -r` of the source, and `cp -r` then `sync` (l4q fsyncs every output before it counts as
+complete, `cp` leaves its bytes to the page cache); `l4q quantize` to int4, int8, fp8 and `l4q export gguf` Q8_0 and Q4_K_M
 with --threads N; llama.cpp's own route to Q4_K_M (its converter to a BF16 GGUF, then `llama-quantize`
 with N threads, built from the llama-cpp-python source distribution) and the two together; then int4
 and Q4_K_M with one thread, for the scaling. Each row: wall time, the ratio to `cp -r`, cores busy
@@ -86,6 +87,9 @@ def main() -> None:
         return r
 
     job("cp -r", ["cp", "-r", str(src), str(work / "copy")], work / "copy")
+    remove(work / "copy")
+    # l4q fsyncs each output before it counts as complete; `cp -r` leaves its bytes in the page cache
+    job("cp -r, then sync", ["sh", "-c", f"cp -r '{src}' '{work / 'copy'}' && sync"], work / "copy")
     remove(work / "copy")
     l4q = [py, "-m", "cli.main"]
     for scheme in ("int4", "int8", "fp8"):

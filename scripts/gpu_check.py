@@ -6,6 +6,11 @@
 2. On one Scout-shaped synthetic decoder layer (written here, ~11 GB): the calibration pass and the
    GPTQ pass on CUDA, with time per layer and peak GPU memory, and GPTQ of one Scout-sized expert
    projection on both devices compared value by value.
+3. On the same checkpoint: int4, fp8, GGUF Q8_0 and Q4_K_M written once with `--device cpu` and
+   once on CUDA, wall time of each and whether the outputs are byte-identical (they should be: the
+   int kernels and the GGUF encoders do the same float32 operations on both), and the time to encode
+   the layer's 48 routed expert projections as Q4_K on the GPU (issue target: under 10 s on an
+   H100-class GPU for a whole Scout MoE layer).
 
     python scripts/gpu_check.py                      # what a lent device runs
     python scripts/gpu_check.py --devices cpu cpu --skip-scout   # the same code paths, CPU only
@@ -14,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -31,6 +37,8 @@ from llama4_quant.calibrate.data import calibration_ids  # noqa: E402
 from llama4_quant.calibrate.gptq import gptq_quantize  # noqa: E402
 from llama4_quant.calibrate.stats import Stats, calibrate, hessian  # noqa: E402
 from llama4_quant.calibrate.weights import WeightSource  # noqa: E402
+from llama4_quant.formats import gguf_quants  # noqa: E402
+from llama4_quant.formats.gguf import export_gguf  # noqa: E402
 from llama4_quant.pipeline import quantize  # noqa: E402
 from llama4_quant.scale_search import search_scales  # noqa: E402
 
@@ -85,8 +93,47 @@ def compare_tiny(name: str, devices: list[str], work: Path, samples: int, seq_le
     }]
 
 
+def scout_checkpoint(work: Path) -> Path:
+    path = work / "scout-1L"
+    if not path.is_dir():
+        synthetic.write_synthetic_checkpoint(path, synthetic.scout_config(1))
+        shutil.copy(sources.resolve("tiny").path / "tokenizer.json", path)  # a GGUF carries one
+    return path
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def derivatives(device: str, work: Path) -> dict:
+    """int4, fp8, Q8_0 and Q4_K_M of the Scout-shaped layer on the CPU and on `device`: times and bytes."""
+    model = scout_checkpoint(work)
+    src = sources.resolve(str(model))
+    row = {"model": "Scout-shaped synthetic, 1 layer (with embeddings and lm_head)", "device": device}
+    for target in ("int4", "fp8", "Q8_0", "Q4_K_M"):
+        digests = []
+        for dev in ("cpu", device):
+            out = work / f"{target}-{dev}" if target in ("int4", "fp8") else work / f"{target}-{dev}.gguf"
+            if target in ("int4", "fp8"):
+                _, seconds = timed(dev, lambda: quantize(src, out, target, device=dev, show_progress=False))
+            else:
+                _, seconds = timed(dev, lambda: export_gguf(src, out, target, device=dev, show_progress=False))
+            digests.append(digest(out))
+            row[f"{target} {dev} s"] = f"{seconds:.1f}"
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        row[f"{target} same bytes"] = digests[0] == digests[1]
+    weights = WeightSource(model)
+    experts = [p.to(torch.bfloat16) for e in range(weights.spec.num_experts) for p in weights.expert(0, e)]
+    _, seconds = timed(device, lambda: [gguf_quants.quantize(p, "Q4_K", device=device) for p in experts])
+    row[f"layer 0's {len(experts)} routed expert projections to Q4_K on {device} s"] = f"{seconds:.1f}"
+    return row
+
+
 def scout_layer(device: str, work: Path, samples: int, seq_len: int) -> dict:
-    model = synthetic.write_synthetic_checkpoint(work / "scout-1L", synthetic.scout_config(1))
+    model = scout_checkpoint(work)
     src = sources.resolve(str(model))
     ids = torch.randint(0, 202048, (samples, seq_len), generator=torch.Generator().manual_seed(0))
     torch.cuda.reset_peak_memory_stats()
@@ -129,6 +176,8 @@ def main() -> None:
             rows += compare_tiny(name, args.devices, work, args.samples, args.seq_len)
             print(json.dumps(rows[-1], indent=1), flush=True)
         if not args.skip_scout:
+            rows.append(derivatives(args.devices[1], work))
+            print(json.dumps(rows[-1], indent=1), flush=True)
             rows.append(scout_layer(args.devices[1], work, 8, 512))
             print(json.dumps(rows[-1], indent=1), flush=True)
     finally:
