@@ -20,7 +20,7 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +88,66 @@ def start_writeback(fd: int, start: int, end: int) -> None:
     finds little left (Linux; elsewhere nothing happens)."""
     if hasattr(os, "posix_fadvise") and end > start:
         os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)  # writes back, then drops clean pages
+
+
+class FileWriter:
+    """Positioned writes to one open file, and work that must follow them (fsync, recording
+    progress), done in order on a thread of its own: the kernels go on with the next slice while
+    the last one's bytes go out. At most `depth` pieces wait in memory. A failure is raised, as the
+    one-line OutputWriteError for `what`, by the next call or by `close`; later work is dropped."""
+
+    def __init__(self, fd: int, what: Path, depth: int = 2):
+        import queue
+        import threading
+
+        self.fd, self.what = fd, what
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._written_back = 0  # the file's bytes handed to the kernel's writeback so far
+        self.thread = threading.Thread(target=self._run, name="l4q-writer", daemon=True)
+        self.thread.start()
+
+    def write(self, data, at: int) -> None:
+        """Write C-contiguous `data` (not changed afterwards) at offset `at`."""
+        self._put((data, at))
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once everything handed over before it is written."""
+        self._put((fn, None))
+
+    def close(self) -> None:
+        """Wait for everything handed over; raise the first failure."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _put(self, item) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining, so that a caller never waits on a full queue
+            try:
+                with writing(self.what, resume_hint=True):
+                    self._do(*item)
+            except BaseException as exc:  # raised in the caller's thread
+                self.error = exc
+
+    def _do(self, what, at: int | None) -> None:
+        if at is None:
+            what()
+            return
+        os.pwrite(self.fd, what, at)
+        # data comes in file order: hand each 64 MiB run to the disk as it fills
+        end = at + memoryview(what).nbytes
+        if end - self._written_back >= WRITEBACK_STEP:
+            start_writeback(self.fd, self._written_back, end)
+            self._written_back = end
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -316,6 +316,7 @@ class GGUFTarget:
             self._last_weight[names[-1]] = t
         self.partial: outputs.Partial | None = None
         self._file = None
+        self._writer: outputs.FileWriter | None = None
         self._importance_of: dict[str, np.ndarray | None] = {}
 
     @property
@@ -346,7 +347,8 @@ class GGUFTarget:
             data_start = len(header) + (-len(header) % GGUF_ALIGNMENT)
             self._file = open(path, "r+b" if self.partial.resumed and path.is_file() else "wb")
             self._file.write(header)
-            self._written_back = 0  # the file's bytes handed to the kernel's writeback so far
+            self._file.flush()
+            self._writer = outputs.FileWriter(self._file.fileno(), self.partial.dir)
             offset = data_start
             self._offset = {}
             for t in self.tensors:
@@ -404,13 +406,7 @@ class GGUFTarget:
         raw = encode(rows, t.qtype, imp, self.device)
         if raw.nbytes != rows.shape[0] * t.row_bytes:
             raise RuntimeError(f"{t.name}: encoded {raw.nbytes} bytes for {rows.shape[0]} rows, planned {t.row_bytes} each")
-        at = self._offset[t.name] + first_row * t.row_bytes
-        with outputs.writing(self.partial.dir, resume_hint=True):
-            os.pwrite(self._file.fileno(), np.ascontiguousarray(raw), at)
-        # the data goes in file order, tensor by tensor: hand each 64 MiB run to the disk as it fills
-        if at + raw.nbytes - self._written_back >= outputs.WRITEBACK_STEP:
-            outputs.start_writeback(self._file.fileno(), self._written_back, at + raw.nbytes)
-            self._written_back = at + raw.nbytes
+        self._writer.write(np.ascontiguousarray(raw), self._offset[t.name] + first_row * t.row_bytes)
 
     def _importance(self, t: GGUFTensor) -> np.ndarray | None:
         if not (self.importance and t.importance_key):
@@ -425,15 +421,17 @@ class GGUFTarget:
             self._tensor_done(t)
 
     def _tensor_done(self, t: GGUFTensor) -> None:
-        with outputs.writing(self.partial.dir, resume_hint=True):
-            os.fsync(self._file.fileno())
-            self.partial.mark_done(t.name)
+        def record(fd=self._file.fileno(), partial=self.partial, name=t.name):  # once its bytes are on disk
+            os.fsync(fd)
+            partial.mark_done(name)
+
+        self._writer.then(record)
         self._done.add(t.name)
         self._importance_of.pop(t.name, None)
 
     def finish(self) -> None:
+        self._writer.close()
         with outputs.writing(self.partial.dir, resume_hint=True):
-            self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
 
@@ -445,6 +443,11 @@ class GGUFTarget:
         if self.partial is None:
             return
         if self._file is not None:
+            try:
+                if self._writer is not None:
+                    self._writer.close()
+            except BaseException:
+                pass  # the failure being handled, or one it caused
             try:
                 self._file.close()
             except OSError:
