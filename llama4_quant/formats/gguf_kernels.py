@@ -201,12 +201,25 @@ def _search_q4_k(xt, wt, nmax, rmin, rdelta, nstep, Lt, Laux, st, scales, mins, 
     column j of xt (32 x n) is sub-block j, wt its weights, Lt gets its levels and scales[j],
     mins[j] its (scale, the_min). Each column follows the C code's operations in its order; the
     columns are independent, so the loops over them compile to SIMD lanes (a row's sub-blocks make
-    enough columns for the vectorizer, one super-block's eight do not)."""
+    enough columns for the vectorizer, one super-block's eight do not). `st` [17, n] holds the
+    per-column state, one row per C variable (see `_q4_k_first_guess`)."""
+    _q4_k_first_guess(xt, wt, nmax, Lt, st)
+    for step in range(nstep + 1):
+        _q4_k_levels(xt, wt, nmax, rmin + rdelta * f32(step) + f32(nmax), Laux, st, bits, bits_f)
+        _q4_k_keep_better(xt, wt, Lt, Laux, st)
+    mn, scale, live = st[0], st[7], st[16]
+    for j in range(xt.shape[1]):
+        scales[j] = scale[j] if live[j] != 0 else f32(0)
+        mins[j] = -mn[j]
+
+
+@njit(**_KERNEL)
+def _q4_k_first_guess(xt, wt, nmax, Lt, st):
+    """The C code up to its search loop: min and max, the weight sums, levels and error at
+    iscale = nmax / (max - min)."""
     n, lanes = xt.shape
-    mn, mx, xmin, sum_w, sum_x, rng, iscale, scale = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
-    best, sum_l, sum_l2, sum_xl, t_scale, t_min, err, better, live = (
-        st[8], st[9], st[10], st[11], st[12], st[13], st[14], st[15], st[16])
-    f_nmax = f32(nmax)
+    mn, mx, xmin, sum_w, sum_x, rng, iscale, scale, best = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7], st[8]
+    live = st[16]
     for j in range(lanes):
         mn[j] = xt[0, j]
         mx[j] = xt[0, j]
@@ -226,7 +239,7 @@ def _search_q4_k(xt, wt, nmax, rmin, rdelta, nstep, Lt, Laux, st, scales, mins, 
         # range of 1 and never improves (all its levels are 0, so D == 0).
         live[j] = f32(1) if mx[j] != mn[j] else f32(0)
         rng[j] = mx[j] - mn[j] if mx[j] != mn[j] else f32(1)
-        iscale[j] = f_nmax / rng[j]
+        iscale[j] = f32(nmax) / rng[j]
         scale[j] = f32(1) / iscale[j]
         best[j] = f32(0)
     for i in range(n):  # |iscale * (x - min)| <= nmax here: the fast nearest_int holds
@@ -235,58 +248,69 @@ def _search_q4_k(xt, wt, nmax, rmin, rdelta, nstep, Lt, Laux, st, scales, mins, 
             Lt[i, j] = l
             diff = scale[j] * f32(l) + mn[j] - xt[i, j]
             best[j] += wt[i, j] * (diff * diff)
-    for step in range(nstep + 1):
-        fast = True
-        for j in range(lanes):
-            iscale[j] = (rmin + rdelta * f32(step) + f_nmax) / rng[j]
-            fast &= _in_fast_range(iscale[j], max(abs(rng[j]), abs(xmin[j] - mn[j])))
-            sum_l[j] = f32(0)
-            sum_l2[j] = f32(0)
-            sum_xl[j] = f32(0)
-        if fast:
-            for i in range(n):
-                for j in range(lanes):
-                    Laux[i, j] = min(nmax, max(0, _rint(iscale[j] * (xt[i, j] - mn[j]))))
-        else:
-            for i in range(n):
-                for j in range(lanes):
-                    Laux[i, j] = min(nmax, max(0, _nearest_int(iscale[j] * (xt[i, j] - mn[j]), bits, bits_f)))
-        for i in range(n):
-            for j in range(lanes):
-                wl = wt[i, j] * f32(Laux[i, j])
-                sum_l[j] += wl
-                sum_l2[j] += wl * f32(Laux[i, j])
-                sum_xl[j] += wl * xt[i, j]
-        for j in range(lanes):
-            D = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j]
-            a = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / D
-            b = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / D
-            t_scale[j] = sum_xl[j] / sum_l2[j] if b > 0 else a
-            t_min[j] = f32(0) if b > 0 else b
-            err[j] = f32(0)
-        for i in range(n):
-            for j in range(lanes):
-                diff = t_scale[j] * f32(Laux[i, j]) + t_min[j] - xt[i, j]
-                err[j] += wt[i, j] * (diff * diff)
-        improved = False
-        for j in range(lanes):
-            D = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j]
-            ok = D > 0 and err[j] < best[j]
-            better[j] = f32(1) if ok else f32(0)
-            improved |= ok
-            if ok:
-                best[j] = err[j]
-                scale[j] = t_scale[j]
-                mn[j] = t_min[j]
-                rng[j] = mx[j] - mn[j]
-        if improved:
-            for i in range(n):
-                for j in range(lanes):
-                    if better[j] != 0:
-                        Lt[i, j] = Laux[i, j]
+
+
+@njit(**_KERNEL)
+def _q4_k_levels(xt, wt, nmax, numerator, Laux, st, bits, bits_f):
+    """One search step: iscale = numerator / (max - min), its levels into Laux and their sums."""
+    n, lanes = xt.shape
+    mn, xmin, rng, iscale, sum_l, sum_l2, sum_xl = st[0], st[2], st[5], st[6], st[9], st[10], st[11]
+    fast = True
     for j in range(lanes):
-        scales[j] = scale[j] if live[j] != 0 else f32(0)
-        mins[j] = -mn[j]
+        iscale[j] = numerator / rng[j]
+        fast &= _in_fast_range(iscale[j], max(abs(rng[j]), abs(xmin[j] - mn[j])))
+        sum_l[j] = f32(0)
+        sum_l2[j] = f32(0)
+        sum_xl[j] = f32(0)
+    if fast:
+        for i in range(n):
+            for j in range(lanes):
+                Laux[i, j] = min(nmax, max(0, _rint(iscale[j] * (xt[i, j] - mn[j]))))
+    else:
+        for i in range(n):
+            for j in range(lanes):
+                Laux[i, j] = min(nmax, max(0, _nearest_int(iscale[j] * (xt[i, j] - mn[j]), bits, bits_f)))
+    for i in range(n):
+        for j in range(lanes):
+            wl = wt[i, j] * f32(Laux[i, j])
+            sum_l[j] += wl
+            sum_l2[j] += wl * f32(Laux[i, j])
+            sum_xl[j] += wl * xt[i, j]
+
+
+@njit(**_KERNEL)
+def _q4_k_keep_better(xt, wt, Lt, Laux, st):
+    """The step's least-squares scale and min, their error, and the columns where it is lower."""
+    n, lanes = xt.shape
+    mn, mx, sum_w, sum_x, rng, scale, best = st[0], st[1], st[3], st[4], st[5], st[7], st[8]
+    sum_l, sum_l2, sum_xl, t_scale, t_min, err, better = st[9], st[10], st[11], st[12], st[13], st[14], st[15]
+    for j in range(lanes):
+        D = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j]
+        a = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / D
+        b = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / D
+        t_scale[j] = sum_xl[j] / sum_l2[j] if b > 0 else a
+        t_min[j] = f32(0) if b > 0 else b
+        err[j] = f32(0)
+    for i in range(n):
+        for j in range(lanes):
+            diff = t_scale[j] * f32(Laux[i, j]) + t_min[j] - xt[i, j]
+            err[j] += wt[i, j] * (diff * diff)
+    improved = False
+    for j in range(lanes):
+        D = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j]
+        ok = D > 0 and err[j] < best[j]
+        better[j] = f32(1) if ok else f32(0)
+        improved |= ok
+        if ok:
+            best[j] = err[j]
+            scale[j] = t_scale[j]
+            mn[j] = t_min[j]
+            rng[j] = mx[j] - mn[j]
+    if improved:
+        for i in range(n):
+            for j in range(lanes):
+                if better[j] != 0:
+                    Lt[i, j] = Laux[i, j]
 
 
 @njit(**_KERNEL)
