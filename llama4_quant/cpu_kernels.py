@@ -1,11 +1,13 @@
 """Compiled CPU loops (numba) over the raw bits of a weight, where torch's kernels are slow.
 
-The walk checks every weight for NaN/Inf before a target sees it, and the int / FP8 schemes start
-from the largest |w| per group. torch does the first as a min/max reduction (about 1.5 GB/s on bf16)
-and the second, on an expert's stored [in, out] layout, as a loop of small bf16 ops. Both only need
-the bits: a float is NaN or Inf exactly when its exponent bits are all ones, and for floats of one
-sign the order of the values is the order of their bits, so max |w| is an integer max of the bits
-with the sign cleared. These loops give the same answers at memory speed.
+Counting NaN/Inf and the largest |w| per group only need the bits: a float is NaN or Inf exactly
+when its exponent bits are all ones, and for floats of one sign the order of the values is the
+order of their bits, so max |w| is an integer max of the bits with the sign cleared. The int and
+FP8 quantizers of a routed expert (an [out, in] view of its stored [in, out] slice) run here in one
+pass over the stored rows, where torch makes several passes of small ops, and int4 packing writes
+the transposed bytes directly. Every loop gives the bytes of the torch code it replaces (tests
+compare them, FP8 on every bf16 value); the walk's reader thread runs the NaN count beside the
+kernels, which spread rows over `--threads` numba threads.
 """
 
 from __future__ import annotations
@@ -125,3 +127,36 @@ def pack_int4_transposed(qt: torch.Tensor) -> torch.Tensor:
     out = torch.empty((qt.shape[1], qt.shape[0] // 2), dtype=torch.uint8)
     _pack_int4_rows_transposed(qt.numpy(), out.numpy())
     return out
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _fp8_bf16_rows(bits, scale, out):
+    """out[r, o] = e4m3fn bits of clamp(float32(w[r, o]) / scale[o], -448, 448), rounded to
+    nearest even as torch's conversion rounds (c10's fp8e4m3fn_from_fp32_value)."""
+    cols = bits.shape[1]
+    for r in prange(bits.shape[0]):
+        wide = np.empty(cols, np.uint32)
+        x = wide.view(np.float32)
+        for o in range(cols):
+            wide[o] = np.uint32(bits[r, o]) << np.uint32(16)
+        for o in range(cols):
+            x[o] = min(max(x[o] / scale[o], np.float32(-448.0)), np.float32(448.0))
+        for o in range(cols):
+            u = wide[o]
+            sign = np.uint8((u >> np.uint32(24)) & np.uint32(0x80))
+            a = abs(x[o])
+            if a < np.float32(0.015625):  # below 2**-6: a subnormal e4m3, a multiple of 2**-9
+                out[r, o] = sign | np.uint8(np.rint(a * np.float32(512.0)))
+            else:  # drop 20 mantissa bits, ties to even, and rebias the exponent from 127 to 7
+                m = u & np.uint32(0x7FFFFFFF)
+                m += np.uint32(0x7FFFF) + ((m >> np.uint32(20)) & np.uint32(1))
+                out[r, o] = sign | np.uint8((m >> np.uint32(20)) - np.uint32(960))
+
+
+def quantize_fp8_bf16_rows(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn [rows, cols] of bf16 `w` (rows contiguous) divided by float32 per-column
+    `scale` [cols], clamped to +-448: what `schemes.fp8_quantize` computes, in one pass."""
+    parallel.use_kernel_threads()
+    out = torch.empty(w.shape, dtype=torch.uint8)
+    _fp8_bf16_rows(_bits(w), scale.contiguous().numpy(), out.numpy())
+    return out.view(torch.float8_e4m3fn)

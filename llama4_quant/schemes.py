@@ -348,6 +348,10 @@ def fp8_quantize(w: Tensor, scale: Tensor) -> Tensor:
     _check_scale(scale, (rows, 1))
     s = scale.to(torch.float32)
     if stored_transposed(w):  # work in the stored [in, out] layout, return the same layout
+        from . import cpu_kernels
+
+        if w.dtype == torch.bfloat16 and cpu_kernels.supports_rows(w.T):  # one compiled pass
+            return cpu_kernels.quantize_fp8_bf16_rows(w.T, s[:, 0]).T
         wt, st = w.T, s.T  # [in, out]; [1, out]
         qt = torch.empty((cols, rows), dtype=torch.float8_e4m3fn, device=w.device)
         for r in _row_chunks(cols, rows):

@@ -415,6 +415,19 @@ def test_compiled_int_quantize_equals_float32_torch(group_rows, qmin, qmax) -> N
     assert torch.equal(quantize_bf16_rows(w, group_rows, scale, low, qmin, qmax), expected)
 
 
+def test_compiled_fp8_quantize_equals_torch_on_every_bf16_value() -> None:
+    from llama4_quant.cpu_kernels import quantize_fp8_bf16_rows
+
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(BF16)
+    every = every[torch.isfinite(every)]
+    every = every[: every.numel() // 8 * 8].reshape(-1, 8)  # [rows, 8]: 8 columns, one scale each
+    # scales around 1 and ones that push values into e4m3's subnormals, its top and past 448
+    scale = torch.tensor([1.0, 0.5, 3.0, 1e-3, 7e-5, 2.0**-20, 1e30, 1.7e-38]).to(BF16).float()
+    expected = (every.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    ours = quantize_fp8_bf16_rows(every, scale)
+    assert torch.equal(ours.view(torch.uint8), expected.view(torch.uint8))
+
+
 # --------------------------------------------------------------------------- determinism and layout
 
 
