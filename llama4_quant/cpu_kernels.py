@@ -78,16 +78,22 @@ def group_absmax_of_rows(w: torch.Tensor, group_rows: int) -> torch.Tensor:
     return out.view(w.dtype)
 
 
+@njit(nogil=True, cache=True)
+def _widened_bf16_row(bits, r):
+    """Row r of bf16 bits as float32 bits (uint32) and the float32 view of them."""
+    wide = np.empty(bits.shape[1], np.uint32)
+    for o in range(bits.shape[1]):
+        wide[o] = np.uint32(bits[r, o]) << np.uint32(16)
+    return wide, wide.view(np.float32)
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def _quantize_bf16_rows(bits, group_rows, scale, low, qmin, qmax, out):
     """out[r, o] = clamp(round_half_even(float32(w[r, o]) / scale[r // group_rows, o]), qmin, qmax),
     then at least low[r // group_rows, o] where `low` has rows; w as bf16 bits."""
     cols = bits.shape[1]
     for r in prange(bits.shape[0]):
-        wide = np.empty(cols, np.uint32)
-        x = wide.view(np.float32)
-        for o in range(cols):
-            wide[o] = np.uint32(bits[r, o]) << np.uint32(16)
+        _, x = _widened_bf16_row(bits, r)
         g = r // group_rows
         for o in range(cols):
             q = min(max(np.rint(x[o] / scale[g, o]), qmin), qmax)
@@ -135,14 +141,11 @@ def _fp8_bf16_rows(bits, scale, out):
     nearest even as torch's conversion rounds (c10's fp8e4m3fn_from_fp32_value)."""
     cols = bits.shape[1]
     for r in prange(bits.shape[0]):
-        wide = np.empty(cols, np.uint32)
-        x = wide.view(np.float32)
-        for o in range(cols):
-            wide[o] = np.uint32(bits[r, o]) << np.uint32(16)
+        wide, x = _widened_bf16_row(bits, r)
         for o in range(cols):
             x[o] = min(max(x[o] / scale[o], np.float32(-448.0)), np.float32(448.0))
         for o in range(cols):
-            u = wide[o]
+            u = wide[o]  # the bits of the clamped quotient (x is a view of them)
             sign = np.uint8((u >> np.uint32(24)) & np.uint32(0x80))
             a = abs(x[o])
             if a < np.float32(0.015625):  # below 2**-6: a subnormal e4m3, a multiple of 2**-9
