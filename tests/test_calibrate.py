@@ -220,3 +220,5 @@ def test_gpu_check_script_runs_its_paths_on_cpu():
     assert r.returncode == 0, r.stderr[-2000:]
     assert '"GPTQ weights identical": "100.00%"' in r.stdout
     assert '"max routed-count difference": 0' in r.stdout
+    for target in ("int4", "fp8", "Q8_0", "Q4_K_M"):
+        assert f'"{target} same bytes": true' in r.stdout
