@@ -375,16 +375,21 @@ class ShardWriter:
         self.entries = entries
         self._next = 0
         self._written = 0  # bytes of the current tensor so far
-        self._written_back = 0  # the file's bytes handed to the kernel's writeback so far
+        self._writer: outputs.FileWriter | None = None
         self._file = open(self.tmp, "wb")
         try:
-            self._file.write(encode_header(entries))
+            header = encode_header(entries)
+            self._file.write(header)
+            self._file.flush()
         except BaseException:
             self.abort()
             raise
+        self._end = len(header)  # where the next bytes go
+        self._writer = outputs.FileWriter(self._file.fileno(), self.tmp)  # writes while the caller computes
 
     def write(self, name: str, data) -> None:
-        """Append (part of) the next tensor's bytes (a tensor, or raw bytes); a tensor may arrive in several chunks."""
+        """Append (part of) the next tensor's bytes (a tensor, or raw bytes); a tensor may arrive in several chunks.
+        The bytes are written on the writer's thread: neither `data` nor its memory may change afterwards."""
         if self._next >= len(self.entries):
             raise RuntimeError(f"{self.path.name}: unexpected tensor {name}")
         entry = self.entries[self._next]
@@ -396,14 +401,12 @@ class ShardWriter:
                     f"{name}: produced {data.dtype} {list(data.shape)}, planned {entry.dtype} {list(entry.shape)}"
                 )
             data = tensor_bytes(data)
-        self._file.write(data)
-        if self._file.tell() - self._written_back >= outputs.WRITEBACK_STEP:
-            self._file.flush()
-            outputs.start_writeback(self._file.fileno(), self._written_back, self._file.tell())
-            self._written_back = self._file.tell()
-        self._written += len(data)
-        if self._written > entry.nbytes:
+        n = memoryview(data).nbytes
+        if self._written + n > entry.nbytes:
             raise RuntimeError(f"{name}: more bytes than planned")
+        self._writer.write(data, self._end)
+        self._end += n
+        self._written += n
         if self._written == entry.nbytes:
             self._next += 1
             self._written = 0
@@ -411,12 +414,17 @@ class ShardWriter:
     def close(self) -> None:
         if self._next != len(self.entries):
             raise RuntimeError(f"{self.path.name}: closed after {self._next} of {len(self.entries)} tensors")
-        self._file.flush()
+        self._writer.close()
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        except BaseException:
+            pass  # the failure being handled, or one it caused
         try:
             self._file.close()
         except OSError:
