@@ -15,7 +15,6 @@ one-thread outputs are checked byte-identical to the N-thread ones.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
