@@ -519,6 +519,23 @@ def varied_blocks(seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])
+def test_transposed_views_encode_like_their_copies(qtype):
+    """An expert's [out, in] view of its stored [in, out] slice is read in tiles of 32 rows: 70 rows
+    make two whole tiles and a partial one, and the view is of a wider stored matrix (gate of gate_up)."""
+    stored = torch.from_numpy(varied_blocks(9)[:, :512].T.copy()).bfloat16()  # [512, 26]
+    stored = torch.cat([stored] * 6, dim=1)  # [512, 156]: the stored layout, 156 output rows
+    view = stored[:, 10:80].T  # [70, 512], strides (1, 156)
+    assert view.stride() == (1, 156)
+    imp = rng(3).random(512).astype(np.float32)
+    np.testing.assert_array_equal(gq.quantize(view, qtype, imp), gq.quantize(view.contiguous(), qtype, imp))
+    parallel.set_threads(1)
+    try:
+        np.testing.assert_array_equal(gq.quantize(view, qtype), gq.quantize_reference(view, qtype))
+    finally:
+        parallel.set_threads(None)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("importance", [None, "random", "sparse"])
 def test_compiled_kernels_equal_torch_encoders(qtype, importance):
     """The compiled encoders and the torch ones are independent implementations: same bytes."""

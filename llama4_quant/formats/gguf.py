@@ -272,8 +272,8 @@ def encode(data: torch.Tensor, qtype: str, importance: np.ndarray | None, device
         # bf16 -> f32 is exact; f32 -> f16 rounds to nearest even, as llama.cpp's converter does.
         arr = data.to(torch.float32).numpy()
         return (arr if qtype == "F32" else arr.astype(np.float16)).reshape(-1).view(np.uint8)
-    # bf16 rows as they come: an expert's transposed view is copied to row order on the kernel
-    # threads, then the encoders widen each row to float32 themselves
+    # bf16 rows as they come (an expert's transposed view too): the encoders load tiles of rows on
+    # the kernel threads and widen them to float32 themselves
     return gguf_quants.quantize(data.reshape(-1, data.shape[-1]), qtype, importance, device).reshape(-1)
 
 

@@ -118,77 +118,83 @@ def _round_half_away(v):
     return -f if v < 0 else f
 
 
-_TILE = 64
+_TILE_ROWS = 32  # rows a thread loads together: one 64-byte line of a transposed bf16 view each
 
 
-@njit(parallel=True, **_KERNEL)
-def copy_in_c_order(src, out):
-    """out[:] = src for a strided src (a transposed view), in 64 x 64 tiles over the kernel threads:
-    both sides then move whole cache lines, where the rows of a transposed view are one value per line."""
-    rows, cols = src.shape
-    for t in prange((rows + _TILE - 1) // _TILE):
-        r0 = t * _TILE
-        r1 = min(rows, r0 + _TILE)
-        for c0 in range(0, cols, _TILE):
-            for c in range(c0, min(cols, c0 + _TILE)):
-                for r in range(r0, r1):
-                    out[r, c] = src[r, c]
-
-
-# ---------------------------------------------------------------------------------------------
-# Q8_0 and Q4_0
+@njit(**_KERNEL)
+def _load_tile(src, t, shift):
+    """Rows [32 t, 32 t + 32) of src (bf16 bits, shift 16; float32 bits, shift 0) widened to float32
+    bits [rows, cols]. A transposed view (an expert's [out, in] view of its stored [in, out] slice)
+    is read a column at a time, so each cache line read holds the tile's values of one column."""
+    r0 = t * _TILE_ROWS
+    r1 = min(src.shape[0], r0 + _TILE_ROWS)
+    cols = src.shape[1]
+    tile = np.empty((r1 - r0, cols), np.uint32)
+    if src.strides[1] == src.itemsize:
+        for r in range(r0, r1):
+            for i in range(cols):
+                tile[r - r0, i] = np.uint32(src[r, i]) << np.uint32(shift)
+    else:
+        for i in range(cols):
+            for r in range(r0, r1):
+                tile[r - r0, i] = np.uint32(src[r, i]) << np.uint32(shift)
+    return r0, r1, tile
 
 
 @njit(parallel=True, **_KERNEL)
 def encode_q8_0(src, shift, out, bad, overflow):
     cols = src.shape[1]
-    for r in prange(src.shape[0]):
-        bits, bits_f, row_bits, x = _row_scratch(cols)
-        if not _load_row(src, r, row_bits, shift):
-            bad[r] = True
-            continue
-        for b in range(cols // 32):
-            amax = f32(0)
-            for i in range(32):
-                amax = max(amax, abs(x[32 * b + i]))
-            d = amax / f32(127)
-            inv = f32(1) / d if d != 0 else f32(0)
-            h = _f16_bits(d, bits, bits_f)
-            if h & 0x7FFF == 0x7C00:
-                overflow[r] = max(overflow[r], d)
-            o = 34 * b
-            out[r, o] = h & 0xFF
-            out[r, o + 1] = h >> 8
-            for i in range(32):
-                out[r, o + 2 + i] = np.uint8(np.int8(_round_half_away(x[32 * b + i] * inv)))
+    for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
+        r0, r1, tile = _load_tile(src, t, shift)
+        for r in range(r0, r1):
+            bits, bits_f, row_bits, x = _row_scratch(cols)
+            if not _load_row(tile, r - r0, row_bits, 0):
+                bad[r] = True
+                continue
+            for b in range(cols // 32):
+                amax = f32(0)
+                for i in range(32):
+                    amax = max(amax, abs(x[32 * b + i]))
+                d = amax / f32(127)
+                inv = f32(1) / d if d != 0 else f32(0)
+                h = _f16_bits(d, bits, bits_f)
+                if h & 0x7FFF == 0x7C00:
+                    overflow[r] = max(overflow[r], d)
+                o = 34 * b
+                out[r, o] = h & 0xFF
+                out[r, o + 1] = h >> 8
+                for i in range(32):
+                    out[r, o + 2 + i] = np.uint8(np.int8(_round_half_away(x[32 * b + i] * inv)))
 
 
 @njit(parallel=True, **_KERNEL)
 def encode_q4_0(src, shift, out, bad, overflow):
     cols = src.shape[1]
-    for r in prange(src.shape[0]):
-        bits, bits_f, row_bits, x = _row_scratch(cols)
-        if not _load_row(src, r, row_bits, shift):
-            bad[r] = True
-            continue
-        for b in range(cols // 32):
-            amax, mx = f32(0), f32(0)
-            for i in range(32):
-                v = x[32 * b + i]
-                if amax < abs(v):
-                    amax, mx = abs(v), v
-            d = mx / f32(-8)
-            inv = f32(1) / d if d != 0 else f32(0)
-            h = _f16_bits(d, bits, bits_f)
-            if h & 0x7FFF == 0x7C00:
-                overflow[r] = max(overflow[r], abs(d))
-            o = 18 * b
-            out[r, o] = h & 0xFF
-            out[r, o + 1] = h >> 8
-            for i in range(16):
-                lo = min(15, np.int32(x[32 * b + i] * inv + f32(8.5)))
-                hi = min(15, np.int32(x[32 * b + 16 + i] * inv + f32(8.5)))
-                out[r, o + 2 + i] = np.uint8(lo | (hi << 4))
+    for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
+        r0, r1, tile = _load_tile(src, t, shift)
+        for r in range(r0, r1):
+            bits, bits_f, row_bits, x = _row_scratch(cols)
+            if not _load_row(tile, r - r0, row_bits, 0):
+                bad[r] = True
+                continue
+            for b in range(cols // 32):
+                amax, mx = f32(0), f32(0)
+                for i in range(32):
+                    v = x[32 * b + i]
+                    if amax < abs(v):
+                        amax, mx = abs(v), v
+                d = mx / f32(-8)
+                inv = f32(1) / d if d != 0 else f32(0)
+                h = _f16_bits(d, bits, bits_f)
+                if h & 0x7FFF == 0x7C00:
+                    overflow[r] = max(overflow[r], abs(d))
+                o = 18 * b
+                out[r, o] = h & 0xFF
+                out[r, o + 1] = h >> 8
+                for i in range(16):
+                    lo = min(15, np.int32(x[32 * b + i] * inv + f32(8.5)))
+                    hi = min(15, np.int32(x[32 * b + 16 + i] * inv + f32(8.5)))
+                    out[r, o + 2 + i] = np.uint8(lo | (hi << 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,23 +466,25 @@ def _q4_k_block(x, a, use_qw, out, o, bits, bits_f, L, scales, mins, sw, ls, lm)
 def encode_q4_k(src, shift, qw, use_qw, out, bad, overflow):
     cols = src.shape[1]
     subs = cols // 32
-    for r in prange(src.shape[0]):
-        bits, bits_f, row_bits, x = _row_scratch(cols)
-        xt, wt, st = np.empty((32, subs), np.float32), np.empty((32, subs), np.float32), np.empty((17, subs), np.float32)
-        Lt, Laux = np.empty((32, subs), np.int32), np.empty((32, subs), np.int32)
-        scales, mins, sw = np.empty(subs, np.float32), np.empty(subs, np.float32), np.empty(subs, np.float32)
-        L, ls, lm = np.empty(cols, np.int32), np.empty(8, np.int32), np.empty(8, np.int32)
-        if not _load_row(src, r, row_bits, shift):
-            bad[r] = True
-            continue
-        _q4_k_row_search(x, qw, use_qw, xt, wt, Lt, Laux, st, scales, mins, sw, bits, bits_f)
-        for j in range(subs):
-            for i in range(32):
-                L[32 * j + i] = Lt[i, j]
-        for b in range(cols // QK_K):
-            s = slice(8 * b, 8 * b + 8)
-            big = _q4_k_block(x, QK_K * b, use_qw, out[r], 144 * b, bits, bits_f, L, scales[s], mins[s], sw[s], ls, lm)
-            overflow[r] = max(overflow[r], big)
+    for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
+        r0, r1, tile = _load_tile(src, t, shift)
+        for r in range(r0, r1):
+            bits, bits_f, row_bits, x = _row_scratch(cols)
+            xt, wt, st = np.empty((32, subs), np.float32), np.empty((32, subs), np.float32), np.empty((17, subs), np.float32)
+            Lt, Laux = np.empty((32, subs), np.int32), np.empty((32, subs), np.int32)
+            scales, mins, sw = np.empty(subs, np.float32), np.empty(subs, np.float32), np.empty(subs, np.float32)
+            L, ls, lm = np.empty(cols, np.int32), np.empty(8, np.int32), np.empty(8, np.int32)
+            if not _load_row(tile, r - r0, row_bits, 0):
+                bad[r] = True
+                continue
+            _q4_k_row_search(x, qw, use_qw, xt, wt, Lt, Laux, st, scales, mins, sw, bits, bits_f)
+            for j in range(subs):
+                for i in range(32):
+                    L[32 * j + i] = Lt[i, j]
+            for b in range(cols // QK_K):
+                s = slice(8 * b, 8 * b + 8)
+                big = _q4_k_block(x, QK_K * b, use_qw, out[r], 144 * b, bits, bits_f, L, scales[s], mins[s], sw[s], ls, lm)
+                overflow[r] = max(overflow[r], big)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,23 +598,25 @@ def _q6_k_block(x, a, out, o, bits, bits_f, L, scales, sc):
 def encode_q6_k(src, shift, qw, use_qw, out, bad, overflow):
     cols = src.shape[1]
     subs = cols // 16
-    for r in prange(src.shape[0]):
-        bits, bits_f, row_bits, x = _row_scratch(cols)
-        xt, wt, st = np.empty((16, subs), np.float32), np.empty((16, subs), np.float32), np.empty((8, subs), np.float32)
-        Lt, L = np.empty((16, subs), np.int32), np.empty(cols, np.int32)
-        scales, sc = np.empty(subs, np.float32), np.empty(16, np.int8)
-        if not _load_row(src, r, row_bits, shift):
-            bad[r] = True
-            continue
-        for j in range(subs):
-            for i in range(16):
-                v = x[16 * j + i]
-                xt[i, j] = v
-                wt[i, j] = qw[16 * j + i] if use_qw else v * v
-        _search_q6_k(xt, wt, 32, Lt, st, scales, bits, bits_f)
-        for j in range(subs):
-            for i in range(16):
-                L[16 * j + i] = Lt[i, j]
-        for b in range(cols // QK_K):
-            big = _q6_k_block(x, QK_K * b, out[r], 210 * b, bits, bits_f, L, scales[16 * b:16 * b + 16], sc)
-            overflow[r] = max(overflow[r], big)
+    for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
+        r0, r1, tile = _load_tile(src, t, shift)
+        for r in range(r0, r1):
+            bits, bits_f, row_bits, x = _row_scratch(cols)
+            xt, wt, st = np.empty((16, subs), np.float32), np.empty((16, subs), np.float32), np.empty((8, subs), np.float32)
+            Lt, L = np.empty((16, subs), np.int32), np.empty(cols, np.int32)
+            scales, sc = np.empty(subs, np.float32), np.empty(16, np.int8)
+            if not _load_row(tile, r - r0, row_bits, 0):
+                bad[r] = True
+                continue
+            for j in range(subs):
+                for i in range(16):
+                    v = x[16 * j + i]
+                    xt[i, j] = v
+                    wt[i, j] = qw[16 * j + i] if use_qw else v * v
+            _search_q6_k(xt, wt, 32, Lt, st, scales, bits, bits_f)
+            for j in range(subs):
+                for i in range(16):
+                    L[16 * j + i] = Lt[i, j]
+            for b in range(cols // QK_K):
+                big = _q6_k_block(x, QK_K * b, out[r], 210 * b, bits, bits_f, L, scales[16 * b:16 * b + 16], sc)
+                overflow[r] = max(overflow[r], big)

@@ -197,20 +197,11 @@ def _encode_compiled(w: Any, bt: BlockType, qw: Any) -> np.ndarray:
 
 
 def _as_bits(src: Any) -> tuple[np.ndarray, int]:
-    """The matrix as C-contiguous bits the kernels widen to float32 themselves: bf16 as uint16
-    (shift 16), anything else as float32's uint32 (shift 0). A strided matrix (an expert's
-    transposed view) is copied in tiles on the kernel threads."""
-    from . import gguf_kernels
-
+    """The matrix as bits the kernels widen to float32 themselves, in its own layout (the kernels
+    read a transposed view in tiles of rows): bf16 as uint16 (shift 16), else float32's uint32."""
     if _is_torch(src) and src.dtype == torch.bfloat16:
-        bits, shift = src.view(torch.int16).numpy().view(np.uint16), 16
-    else:
-        bits, shift = np.asarray(src.to(torch.float32) if _is_torch(src) else src, dtype=np.float32).view(np.uint32), 0
-    if not bits.flags.c_contiguous:
-        out = np.empty(bits.shape, dtype=bits.dtype)
-        gguf_kernels.copy_in_c_order(bits, out)
-        bits = out
-    return bits, shift
+        return src.view(torch.int16).numpy().view(np.uint16), 16
+    return np.asarray(src.to(torch.float32) if _is_torch(src) else src, dtype=np.float32).view(np.uint32), 0
 
 
 def _encode_rows(w: Any, bt: BlockType, qw: Any, device: torch.device) -> np.ndarray:
