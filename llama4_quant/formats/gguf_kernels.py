@@ -90,22 +90,20 @@ def _f16_value(h):
 
 
 @njit(**_KERNEL)
-def _row_scratch(cols):
-    """Per-row scratch: the bit-cast cell (uint32 and its float32 view) and a widened row (both)."""
-    bits, row_bits = np.empty(1, np.uint32), np.empty(cols, np.uint32)
-    return bits, bits.view(np.float32), row_bits, row_bits.view(np.float32)
+def _bit_cell():
+    """A one-value scratch, uint32 and its float32 view: a store and a load through them is C's
+    memcpy between float and int."""
+    bits = np.empty(1, np.uint32)
+    return bits, bits.view(np.float32)
 
 
 @njit(**_KERNEL)
-def _load_row(src, r, row_bits, shift):
-    """Widen row r of bf16 (shift 16) or float32 (shift 0) bits into `row_bits`; False on NaN/Inf."""
-    finite = True
-    for i in range(src.shape[1]):
-        u = np.uint32(src[r, i]) << np.uint32(shift)
-        row_bits[i] = u
+def _finite(row_bits):
+    """False when the float32 bits hold a NaN or Inf (all exponent bits set)."""
+    for u in row_bits:
         if u & np.uint32(0x7F800000) == np.uint32(0x7F800000):
-            finite = False
-    return finite
+            return False
+    return True
 
 
 @njit(**_KERNEL)
@@ -147,8 +145,9 @@ def encode_q8_0(src, shift, out, bad, overflow):
     for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
         r0, r1, tile = _load_tile(src, t, shift)
         for r in range(r0, r1):
-            bits, bits_f, row_bits, x = _row_scratch(cols)
-            if not _load_row(tile, r - r0, row_bits, 0):
+            bits, bits_f = _bit_cell()
+            x = tile[r - r0].view(np.float32)
+            if not _finite(tile[r - r0]):
                 bad[r] = True
                 continue
             for b in range(cols // 32):
@@ -173,8 +172,9 @@ def encode_q4_0(src, shift, out, bad, overflow):
     for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
         r0, r1, tile = _load_tile(src, t, shift)
         for r in range(r0, r1):
-            bits, bits_f, row_bits, x = _row_scratch(cols)
-            if not _load_row(tile, r - r0, row_bits, 0):
+            bits, bits_f = _bit_cell()
+            x = tile[r - r0].view(np.float32)
+            if not _finite(tile[r - r0]):
                 bad[r] = True
                 continue
             for b in range(cols // 32):
@@ -469,12 +469,13 @@ def encode_q4_k(src, shift, qw, use_qw, out, bad, overflow):
     for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
         r0, r1, tile = _load_tile(src, t, shift)
         for r in range(r0, r1):
-            bits, bits_f, row_bits, x = _row_scratch(cols)
+            bits, bits_f = _bit_cell()
+            x = tile[r - r0].view(np.float32)
             xt, wt, st = np.empty((32, subs), np.float32), np.empty((32, subs), np.float32), np.empty((17, subs), np.float32)
             Lt, Laux = np.empty((32, subs), np.int32), np.empty((32, subs), np.int32)
             scales, mins, sw = np.empty(subs, np.float32), np.empty(subs, np.float32), np.empty(subs, np.float32)
             L, ls, lm = np.empty(cols, np.int32), np.empty(8, np.int32), np.empty(8, np.int32)
-            if not _load_row(tile, r - r0, row_bits, 0):
+            if not _finite(tile[r - r0]):
                 bad[r] = True
                 continue
             _q4_k_row_search(x, qw, use_qw, xt, wt, Lt, Laux, st, scales, mins, sw, bits, bits_f)
@@ -601,11 +602,12 @@ def encode_q6_k(src, shift, qw, use_qw, out, bad, overflow):
     for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
         r0, r1, tile = _load_tile(src, t, shift)
         for r in range(r0, r1):
-            bits, bits_f, row_bits, x = _row_scratch(cols)
+            bits, bits_f = _bit_cell()
+            x = tile[r - r0].view(np.float32)
             xt, wt, st = np.empty((16, subs), np.float32), np.empty((16, subs), np.float32), np.empty((8, subs), np.float32)
             Lt, L = np.empty((16, subs), np.int32), np.empty(cols, np.int32)
             scales, sc = np.empty(subs, np.float32), np.empty(16, np.int8)
-            if not _load_row(tile, r - r0, row_bits, 0):
+            if not _finite(tile[r - r0]):
                 bad[r] = True
                 continue
             for j in range(subs):
