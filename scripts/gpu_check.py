@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -32,6 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.multi_target import digest  # noqa: E402
 from llama4_quant import sources, synthetic  # noqa: E402
 from llama4_quant.calibrate.data import calibration_ids  # noqa: E402
 from llama4_quant.calibrate.gptq import gptq_quantize  # noqa: E402
@@ -99,13 +99,6 @@ def scout_checkpoint(work: Path) -> Path:
         synthetic.write_synthetic_checkpoint(path, synthetic.scout_config(1))
         shutil.copy(sources.resolve("tiny").path / "tokenizer.json", path)  # a GGUF carries one
     return path
-
-
-def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def derivatives(device: str, model: Path, work: Path) -> dict:
