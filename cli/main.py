@@ -85,12 +85,34 @@ def use_threads(threads: int | None) -> None:
     parallel.keep_freed_memory()
 
 
-def open_model(name: str):
+revision_option = click.option("--revision", help="For a Hub model: the branch, tag or commit [default: main].")
+
+
+def hub_options(fn):
+    """--prefetch, --keep-source and --revision: how a model that is not in the local Hugging Face cache
+    streams from the Hub, for the commands that read it once in storage order."""
+    fn = revision_option(fn)
+    fn = click.option("--keep-source", is_flag=True, help="For a Hub model: keep the downloaded shards in the Hugging Face cache (by default each is deleted after its last read).")(fn)
+    return click.option("--prefetch", default=1, show_default=True, type=click.IntRange(min=0), help="For a Hub model: shards downloaded ahead of the one being read (source on disk: prefetch + 1 shards).")(fn)
+
+
+def open_model(name: str, prefetch: int = 1, keep_source: bool = False, revision: str | None = None,
+               quiet: bool = False):
     """Resolve and validate a model before anything heavy is imported: bad input fails in well under a second."""
+    from llama4_quant.hub import HubOptions
     from llama4_quant.model import open_model as open_validated
     from llama4_quant.sources import resolve
 
-    return open_validated(resolve(name))
+    return open_validated(resolve(name, HubOptions(prefetch, keep_source, revision, show_progress=not quiet)))
+
+
+def report_download(opened) -> None:
+    """What a Hub run downloaded, and the most source it held on disk."""
+    remote = opened.source.remote
+    if remote is not None and remote.downloaded_bytes:
+        where = "kept in the Hugging Face cache" if remote.kept else "each deleted after use"
+        click.echo(f"downloaded {human_bytes(remote.downloaded_bytes)} from the Hub; at most "
+                   f"{human_bytes(remote.peak_bytes)} of source shards on disk at once ({where})")
 
 
 def human_bytes(n: float) -> str:
@@ -122,16 +144,17 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (or discard interrupted ones).")
 @click.option("--device", default="auto", show_default=True, help="Where the kernels run: auto, cpu, cuda, cuda:N.")
 @threads_option
+@hub_options
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
 def quantize(model, schemes, gguf_types, out, out_dir, method, calib, max_shard_size, ignore, quantize_attention, resume,
-             overwrite, device, threads, quiet):
+             overwrite, device, threads, prefetch, keep_source, revision, quiet):
     """Stream a BF16 Llama 4 checkpoint into compressed-tensors checkpoints (int4 / int8 / FP8) and GGUF
     files, all from one read."""
     schemes, gguf_types = list(dict.fromkeys(schemes)), list(dict.fromkeys(gguf_types))
     if out is not None and len(schemes) + len(gguf_types) > 1:
         raise click.UsageError("--out names one output; with several targets, use --out-dir")
-    opened = open_model(model)
+    opened = open_model(model, prefetch, keep_source, revision, quiet)
     use_threads(threads)
     name = Path(opened.source.label).name
     scheme_outs = [(s, out or out_dir / f"{name}-{s}") for s in schemes]
@@ -148,6 +171,7 @@ def quantize(model, schemes, gguf_types, out, out_dir, method, calib, max_shard_
             click.echo(f"wrote {d.out}: {d.what}, {human_bytes(d.source_bytes)} -> {human_bytes(d.output_bytes)}")
         if len(done) > 1:
             click.echo(f"read {human_bytes(read)} of the source once for {len(done)} outputs")
+        report_download(opened)
     if quantize_attention and schemes:
         from llama4_quant.pipeline import QUANTIZED_ATTENTION_VLLM
 
@@ -165,15 +189,17 @@ def quantize(model, schemes, gguf_types, out, out_dir, method, calib, max_shard_
 @click.option("--overwrite", is_flag=True, help="Replace existing statistics (or discard an interrupted run).")
 @click.option("--json", "as_json", is_flag=True, help="Print stats.json instead of the summary.")
 @threads_option
+@revision_option
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def calibrate(model, out, data, samples, seq_len, device, resume, overwrite, as_json, threads, quiet):
+def calibrate(model, out, data, samples, seq_len, device, resume, overwrite, as_json, threads, revision, quiet):
     """Collect per-expert routing and importance statistics, one decoder layer at a time."""
     from llama4_quant import outputs
 
-    opened = open_model(model)
+    opened = open_model(model, revision=revision, quiet=quiet or as_json)
     use_threads(threads)
     outputs.check_output(out, opened.paths, resume=resume, overwrite=overwrite)  # before the minutes of tokenizing
+    opened.fetch_all()
     from llama4_quant.calibrate.data import calibration_ids
     from llama4_quant.calibrate.stats import calibrate as run_calibration
     from llama4_quant.devices import resolve_device
@@ -195,10 +221,12 @@ def calibrate(model, out, data, samples, seq_len, device, resume, overwrite, as_
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--check-values", is_flag=True, help="Also read every weight once and refuse NaN/Inf (reads the whole model; without it, headers only).")
+@revision_option
 @one_line_errors
-def inspect(model, as_json, check_values):
-    """Summarize a Llama 4 checkpoint: architecture, tensors by role, predicted output sizes."""
-    opened = open_model(model)
+def inspect(model, as_json, check_values, revision):
+    """Summarize a Llama 4 checkpoint: architecture, tensors by role, predicted output sizes. A Hub model
+    is inspected from its small files and shard headers, without downloading its weights."""
+    opened = open_model(model, revision=revision, quiet=as_json)
     if check_values:
         opened.check_finite()
     from llama4_quant import inspection
@@ -221,11 +249,12 @@ def export():
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--device", default="auto", show_default=True, help="Where the block encoders run: auto, cpu, cuda, cuda:N (the same bytes).")
 @threads_option
+@hub_options
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def export_gguf(model, ftype, out, imatrix, resume, overwrite, device, threads, quiet):
+def export_gguf(model, ftype, out, imatrix, resume, overwrite, device, threads, prefetch, keep_source, revision, quiet):
     """Write a GGUF file for llama.cpp straight from BF16 safetensors, in one streaming pass."""
-    opened = open_model(model)
+    opened = open_model(model, prefetch, keep_source, revision, quiet)
     use_threads(threads)
     out = out or Path(f"{Path(opened.source.label).name}-{ftype}.gguf")
     from llama4_quant.derive import derive
@@ -236,6 +265,7 @@ def export_gguf(model, ftype, out, imatrix, resume, overwrite, device, threads, 
         click.echo(f"l4q: warning: {warning}", err=True)
     if not quiet:
         click.echo(f"wrote {done.out}: {done.what}, {human_bytes(done.source_bytes)} -> {human_bytes(done.output_bytes)}")
+        report_download(opened)
 
 
 @main.command("eval")
@@ -248,14 +278,16 @@ def export_gguf(model, ftype, out, imatrix, resume, overwrite, device, threads, 
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "transformers", "streaming"]), help="How safetensors models run: transformers, or the layer-streaming engine (one decoder layer in memory); auto streams models that do not fit.")
 @click.option("--batch-windows", default=8, show_default=True, type=click.IntRange(min=1), help="Windows per pass of the streaming engine (each pass reads every layer once).")
+@revision_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
-def eval_command(base, candidates, data, ctx, max_tokens, report_dir, device, engine, batch_windows, quiet):
+def eval_command(base, candidates, data, ctx, max_tokens, report_dir, device, engine, batch_windows, revision, quiet):
     """Perplexity drift, KL divergence, top-token and routing agreement of derivatives against their base."""
     from llama4_quant import outputs
 
-    opened = open_model(base)
+    opened = open_model(base, revision=revision, quiet=quiet)
     report_dir = outputs.check_writable_dir(report_dir)
+    opened.fetch_all()
     from llama4_quant import evaluate, report
     from llama4_quant.devices import resolve_device
 

@@ -88,22 +88,34 @@ def read_header(path: Path) -> tuple[dict, int]:
             head = f.read(8)
             if len(head) < 8:
                 raise CorruptCheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(MAX_HEADER_BYTES, size - 8):
-                raise CorruptCheckpointError(
-                    f"{path}: corrupt or truncated safetensors file (header length {header_len}, file {size} bytes)"
-                )
+            header_len = header_length(head, size, path)
             raw = f.read(header_len)
     except OSError as exc:
         raise CorruptCheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    return parse_header(raw, size, path)
+
+
+def header_length(head: bytes, size: int, where) -> int:
+    """The JSON header's length from a safetensors file's first 8 bytes (the file being `size` bytes)."""
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if header_len > min(MAX_HEADER_BYTES, size - 8):
+        raise CorruptCheckpointError(
+            f"{where}: corrupt or truncated safetensors file (header length {header_len}, file {size} bytes)"
+        )
+    return header_len
+
+
+def parse_header(raw: bytes, size: int, where) -> tuple[dict, int]:
+    """Validate the JSON header `raw` of a `size`-byte safetensors file (read from disk, or fetched
+    from the Hub before the file itself); returns (entries, absolute data start)."""
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+        raise CorruptCheckpointError(f"{where}: corrupt safetensors header ({exc})") from None
     header.pop("__metadata__", None)
-    data_start = 8 + header_len
+    data_start = 8 + len(raw)
     data_len = size - data_start
     spans = []
     for name, entry in header.items():
@@ -114,22 +126,22 @@ def read_header(path: Path) -> tuple[dict, int]:
                 raise TypeError("offsets and dimensions must be non-negative integers")
             numel = math.prod(shape)
         except (KeyError, TypeError, ValueError, AttributeError):
-            raise CorruptCheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
+            raise CorruptCheckpointError(f"{where}: corrupt header entry for tensor {name!r}") from None
         if end - begin != numel * itemsize or begin < 0:
-            raise CorruptCheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} {dtype}")
+            raise CorruptCheckpointError(f"{where}: tensor {name!r} has {end - begin} bytes for shape {shape} {dtype}")
         spans.append((begin, end, name))
     spans.sort()
     expected = 0
     for begin, end, name in spans:
         if begin != expected:
-            raise CorruptCheckpointError(f"{path}: tensor {name!r} does not follow the previous one (gap or overlap)")
+            raise CorruptCheckpointError(f"{where}: tensor {name!r} does not follow the previous one (gap or overlap)")
         expected = end
     if expected > data_len:
         raise CorruptCheckpointError(
-            f"{path}: truncated safetensors file (header promises {expected} bytes of data, file holds {data_len})"
+            f"{where}: truncated safetensors file (header promises {expected} bytes of data, file holds {data_len})"
         )
     if expected < data_len:
-        raise CorruptCheckpointError(f"{path}: {data_len - expected} unexpected trailing bytes after the tensors")
+        raise CorruptCheckpointError(f"{where}: {data_len - expected} unexpected trailing bytes after the tensors")
     return header, data_start
 
 
@@ -137,7 +149,7 @@ def _is_count(v) -> bool:
     return type(v) is int and v >= 0  # not bool, float or str: JSON allows all of them here
 
 
-def shard_path(model_dir: Path, name, index_path: Path) -> Path:
+def shard_path(model_dir: Path, name, index_path: Path, must_exist: bool = True) -> Path:
     """`model_dir / name` for a shard named by an index, refusing names that leave the directory.
 
     Checked on the name itself, before anything is opened: shards may be symlinks (the Hugging Face
@@ -148,6 +160,8 @@ def shard_path(model_dir: Path, name, index_path: Path) -> Path:
     if Path(name).is_absolute() or ".." in parts or len(parts) != 1:
         raise CorruptCheckpointError(f"{index_path}: names shard {name!r}, outside the model directory; refusing to read it")
     path = model_dir / name
+    if not must_exist:
+        return path
     if path.is_symlink() and not path.exists():
         raise CorruptCheckpointError(f"{index_path}: shard {name} is a dangling or looping symlink")
     if not path.is_file():
@@ -160,11 +174,16 @@ class Checkpoint:
 
     Storage order is shard by shard as the index names them (sorted by file name), and within a shard
     by data offset: the order the base's bytes lie on disk, which derivatives keep.
+
+    `remote` (a `hub.RemoteShards`) stands in for shards still on the Hub: their headers come from it,
+    and their files appear in `model_dir` when the walk has them downloaded. `sha256` (file name ->
+    digest, where the Hub publishes one for every shard) makes the fingerprint content-addressed.
     """
 
-    def __init__(self, model_dir: Path):
-        self.dir = Path(model_dir)
+    def __init__(self, model_dir: Path, remote=None, sha256: dict[str, str] | None = None):
+        self.dir, self.remote = Path(model_dir), remote
         index_path = self.dir / INDEX_NAME
+        single = self.dir / SINGLE_NAME
         if index_path.is_file():
             try:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -172,9 +191,9 @@ class Checkpoint:
                     raise TypeError
             except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):
                 raise CorruptCheckpointError(f"{index_path}: not a valid safetensors index (no weight_map)") from None
-        elif (self.dir / SINGLE_NAME).exists() or (self.dir / SINGLE_NAME).is_symlink():
-            shard_path(self.dir, SINGLE_NAME, self.dir / SINGLE_NAME)
-            header, _ = read_header(self.dir / SINGLE_NAME)
+        elif single.exists() or single.is_symlink() or self._pending(SINGLE_NAME):
+            shard_path(self.dir, SINGLE_NAME, single, must_exist=not self._pending(SINGLE_NAME))
+            header, _, _ = self._header(single)
             weight_map = {name: SINGLE_NAME for name in header}
         else:
             raise SourceNotFoundError(f"{self.dir}: no {INDEX_NAME} or {SINGLE_NAME} (no safetensors weights)")
@@ -182,13 +201,15 @@ class Checkpoint:
         if not all(isinstance(f, str) for f in weight_map.values()):
             raise CorruptCheckpointError(f"{index_path}: a weight_map entry names no file")
         files = sorted(set(weight_map.values()))
-        paths = {file: shard_path(self.dir, file, index_path) for file in files}
+        paths = {file: shard_path(self.dir, file, index_path, must_exist=not self._pending(file)) for file in files}
         self.files = [paths[f] for f in files]
         self.header_bytes: dict[Path, int] = {}  # length prefix plus JSON header, per shard
+        self.sizes: dict[Path, int] = {}
+        self.sha256 = sha256 if sha256 and all(f in sha256 for f in files) else None
         self.tensors: list[TensorInfo] = []
         for file in files:
             path = paths[file]
-            header, data_start = read_header(path)
+            header, data_start, self.sizes[path] = self._header(path)
             self.header_bytes[path] = data_start
             wanted = {n for n, f in weight_map.items() if f == file}
             missing = wanted - header.keys()
@@ -203,15 +224,31 @@ class Checkpoint:
                 )
         self.by_name = {t.name: t for t in self.tensors}
 
+    def _pending(self, file: str) -> bool:
+        return self.remote is not None and self.remote.pending(file)
+
+    def _header(self, path: Path) -> tuple[dict, int, int]:
+        """(entries, data start, file size) of a shard, from the file or, while it is on the Hub, from `remote`."""
+        if self._pending(path.name):
+            size = self.remote.size(path.name)
+            raw = self.remote.header(path.name)
+            return (*parse_header(raw[8:8 + header_length(raw, size, path.name)], size, path.name), size)
+        return (*read_header(path), path.stat().st_size)
+
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
     def fingerprint(self) -> str:
-        """A cheap content digest, for --resume and caches: every shard's name, size and header bytes,
-        and 64 KiB at the start, middle and end of every tensor's data. A change to a tensor's values
-        outside those samples is not seen; a re-saved checkpoint (new values everywhere) always is."""
+        """A cheap content digest, for --resume and caches. With every shard's sha256 known (a Hub
+        source) it digests those; otherwise every shard's name, size and header bytes, and 64 KiB at
+        the start, middle and end of every tensor's data. A change to a tensor's values outside those
+        samples is not seen; a re-saved checkpoint (new values everywhere) always is."""
         h = hashlib.sha256()
+        if self.sha256 is not None:
+            for path in self.files:
+                h.update(f"{path.name}:{self.sizes[path]}:{self.sha256[path.name]}\n".encode())
+            return h.hexdigest()
         for path in self.files:
             h.update(f"{path.name}:{path.stat().st_size}\n".encode())
             h.update(_pread_exact(path, 0, self.header_bytes[path]))

@@ -8,6 +8,8 @@ and keeps its traceback.
 class L4QError(Exception):
     """Base class: a failure the user can act on, with a message that says what and where."""
 
+    resumable = False  # a rerun with --resume can continue after it (the partial output is kept)
+
 
 class SourceNotFoundError(L4QError):
     """A local path, preset or hub repo that cannot be found or is not downloaded."""
@@ -36,6 +38,8 @@ class OutputExistsError(L4QError):
 class OutputWriteError(L4QError):
     """The file system refused a write (disk full, read-only, not a directory)."""
 
+    resumable = True
+
 
 class UnsafeOutputError(L4QError):
     """--out names something l4q must not replace: not an l4q output, the source, or a home or working directory."""
@@ -55,3 +59,16 @@ class UsageError(L4QError):
 
 class ReportFormatError(L4QError):
     """A report dict or report.json that does not follow the documented schema."""
+
+
+class HubError(L4QError):
+    """The Hugging Face Hub refused or could not serve a download: access, token, repo, revision, network,
+    or a download that does not match its published sha256."""
+
+    resumable = True
+
+
+class DiskSpaceError(L4QError):
+    """Not enough free disk for what a run must hold at once (found before it starts, or while downloading)."""
+
+    resumable = True

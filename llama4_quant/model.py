@@ -62,7 +62,14 @@ class Model:
         return self.ckpt.fingerprint()
 
     def check_finite(self) -> None:
+        self.fetch_all()
         self.ckpt.check_finite()
+
+    def fetch_all(self) -> None:
+        """Have every shard still on the Hub downloaded, and kept: for work that reads the model in
+        another order than the walk, or more than once (calibration, evaluation, GPTQ)."""
+        if self.source.remote is not None:
+            self.source.remote.fetch_all()
 
 
 def unfuse_gate_up(gate_up_slice):
@@ -80,7 +87,7 @@ def open_model(source: Source, *, allow_quantized: bool = False) -> Model:
     qc = config.get("quantization_config")
     if qc and not allow_quantized:
         raise UsageError(f"{source.path} is already quantized ({_format_of(qc)}); use the BF16 model it was made from")
-    ckpt = Checkpoint(source.path)
+    ckpt = Checkpoint(source.path, source.remote, source.sha256)
     model = Model(source, config, spec, ckpt)
     if qc:
         validate_derivative(model)

@@ -48,6 +48,12 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + PARTIAL_SUFFIX)
 
 
+def bytes_under(path: Path) -> int:
+    """Disk space the files under `path` take (0 when there is nothing)."""
+    files = [path] if path.is_file() else path.rglob("*") if path.is_dir() else []
+    return sum(p.stat().st_blocks * 512 for p in files if p.is_file() and not p.is_symlink())
+
+
 def absolute(path: Path) -> Path:
     """`~` expanded and made absolute without following symlinks (what the user named)."""
     return Path(os.path.abspath(Path(path).expanduser()))
@@ -290,10 +296,10 @@ class Partial:
         self.release()
 
     def fail(self, exc: BaseException) -> None:
-        """After an error: bad input (an L4QError other than a write error) leaves nothing behind, since
-        a resume would hit the same error; anything else (a write error, an interruption) keeps the
-        partial for --resume, where the command has one."""
-        if not self.resumable or (isinstance(exc, L4QError) and not isinstance(exc, OutputWriteError)):
+        """After an error: bad input (an L4QError that is not `resumable`) leaves nothing behind, since
+        a resume would hit the same error; anything else (a write error, a failed download, an
+        interruption) keeps the partial for --resume, where the command has one."""
+        if not self.resumable or (isinstance(exc, L4QError) and not exc.resumable):
             self.discard()
         self.release()
 

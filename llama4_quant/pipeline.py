@@ -253,6 +253,10 @@ class CompressedTensorsTarget:
         self._writer: ShardWriter | None = None
         self.shards_written = 0
 
+    @property
+    def expected_bytes(self) -> int:
+        return self.plan.output_bytes
+
     def check(self) -> None:
         self.fingerprint = self.plan.fingerprint(self.model.fingerprint())
         self.out = outputs.check_output(self.out, self.model.paths, resume=self.resume, overwrite=self.overwrite,
@@ -265,6 +269,7 @@ class CompressedTensorsTarget:
 
     def prepare(self, show_progress: bool) -> None:
         if self.plan.method == "gptq" and not all(map(self._shard_done, range(len(self.plan.shards)))):
+            self.model.fetch_all()  # the calibrated pass reads layer by layer, before the walk
             with outputs.writing(self.partial.dir, resume_hint=True):
                 self.encoder.gptq = self._gptq_pass(show_progress)
 

@@ -1,12 +1,12 @@
 """Where a model comes from: a local directory, a Hugging Face repo id, or a preset name.
 
-Nothing here touches the network: hub repos resolve from the local Hugging Face cache, and a repo
-that is not there gets one line saying how to download it.
+A hub repo that is complete in the local Hugging Face cache is used in place without network; any
+other is opened from the Hub and its shards are fetched as the run reads them (`hub.py`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SourceNotFoundError
@@ -25,10 +25,13 @@ class Source:
     path: Path  # a local directory holding config.json and safetensors weights
     label: str  # how the user named it (preset, repo id or path), for reports and model cards
     repo_id: str | None = None  # the hub repo it comes from, where known
+    remote: object = field(default=None, compare=False)  # hub.RemoteShards: shards still on the Hub
+    sha256: dict | None = field(default=None, compare=False)  # shard name -> sha256, where the Hub publishes it
 
 
-def resolve(name: str) -> Source:
-    """Turn a preset, local path or repo id into a local directory, without network access."""
+def resolve(name: str, hub=None) -> Source:
+    """Turn a preset, local path or repo id into a local directory; `hub` (hub.HubOptions) says how a
+    repo that is not complete in the local cache is fetched."""
     if name == "tiny":
         from .tiny_models import tiny_model_dir
 
@@ -47,26 +50,7 @@ def resolve(name: str) -> Source:
             raise SourceNotFoundError(f"{name}: no such directory (expected a model directory, a hub repo id or one of {', '.join(PRESETS)})")
         return Source(path.resolve(), name)
     repo_id = repo_id or name
-    return Source(_from_hf_cache(repo_id), name, repo_id)
+    from .hub import HubOptions, open_repo
 
-
-def _from_hf_cache(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        path = Path(
-            snapshot_download(
-                repo_id,
-                local_files_only=True,
-                allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "LICENSE*", "USE_POLICY*"],
-            )
-        )
-    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
-        path = None
-    if path is None or not any(path.glob("*.safetensors")):
-        raise SourceNotFoundError(
-            f"{repo_id} is not in the local Hugging Face cache; download it first with "
-            f"`hf download {repo_id}` (gated repos need `hf auth login` and accepted terms)"
-        )
-    return path
+    path, remote, sha256 = open_repo(repo_id, hub or HubOptions())
+    return Source(path, name, repo_id, remote, sha256)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
-from . import arch
+from . import arch, outputs
 from .checkpoint import TensorInfo, iter_row_blocks, read_slice, read_tensor
 from .model import EXPERT_PROJECTIONS, Model, unfuse_gate_up
 
@@ -96,6 +97,9 @@ def weights(model: Model) -> Iterator[Weight]:
 
 class Target(Protocol):
     """One output written from the walk (see `run`)."""
+
+    out: Path
+    expected_bytes: int  # the output's size, known after `check`
 
     def check(self) -> None:
         """Refuse a bad output early, before anything is written."""
@@ -241,14 +245,44 @@ class _Reader:
 
     def _run(self) -> None:
         try:
-            for r in reads(self.model):
-                wanted = [[t for t in self.targets if t.wants(w)] for w in r.weights]
-                for piece in _read(r, wanted) if any(wanted) else [_Piece(r, wanted)]:
-                    if not self._put(piece):
-                        return
+            plan = [(r, [[t for t in self.targets if t.wants(w)] for w in r.weights]) for r in reads(self.model)]
+            with _shards(self.model, [r.info.file.name for r, wanted in plan if any(wanted)]) as shards:
+                for r, wanted in plan:
+                    if not any(wanted):
+                        if not self._put(_Piece(r, wanted)):
+                            return
+                        continue
+                    shards.acquire(r.info.file.name)
+                    for piece in _read(r, wanted):
+                        if not self._put(piece):
+                            return
+                    shards.release(r.info.file.name)
             self._put(None)
         except BaseException as exc:  # handed to the walk, which raises it
             self._put(exc)
+
+
+class _LocalShards:
+    """A local source's shards: all there already."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def acquire(self, name: str) -> None:
+        pass
+
+    def release(self, name: str) -> None:
+        pass
+
+
+def _shards(model: Model, uses: list[str]):
+    """What has the source's shards on disk while the reader takes them in the order `uses`: nothing
+    to do for a local source; a Hub source downloads them ahead and deletes them after use."""
+    remote = model.source.remote
+    return remote.stream(uses) if remote is not None else _LocalShards()
 
 
 def _read(r: Read, wanted: list) -> Iterator[_Piece]:
@@ -280,6 +314,10 @@ def run(model: Model, targets: list, show_progress: bool = True, desc: str = "")
 
     for t in targets:
         t.check()
+    if model.source.remote is not None:  # before anything is written or downloaded
+        model.source.remote.check_space([r.info.file.name for r in reads(model)],
+                                        [(t.out, t.expected_bytes - outputs.bytes_under(outputs.partial_path(t.out)))
+                                         for t in targets])
     started = []
     try:
         for t in targets:

@@ -323,6 +323,10 @@ class GGUFTarget:
     def source_bytes(self) -> int:
         return sum(t.source_bytes for t in self.tensors)
 
+    @property
+    def expected_bytes(self) -> int:
+        return len(self._header_bytes) + sum(t.nbytes + GGUF_ALIGNMENT for t in self.tensors)
+
     def check(self) -> None:
         self.out = outputs.check_output(self.out, self.model.paths, resume=self.resume, overwrite=self.overwrite,
                                         is_file=True)
