@@ -294,6 +294,12 @@ class RemoteShards:
             blob.unlink(missing_ok=True)
         self.owned.discard(name)
 
+    def remove_stale_partials(self, name: str) -> None:
+        """Delete what a killed run left of a download (huggingface_hub downloads into a file unique to
+        the process, which a later process never resumes)."""
+        for partial in (self.snapshot.parent.parent / "blobs").glob(f"{self.shards[name].sha256}.*.incomplete"):
+            partial.unlink(missing_ok=True)
+
     def stream(self, uses: list[str]) -> ShardStream:
         return ShardStream(self, uses)
 
@@ -370,6 +376,7 @@ class ShardStream:
         self.stop = False
         self.on_disk = 0
         for name in list(remote.owned.names):
+            remote.remove_stale_partials(name)
             if name not in self.left and name in pending:  # fetched by an earlier run that no longer needs it
                 remote.remove(name)
         self.thread = threading.Thread(target=self._run, name="l4q-download", daemon=True)
@@ -452,15 +459,18 @@ class OwnedRecord:
         except (OSError, ValueError, KeyError, TypeError):
             self.names = set()
         self.snapshot = snapshot
+        self.lock = threading.Lock()  # the download thread adds, the reader discards
 
     def add(self, name: str) -> None:
-        self.names.add(name)
-        self._save()
+        with self.lock:
+            self.names.add(name)
+            self._save()
 
     def discard(self, name: str) -> None:
-        if name in self.names:
-            self.names.discard(name)
-            self._save()
+        with self.lock:
+            if name in self.names:
+                self.names.discard(name)
+                self._save()
 
     def _save(self) -> None:
         if not self.names:

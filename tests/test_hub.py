@@ -221,6 +221,9 @@ def test_a_dropped_connection_resumes_where_it_stopped(hub, hub_repo, local_outp
     assert result.returncode == 0, result.stderr
     again = hub.downloads()
     assert shards[5] in again and len(again) < len(shards), (first, again)  # finished output is not redone
+    # huggingface_hub resumes a dropped transfer only within one process (to a process-unique file):
+    # the rerun fetches the shard again, and no stale partial download stays in the cache
+    assert not list((tmp_path / "hf").rglob("*.incomplete"))
     hub_outputs_match_local(out, local_outputs)
 
 
@@ -229,8 +232,9 @@ def test_kill_9_mid_run_then_resume(hub, hub_repo, local_outputs, tmp_path):
     out = tmp_path / "out"
     proc = start_l4q([*QUANTIZE, "--out-dir", str(out), "--quiet"], hub, tmp_path)
     deadline = time.monotonic() + 120
-    while len(hub.downloads()) < 4 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while not (len(hub.downloads()) >= 4 and list((tmp_path / "hf").rglob("*.incomplete"))) \
+            and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # killed mid-shard: one download half done
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -240,6 +244,7 @@ def test_kill_9_mid_run_then_resume(hub, hub_repo, local_outputs, tmp_path):
     assert result.returncode == 0, result.stderr
     hub_outputs_match_local(out, local_outputs)
     assert shard_blobs(tmp_path) == []  # what the killed run downloaded was deleted by the rerun
+    assert not list((tmp_path / "hf").rglob("*.incomplete"))
 
 
 def test_inspect_reads_only_headers_until_asked_for_values(hub, hub_repo, tmp_path):
