@@ -5,8 +5,8 @@ is opened from the Hub: the revision is resolved to a commit, the small files (c
 index, processor files) are downloaded into the cache, and each shard's safetensors header is read
 with a range request, so the model validates and plans exactly as a local one does. The walk then has
 the shards downloaded (`hf_hub_download`, which goes through hf_xet for Xet-backed repos) in the order
-it reads them, `prefetch` shards ahead, checks each against the sha256 the Hub publishes, and deletes
-each after its last read unless `keep_source`. Source bytes on disk stay within `window` shards.
+it reads them, ahead of the reader within a budget of (prefetch + 1) x the largest shard, checks each
+against the sha256 the Hub publishes, and deletes each after its last read unless `keep_source`.
 
 The shards l4q downloaded to delete are recorded (under l4q's cache), so a run killed between a
 download and its deletion leaves them to the rerun to verify, use and delete; shards that were in the
@@ -155,11 +155,12 @@ def open_repo(repo_id: str, options: HubOptions) -> tuple[Path, RemoteShards | N
     snapshot = cached_snapshot(repo_id, options.revision)
     # Complete in the cache: used in place, without network; unless it holds shards that an interrupted
     # run downloaded to delete, which the Hub path verifies, uses and deletes.
-    if snapshot is not None and (constants.is_offline_mode() or not OwnedRecord(snapshot).names):
+    offline = constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if snapshot is not None and (offline or not OwnedRecord(snapshot).names):
         return snapshot, None, blob_digests(snapshot)
-    if constants.is_offline_mode():
+    if offline:
         raise HubError(f"{repo_id} is not completely in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; "
-                       "unset it to download the model")
+                       f"unset it to have l4q download the model, or download it first with `hf download {repo_id}`")
     with hub_errors(repo_id, options.revision):
         info = HfApi().model_info(repo_id, revision=options.revision, files_metadata=True)
         top = {s.rfilename: s for s in info.siblings or [] if "/" not in s.rfilename}
@@ -260,15 +261,13 @@ class RemoteShards:
                            "try again (rerun with --resume)")
         return data
 
-    def download(self, name: str, progress=None) -> Path:
-        """Fetch one shard into the cache (resuming a partial download) and check its sha256."""
+    def fetch(self, name: str, progress=None) -> Path:
+        """Download one shard into the cache (not yet checked: see `verify`)."""
         from huggingface_hub import hf_hub_download
 
         counter = type("_Counting", (_Silent,), {"sink": staticmethod(self._received(progress))})
         with hub_errors(self.repo_id, self.commit, name):
-            path = Path(hf_hub_download(self.repo_id, name, revision=self.commit, tqdm_class=counter))
-        self.verify(name, path)
-        return path
+            return Path(hf_hub_download(self.repo_id, name, revision=self.commit, tqdm_class=counter))
 
     def _received(self, progress):
         def sink(n: int) -> None:
@@ -309,27 +308,32 @@ class RemoteShards:
         with _download_bar(self.options.show_progress, sum(self.size(n) for n in self._pending)) as bar:
             for name in sorted(self._pending):
                 self.owned.discard(name)
-                self.download(name, bar.update)
+                self.verify(name, self.fetch(name, bar.update))
                 self._pending.discard(name)
 
+    def budget(self, uses: list[str]) -> tuple[int, int]:
+        """(the download budget, the most bytes one point of the reading needs at once) for a reader
+        taking shards in the order `uses`: source on disk stays within the larger of the two."""
+        sizes = {n: self.size(n) for n in uses if n in self._pending}
+        return (self.options.prefetch + 1) * max(sizes.values(), default=0), needed_at_once(uses, sizes)
+
     def check_space(self, uses: list[str], outputs: list[tuple[Path, int]]) -> None:
-        """Refuse to start without free disk for `window` shards (in the cache) plus the outputs."""
-        sizes = [self.size(n) for n in set(uses) if n in self._pending]
+        """Refuse to start without free disk for the source in flight (in the cache) plus the outputs."""
         present = sum(self.size(n) for n in self._pending if (self.snapshot / n).is_file())
-        needs = [(self.snapshot, window(uses, self._pending, self.options.prefetch) * max(sizes, default=0) - present)]
-        need_free_space(needs + outputs)
+        need_free_space([(self.snapshot, max(self.budget(uses)) - present), *outputs])
 
 
-def window(uses: list[str], pending: set[str], prefetch: int) -> int:
-    """Shards the stream may hold at once: prefetch + 1, or more where one read needs a shard while
-    an earlier one is still to be read again (a MoE layer's two fused expert tensors in two shards)."""
+def needed_at_once(uses: list[str], sizes: dict[str, int]) -> int:
+    """The most bytes of shards (those in `sizes`) a reader taking them in the order `uses` needs on
+    disk together: a shard is needed from its first read to its last, so a MoE layer whose two fused
+    expert tensors lie in two shards needs both at once."""
     first, last = {}, {}
     for i, name in enumerate(uses):
-        if name in pending:
+        if name in sizes:
             first.setdefault(name, i)
             last[name] = i
-    overlap = max((sum(first[n] <= i <= last[n] for n in first) for i in range(len(uses))), default=0)
-    return max(prefetch + 1, overlap)
+    points = sorted(set(first.values()))
+    return max((sum(sizes[n] for n in first if first[n] <= i <= last[n]) for i in points), default=0)
 
 
 def need_free_space(needs: list[tuple[Path, int]]) -> None:
@@ -360,32 +364,36 @@ def _download_bar(show: bool, total: int):
 
 class ShardStream:
     """Shards fetched on a thread for a reader that takes them in the order `uses` (one entry per
-    read): `acquire(name)` waits for a shard, `release(name)` after each read of it; after its last
-    read a shard l4q downloaded is deleted (unless kept). At most `window` fetched shards are on disk
-    or downloading at once."""
+    read): `acquire(name)` waits for a shard, `release(name)` follows each read of it; after its last
+    read a shard l4q downloaded is deleted (unless kept). A download starts when it fits the budget
+    with the shards on disk, or when the reader waits for it; its sha256 is checked on a second
+    thread while the next one downloads."""
 
     def __init__(self, remote: RemoteShards, uses: list[str]):
         self.remote = remote
         pending = remote._pending
         self.left = Counter(n for n in uses if n in pending)
         self.order = list(dict.fromkeys(n for n in uses if n in pending))
-        self.window = window(uses, pending, remote.options.prefetch)
+        self.budget, _ = remote.budget(uses)
         self.cond = threading.Condition()
         self.ready: dict[str, BaseException | None] = {}
-        self.open: set[str] = set()
+        self.waiting_for: str | None = None
         self.stop = False
         self.on_disk = 0
         for name in list(remote.owned.names):
             remote.remove_stale_partials(name)
             if name not in self.left and name in pending:  # fetched by an earlier run that no longer needs it
                 remote.remove(name)
-        self.thread = threading.Thread(target=self._run, name="l4q-download", daemon=True)
+        self.threads = [threading.Thread(target=self._download, name="l4q-download", daemon=True),
+                        threading.Thread(target=self._verify, name="l4q-verify", daemon=True)]
+        self.downloaded: list[str | None] = []  # handed from the download thread to the verifier
 
     def __enter__(self) -> ShardStream:
         total = sum(self.remote.size(n) for n in self.order)
         self._bar_cm = _download_bar(self.remote.options.show_progress and total > 0, total)
         self.bar = self._bar_cm.__enter__()
-        self.thread.start()
+        for t in self.threads:
+            t.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -394,14 +402,17 @@ class ShardStream:
             self.cond.notify_all()
         self._bar_cm.__exit__(None, None, None)
 
-    def _run(self) -> None:
+    def _fits(self, name: str) -> bool:
+        size = self.remote.size(name)
+        return self.stop or self.on_disk == 0 or self.on_disk + size <= self.budget or self.waiting_for == name
+
+    def _download(self) -> None:
         remote = self.remote
         for name in self.order:
             with self.cond:
-                self.cond.wait_for(lambda: self.stop or len(self.open) < self.window)
+                self.cond.wait_for(lambda: self._fits(name))
                 if self.stop:
                     return
-                self.open.add(name)
                 self.on_disk += remote.size(name)
                 remote.peak_bytes = max(remote.peak_bytes, self.on_disk)
             if not remote.kept:
@@ -409,21 +420,46 @@ class ShardStream:
             elif name in remote.owned.names:
                 remote.owned.discard(name)
             try:
-                remote.download(name, self.bar.update)
-                error = None
+                remote.fetch(name, self.bar.update)
             except BaseException as exc:  # handed to the reader, which raises it
-                error = exc
-            with self.cond:
-                self.ready[name] = error
-                self.cond.notify_all()
-            if error is not None:
+                self._done(name, exc)
                 return
+            with self.cond:
+                self.downloaded.append(name)
+                self.cond.notify_all()
+        with self.cond:
+            self.downloaded.append(None)
+            self.cond.notify_all()
+
+    def _verify(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.stop or self.downloaded)
+                if self.stop:
+                    return
+                name = self.downloaded.pop(0)
+            if name is None:
+                return
+            try:
+                self.remote.verify(name, self.remote.snapshot / name)
+                self._done(name, None)
+            except BaseException as exc:
+                self._done(name, exc)
+                return
+
+    def _done(self, name: str, error: BaseException | None) -> None:
+        with self.cond:
+            self.ready[name] = error
+            self.cond.notify_all()
 
     def acquire(self, name: str) -> None:
         if name not in self.left:
             return  # in the cache before this run
         with self.cond:
+            self.waiting_for = name
+            self.cond.notify_all()
             self.cond.wait_for(lambda: name in self.ready)
+            self.waiting_for = None
             error = self.ready[name]
         if error is not None:
             raise error
@@ -439,7 +475,6 @@ class ShardStream:
         if not remote.kept:
             remote.remove(name)
         with self.cond:
-            self.open.discard(name)
             if not remote.kept:
                 self.on_disk -= remote.size(name)
             self.cond.notify_all()

@@ -147,25 +147,26 @@ class FakeHub:
             def _send(self, file: Path, start: int, stop: int, size: int) -> None:
                 import time
 
+                cut = hub.cut_after.get(file.name)
+                paced = hub.bytes_per_second and file.suffix == ".safetensors" and stop - start > 1 << 20
+                step, t0 = 1 << 18, time.monotonic()
                 with open(file, "rb") as f:
                     f.seek(start)
-                    data = bytearray(f.read(stop - start))
-                if file.name in hub.corrupt and start <= size // 2 < stop:
-                    data[size // 2 - start] ^= 0xFF
-                cut = hub.cut_after.get(file.name)
-                step = 1 << 16
-                for at in range(0, len(data), step):
-                    if cut is not None and start + at >= cut:
-                        hub.down = True  # the network goes down mid-file, until the test brings it back
-                        self.close_connection = True
-                        self.connection.close()
-                        return
-                    try:
-                        self.wfile.write(data[at:at + step])
-                    except (BrokenPipeError, ConnectionResetError):  # the client went away (a killed run)
-                        return
-                    if hub.bytes_per_second and file.suffix == ".safetensors" and stop - start > 1 << 20:
-                        time.sleep(step / hub.bytes_per_second)
+                    for at in range(start, stop, step):
+                        if cut is not None and at >= cut:
+                            hub.down = True  # the network goes down mid-file, until the test brings it back
+                            self.close_connection = True
+                            self.connection.close()
+                            return
+                        chunk = bytearray(f.read(min(step, stop - at)))
+                        if file.name in hub.corrupt and at <= size // 2 < at + len(chunk):
+                            chunk[size // 2 - at] ^= 0xFF
+                        try:
+                            self.wfile.write(chunk)
+                        except (BrokenPipeError, ConnectionResetError):  # the client went away (a killed run)
+                            return
+                        if paced:  # sleep until the paced schedule has caught up with what was sent
+                            time.sleep(max(0.0, (at + len(chunk) - start) / hub.bytes_per_second - (time.monotonic() - t0)))
 
             def _json(self, payload: dict) -> None:
                 data = json.dumps(payload).encode()

@@ -17,7 +17,7 @@ import pytest
 
 from fake_hub import FakeHub
 from llama4_quant.checkpoint import Checkpoint, read_tensor, split_in_order, write_index, write_safetensors
-from llama4_quant.hub import window
+from llama4_quant.hub import needed_at_once
 from llama4_quant.tiny_models import tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,28 +89,33 @@ def same_files(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def shard_blobs(tmp: Path) -> list[Path]:
-    """The safetensors blobs (complete or being downloaded) in the test's Hugging Face cache."""
-    blobs = tmp / "hf" / f"models--{REPO_ID.replace('/', '--')}" / "blobs"
-    return [p for p in blobs.glob("*") if p.stat().st_size > 1_000_000] if blobs.is_dir() else []
+def blob_sizes(tmp: Path) -> dict[str, int]:
+    """Size by name of the shard-sized blobs (complete or being downloaded) in the test's Hugging Face
+    cache; a blob deleted while it is listed is skipped."""
+    sizes = {}
+    for p in (tmp / "hf" / f"models--{REPO_ID.replace('/', '--')}" / "blobs").glob("*"):
+        try:
+            sizes[p.name] = p.stat().st_size
+        except FileNotFoundError:
+            continue
+    return {name: size for name, size in sizes.items() if size > 1_000_000}
+
+
+def shard_blobs(tmp: Path) -> list[str]:
+    return sorted(blob_sizes(tmp))
 
 
 class DiskSampler:
     """Samples the bytes of shard blobs on disk every few milliseconds while a run goes on."""
 
     def __init__(self, tmp: Path):
-        self.tmp, self.peak, self.stop = tmp, 0, threading.Event()
+        self.tmp, self.peak, self.samples, self.stop = tmp, 0, 0, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            total = 0
-            for p in shard_blobs(self.tmp):
-                try:
-                    total += p.stat().st_size
-                except FileNotFoundError:
-                    pass
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, sum(blob_sizes(self.tmp).values()))
+            self.samples += 1
             time.sleep(0.005)
 
     def __enter__(self):
@@ -148,12 +153,13 @@ def hub_outputs_match_local(out: Path, local: Path) -> None:
         assert a.tensor_type == b.tensor_type and bytes(a.data) == bytes(b.data), a.name
 
 
-def test_window_covers_reads_that_need_two_shards():
-    assert window(["a", "a", "b", "b", "c"], {"a", "b", "c"}, prefetch=1) == 2
-    assert window(["a", "b", "a", "b", "c"], {"a", "b", "c"}, prefetch=0) == 2  # a MoE layer's experts across two shards
-    assert window(["a", "b", "c", "a"], {"a", "b", "c"}, prefetch=0) == 2  # b is done before c is needed
-    assert window(["a", "b", "c", "b", "a"], {"a", "b", "c"}, prefetch=0) == 3
-    assert window(["a", "b", "a"], {"b"}, prefetch=0) == 1  # shards already cached take no slot
+def test_shards_needed_at_once():
+    sizes = {"a": 4, "b": 3, "c": 2}
+    assert needed_at_once(["a", "a", "b", "b", "c"], sizes) == 4
+    assert needed_at_once(["a", "b", "a", "b", "c"], sizes) == 7  # a MoE layer's experts across two shards
+    assert needed_at_once(["a", "b", "c", "a"], sizes) == 7  # b is done before c is needed
+    assert needed_at_once(["a", "b", "c", "b", "a"], sizes) == 9
+    assert needed_at_once(["a", "b", "a"], {"b": 3}) == 3  # shards already cached take no disk
 
 
 def test_hub_run_is_byte_identical_and_the_kept_cache_serves_a_second_run(hub, hub_repo, local_outputs, tmp_path):
@@ -183,6 +189,7 @@ def test_source_on_disk_stays_within_prefetch_plus_one_shards(hub, hub_repo, loc
     with DiskSampler(tmp_path) as disk:
         result = l4q([*QUANTIZE, "--out-dir", str(out), "--prefetch", str(prefetch)], hub, tmp_path)
     assert result.returncode == 0, result.stderr
+    assert disk.samples > 100 and not disk.thread.is_alive()
     largest = max(p.stat().st_size for p in hub_repo.glob("*.safetensors"))
     print(f"prefetch {prefetch}: peak {disk.peak} bytes of shards on disk, bound {(prefetch + 1) * largest}")
     assert largest < disk.peak <= (prefetch + 1) * largest
