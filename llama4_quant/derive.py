@@ -53,6 +53,10 @@ def derive(
         raise UsageError("two targets would write the same output; give each its own name")
     if schemes:
         check_method(method, None if gguf_types and method == "rtn" else calib)
+        for name, _ in schemes:
+            if method != "rtn" and not ct.get_scheme(name).searchable:
+                raise UsageError(f"--method {method} is not available for {name}: its 128x128 block scales each span "
+                                 "128 rows, and the scale search and GPTQ choose per-row group scales; use --method rtn")
         if max_shard_size <= 0:
             raise UsageError("--max-shard-size must be positive")
     elif method != "rtn":

@@ -345,7 +345,7 @@ def weight_errors(base: Model, cand_dir: Path) -> dict | None:
     candidate against its base, streaming one module at a time."""
     config = json.loads((cand_dir / "config.json").read_text())
     qc = config.get("quantization_config")
-    scheme = ct.scheme_for_format(qc.get("format")) if qc else None
+    scheme = ct.scheme_for_config(qc)
     if scheme is None:
         return None
     spec, cand = base.spec, Checkpoint(cand_dir)
@@ -543,5 +543,5 @@ def _scheme_name(path: Path) -> str:
             pass
         return "gguf"
     qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    scheme = ct.scheme_for_format(qc.get("format"))
+    scheme = ct.scheme_for_config(qc)
     return scheme.name if scheme else "bf16"

@@ -28,6 +28,7 @@ QUANTIZED_SUFFIXES = {
     "pack-quantized": ("weight_packed", "weight_scale", "weight_shape"),
     "int-quantized": ("weight", "weight_scale"),
     "float-quantized": ("weight", "weight_scale"),
+    "nvfp4-pack-quantized": ("weight_packed", "weight_scale", "weight_global_scale"),
 }
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _EXPERT_RE = re.compile(r"(.*\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.")

@@ -158,7 +158,11 @@ def build_plan(
     ignore = list(ct.ALWAYS_IGNORED) + list(ignore)
     units: list[Unit] = []
     expert: list[Weight] = []
+    fused: list[Weight] = []  # the members so far of a fused group that shares a global scale
     for w in walk.weights(model):
+        if fused and w.module != ct.fused_group(fused[0].module)[len(fused)]:
+            raise UsageError(f"{scheme.name} gives {', '.join(ct.fused_group(fused[0].module))} one global scale, "
+                             f"so they must follow each other in the checkpoint; {w.name} comes between them")
         if w.expert is not None:
             expert.append(w)
             if len(expert) == len(EXPERT_PROJECTIONS):
@@ -167,8 +171,12 @@ def build_plan(
             continue
         if (w.role in arch.LINEAR_ROLES and not ct.ignore_matches(ignore, w.module)
                 and scheme.can_quantize(*w.shape)):
-            entries = scheme.entries(w.module, *w.shape)
-            units.append(Unit("linear", (w,), tuple(entries)))
+            group = ct.fused_group(w.module) if scheme.shares_global else (w.module,)
+            fused.append(w)
+            if len(fused) == len(group):  # one unit: the members' scales are set together
+                entries = [e for x in fused for e in scheme.entries(x.module, *x.shape)]
+                units.append(Unit("linear", tuple(fused), tuple(entries)))
+                fused = []
         else:
             if w.role in arch.LINEAR_ROLES and not ct.ignore_matches(ignore, w.module):
                 ignore.append(re_exact(w.module))  # cannot take this scheme's layout: keep it BF16
@@ -209,17 +217,19 @@ class Encoder:
     def precomputed(self, unit: Unit) -> bool:
         return self.gptq is not None and unit.quantize and unit.kind in ("linear", "expert")
 
-    def encode(self, w: Weight, weight: torch.Tensor):
-        """The stored tensors of Linear `w` from its [out, in] values `weight`."""
+    def encode(self, w: Weight, weight: torch.Tensor, scheme: ct.Scheme | None = None):
+        """The stored tensors of Linear `w` from its [out, in] values `weight` (with `scheme`: the
+        scheme bound to the global scale of w's fused group)."""
+        scheme = scheme or self.scheme
         if self.method != "mse":
-            return self.scheme.encode_weight(w.module, weight)
+            return scheme.encode_weight(w.module, weight)
         weight = weight.contiguous()  # the scale search runs on rows
         importance = None
         if self.stats is not None:
             found = self.stats.importance(w.stats_key)
             if found is not None:
                 importance = torch.from_numpy(found[w.expert] if w.expert is not None else found).to(weight.device)
-        return self.scheme.encode_weight(w.module, weight, search_scales(weight, self.scheme, importance))
+        return scheme.encode_weight(w.module, weight, search_scales(weight, scheme, importance))
 
 
 def _copy_extra_files(src: Path, dst: Path) -> list[str]:
@@ -251,6 +261,7 @@ class CompressedTensorsTarget:
         self._last_of_shard = {shard[-1].weights[-1].name for shard in self.plan.shards}
         self.partial: outputs.Partial | None = None
         self._writer: ShardWriter | None = None
+        self._held: list[tuple[Weight, torch.Tensor]] = []  # fused-group members waiting for the last
         self.shards_written = 0
 
     @property
@@ -303,9 +314,26 @@ class CompressedTensorsTarget:
                 writer.write(w.name, tensor_bytes(data))
             elif not unit.quantize:  # an ignored expert: its BF16 projection, unfused
                 writer.write(w.name, data.contiguous())
+            elif self.plan.scheme.shares_global and len(ct.fused_group(w.module)) > 1:
+                self._take_fused(w, data.to(self.device), writer)
             else:  # an expert's transposed view as it is: the rtn kernels work in its stored layout
                 for name, tensor in self.encoder.encode(w, data.to(self.device)):
                     writer.write(name, tensor)
+
+    def _take_fused(self, w: Weight, data: torch.Tensor, writer: ShardWriter) -> None:
+        """Hold the members of a fused group (gate/up, q/k/v: one unit, or one expert's read) until the
+        last arrives, then encode them all with the global scale of their joint absmax."""
+        from . import schemes
+
+        self._held.append((w, data))
+        if w.module != ct.fused_group(w.module)[-1]:
+            return
+        absmax = torch.stack([schemes._group_absmax(d, d.shape[1]).max() for _, d in self._held]).max()
+        bound = self.plan.scheme.for_weight(None, absmax)
+        for held_w, held_data in self._held:
+            for name, tensor in self.encoder.encode(held_w, held_data, bound):
+                writer.write(name, tensor)
+        self._held = []
 
     def weight_done(self, w: Weight) -> None:
         i, unit = self._unit_of[w.name]

@@ -83,7 +83,7 @@ def search_scales(
     equally. Rows are processed in slices of `schemes._row_chunks`, with about three float32 copies of
     one slice alive at a time.
     """
-    scheme = as_scheme(scheme)
+    scheme = as_scheme(scheme).for_weight(w)  # a scheme with a global scale: bound to w's (or its group's)
     schemes._check_weight(w)
     rows, cols = w.shape
     group_size = scheme.group_size(cols)

@@ -369,6 +369,144 @@ def fp8_dequantize(q: Tensor, scale: Tensor) -> Tensor:
     return _dequantize(q, scale, q.shape[-1])
 
 
+# ------------------------------------------------------------------------------------- fp8 block
+
+
+def block_absmax(w: Tensor, block: int) -> Tensor:
+    """Float32 max |w| per block of `block` x `block` weights: [out / block, in / block]."""
+    _check_weight(w)
+    rows, cols = w.shape
+    _check_groups(rows, block)
+    out = torch.empty((rows // block, _check_groups(cols, block)), dtype=torch.float32, device=w.device)
+    step = max(block, _CHUNK_ELEMENTS // max(cols, 1) // block * block)
+    for start in range(0, rows, step):
+        x = w[start:start + step].to(torch.float32).abs_()
+        out[start // block:(start + x.shape[0]) // block] = x.unflatten(0, (-1, block)).unflatten(-1, (-1, block)).amax((1, 3))
+    return out
+
+
+def fp8_block_quantize(w: Tensor, scale: Tensor, block: int) -> Tensor:
+    """float8_e4m3fn [out, in]: clamp(w / scale, +-448) rounded to nearest even, scale per block."""
+    _check_weight(w)
+    rows, cols = w.shape
+    _check_scale(scale, (rows // block, _check_groups(cols, block)))
+    s = scale.to(torch.float32).repeat_interleave(block, 1)  # [rows / block, in]
+    q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=w.device)
+    step = max(block, _CHUNK_ELEMENTS // max(cols, 1) // block * block)
+    for start in range(0, rows, step):
+        x = w[start:start + step].to(torch.float32, copy=True)
+        x.unflatten(0, (-1, block)).div_(s[start // block:(start + x.shape[0]) // block].unsqueeze(1))
+        q[start:start + x.shape[0]] = round_fp8(x)
+    return q
+
+
+def fp8_block_dequantize(q: Tensor, scale: Tensor, block: int) -> Tensor:
+    """Float32 [out, in] weight q * scale, scale per block."""
+    s = scale.to(torch.float32).repeat_interleave(block, 0).repeat_interleave(block, 1)
+    return q.to(torch.float32).mul_(s)
+
+
+# ----------------------------------------------------------------------------------------- nvfp4
+# NVFP4 (compressed-tensors `nvfp4-pack-quantized`, as llm-compressor writes it): FP4 e2m1 values in
+# groups of 16 input columns, one FP8 e4m3 scale per group and one float32 global scale per tensor.
+#
+#     global = 448 * 6 / absmax(tensor)                      (1 where that is not finite)
+#     scale  = fp8(clamp(absmax(group) / 6 * global, +-448)) (round to nearest; 0 -> 0.125)
+#     step   = float32(scale) / global                       (the divisor, in float32)
+#     q      = fp4(clamp(w / step, +-6))                     (nearest; ties to the even code)
+#
+# exactly compressed-tensors' arithmetic. Round to nearest (not up, as the int schemes) costs
+# nothing under a normal FP8 scale: a group's largest |w / step| is then at most 6 * (1 + 2**-4) =
+# 6.375, and clamping it to 6 errs by 0.375 step, less than the half spacing (1 step) of the grid's
+# top interval. A group whose absmax is below 2**-6 / 448 of the tensor's gets a subnormal FP8 scale,
+# coarser relative to it, and may clip more: the format's limit (the mse method weighs it).
+
+NVFP4_GROUP_SIZE = 16
+FP4_MAX = 6.0
+FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # by 3-bit code; bit 3 is the sign
+# Code boundaries: a magnitude above `b` (or at it, where the tie goes up to the even code) takes the
+# next code.
+_FP4_UP_AT = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+
+
+def nvfp4_global_scale(absmax: Tensor) -> Tensor:
+    """float32 [1]: 448 * 6 / absmax of the whole tensor (or fused group), 1 where not finite."""
+    a = absmax.to(torch.float32).reshape(1).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.nan_to_num((FP8_MAX * FP4_MAX) / a, nan=1.0, posinf=1.0, neginf=1.0)
+
+
+def nvfp4_scales(absmax: Tensor, global_scale: Tensor) -> Tensor:
+    """FP8 e4m3 group scales for float32 group absmax values under `global_scale`."""
+    s = global_scale * (absmax.to(torch.float32) / FP4_MAX)
+    s = s.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return torch.where(s.float() == 0, torch.tensor(0.125, device=s.device), s.float()).to(torch.float8_e4m3fn)
+
+
+def nvfp4_steps(scale: Tensor, global_scale: Tensor) -> Tensor:
+    """float32 divisors of the groups: scale / global, as compressed-tensors computes them."""
+    return scale.to(torch.float32) / global_scale
+
+
+def round_fp4_(x: Tensor) -> Tensor:
+    """float32 x rounded to the signed FP4 grid (clamped to +-6, nearest, ties to the even code), in place."""
+    a = x.abs()
+    code = torch.zeros_like(a)
+    for bound, tie_up in _FP4_UP_AT:
+        code += (a >= bound) if tie_up else (a > bound)
+    mag = torch.tensor(FP4_MAGNITUDES, device=x.device)[code.long()]
+    return x.copy_(torch.where(torch.signbit(x), -mag, mag))
+
+
+def fp4_codes(values: Tensor) -> Tensor:
+    """uint8 4-bit codes of FP4 grid values (float): magnitude index | 8 for a set sign bit (-0 included)."""
+    a = values.abs()
+    code = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
+    for i, m in enumerate(FP4_MAGNITUDES[1:], start=1):
+        code[a == m] = i
+    return code | (torch.signbit(values).to(torch.uint8) << 3)
+
+
+def fp4_values(codes: Tensor) -> Tensor:
+    """float32 values of 4-bit codes."""
+    mag = torch.tensor(FP4_MAGNITUDES, device=codes.device)[(codes & 7).long()]
+    return torch.where((codes & 8).bool(), -mag, mag)
+
+
+def nvfp4_quantize(w: Tensor, scale: Tensor, global_scale: Tensor, group_size: int = NVFP4_GROUP_SIZE) -> Tensor:
+    """uint8 [out, in] FP4 codes of w / step, one float32 slice of rows at a time."""
+    _check_weight(w)
+    rows, cols = w.shape
+    groups = _check_groups(cols, group_size)
+    steps = nvfp4_steps(scale, global_scale).unsqueeze(-1)  # [rows, groups, 1]
+    codes = torch.empty((rows, cols), dtype=torch.uint8, device=w.device)
+    for r in _row_chunks(rows, cols):
+        x = w[r].to(torch.float32, copy=True)
+        x.unflatten(-1, (groups, group_size)).div_(steps[r])
+        codes[r] = fp4_codes(round_fp4_(x.clamp_(-FP4_MAX, FP4_MAX)))
+    return codes
+
+
+def nvfp4_dequantize(codes: Tensor, scale: Tensor, global_scale: Tensor, group_size: int = NVFP4_GROUP_SIZE) -> Tensor:
+    """float32 [out, in] weight: FP4 values times their group's step."""
+    rows, cols = codes.shape
+    groups = _check_groups(cols, group_size)
+    x = fp4_values(codes)
+    x.unflatten(-1, (groups, group_size)).mul_(nvfp4_steps(scale, global_scale).unsqueeze(-1))
+    return x
+
+
+def pack_fp4(codes: Tensor) -> Tensor:
+    """uint8 [out, in / 2]: two 4-bit codes per byte, the even column in the low nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"in_features {codes.shape[-1]} must be even to pack FP4 two to a byte")
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def unpack_fp4(packed: Tensor) -> Tensor:
+    """uint8 [out, in] codes from `pack_fp4`'s bytes."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
 # ------------------------------------------------------------------------------------------ checks
 
 

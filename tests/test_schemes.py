@@ -460,21 +460,23 @@ def test_non_contiguous_input() -> None:
 def test_registry() -> None:
     from llama4_quant.model import QUANTIZED_SUFFIXES
 
-    assert ct.scheme_names() == list(ct.SCHEMES) == ["int4", "int8", "fp8"]
+    assert ct.scheme_names() == list(ct.SCHEMES) == ["int4", "int8", "fp8", "fp8-block", "nvfp4a16"]
     for name, scheme in ct.SCHEMES.items():
         assert isinstance(scheme, ct.Scheme) and scheme.name == name
         assert ct.get_scheme(name) is scheme and ct.as_scheme(name) is scheme and ct.as_scheme(scheme) is scheme
-        assert ct.scheme_for_format(scheme.format) is scheme
+        assert ct.scheme_for_format(scheme.format, scheme.strategy) is scheme
+        assert ct.scheme_for_config(ct.quantization_config(scheme, [])) is scheme
         assert scheme.suffixes == QUANTIZED_SUFFIXES[scheme.format]
         assert set(scheme.scale_suffixes) <= set(scheme.suffixes) and scheme.group_scale in scheme.scale_suffixes
         group = ct.quantization_config(scheme, [])["config_groups"]["group_0"]
         assert group["format"] == scheme.format and group["targets"] == ["Linear"]
-    assert ct.scheme_for_format("nvfp4-pack-quantized") is None and ct.scheme_for_format(None) is None
-    with pytest.raises(ValueError, match="unknown scheme 'int2'; choose one of int4, int8, fp8"):
+        assert group["weights"]["strategy"] == scheme.strategy
+    assert ct.scheme_for_format("mxfp4-pack-quantized") is None and ct.scheme_for_format(None) is None
+    with pytest.raises(ValueError, match="unknown scheme 'int2'; choose one of int4, int8, fp8, fp8-block, nvfp4a16"):
         ct.get_scheme("int2")
     with pytest.raises(ValueError, match="twice"):
         ct.register_scheme(type(ct.get_scheme("int4")))
-    assert ct.scheme_names() == ["int4", "int8", "fp8"]
+    assert ct.scheme_names() == ["int4", "int8", "fp8", "fp8-block", "nvfp4a16"]
 
 
 def test_registry_loads_without_torch() -> None:
@@ -484,14 +486,16 @@ def test_registry_loads_without_torch() -> None:
     from pathlib import Path
 
     code = ("import sys; from llama4_quant.formats import compressed_tensors as ct; "
-            "assert ct.scheme_names() == ['int4', 'int8', 'fp8']; assert 'torch' not in sys.modules, 'torch imported'")
+            "assert ct.scheme_names() == ['int4', 'int8', 'fp8', 'fp8-block', 'nvfp4a16']; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
-def scheme_test_weight() -> torch.Tensor:
-    """random_weight plus a -bf16 max entry, whose scale needs the int lower clamp."""
-    w = random_weight(48, 1024, 13)
-    w[3, 5] = -BF16_MAX
+def scheme_test_weight(extreme: bool = True) -> torch.Tensor:
+    """random_weight plus a -bf16 max entry, whose scale needs the int lower clamp (not for a scheme
+    with a per-tensor global scale: one such entry leaves every other group of the tensor at zero)."""
+    w = random_weight(256, 1024, 13)  # whole 128 x 128 blocks for fp8-block
+    if extreme:
+        w[3, 5] = -BF16_MAX
     return w
 
 
@@ -501,7 +505,7 @@ def test_scheme_round_trips_within_its_bound(name: str) -> None:
     from llama4_quant.checkpoint import torch_to_st
 
     scheme = ct.get_scheme(name)
-    w = scheme_test_weight()
+    w = scheme_test_weight(extreme=not scheme.shares_global)
     module = "model.layers.0.feed_forward.experts.3.up_proj"
     assert scheme.can_quantize(*w.shape)
     parts = scheme.encode_weight(module, w)
@@ -524,23 +528,31 @@ def test_scheme_round_trips_within_its_bound(name: str) -> None:
     assert bound.shape == w.shape
     assert bool((err <= bound).all())
     assert float((err / bound).max()) > 0.4  # the bound is tight
-    # a given group scale is what gets stored
-    half = (scales[scheme.group_scale].float() / 2).to(BF16)
+    # a given group scale is what gets stored (for nvfp4: the step, stored as its FP8 scale)
+    bound = scheme.for_weight(w)
+    group = (bound.absmax_scale(S._group_absmax(w, scheme.group_size(w.shape[1])), BF16) if scheme.searchable
+             else scales[scheme.group_scale])
+    half = (group.float() / 2).to(BF16)
     again = dict(scheme.encode_weight(module, w, half))
-    assert torch.equal(again[f"{module}.{scheme.group_scale}"], half)
+    stored = bound.scales_with(w, half)[scheme.group_scale]
+    assert torch.equal(again[f"{module}.{scheme.group_scale}"].float(), stored.float())
+    if not scheme.shares_global:
+        assert torch.equal(stored, half)
 
 
-@pytest.mark.parametrize("name", ct.scheme_names())
+@pytest.mark.parametrize("name", [n for n in ct.scheme_names() if ct.get_scheme(n).searchable])
 def test_scheme_rounding_rule_is_its_quantize(name: str) -> None:
     """What scale_search and GPTQ use (group size, absmax rule, lower clamp, grid) reproduces RTN bit for bit."""
     scheme = ct.get_scheme(name)
-    w = scheme_test_weight()
+    w = scheme_test_weight(extreme=not scheme.shares_global)
     rows, cols = w.shape
     scales = scheme.rtn_scales(w)
-    s = scales[scheme.group_scale]
     gs = scheme.group_size(cols)
+    bound = scheme.for_weight(w)
+    s = bound.absmax_scale(S._group_absmax(w, gs), BF16)  # the group scale: for nvfp4 the float32 step
     assert s.shape == (rows, cols // gs)
-    assert torch.equal(s, scheme.absmax_scale(S._group_absmax(w, gs), BF16))
+    for suffix, t in bound.scales_with(w, s).items():
+        assert torch.equal(t.float(), scales[suffix].float()), suffix
     low = scheme.lower_clamp(s)
     x = w.float().unflatten(-1, (cols // gs, gs)) / s.float().unsqueeze(-1)
     grid = scheme.round_to_grid(x, None if low is None else low.unsqueeze(-1))

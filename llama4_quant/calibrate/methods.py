@@ -59,22 +59,41 @@ class GPTQPass(StatsCollector):
         if not any(m in self.modules for m in call.modules):
             return ws
         h = hessian(x)
+        bound = self._bound_schemes(call, ws)
         out = []
         for module, w in zip(call.modules, ws):
             if module not in self.modules:
                 out.append(w)
                 continue
             check_finite(w, module)
+            scheme = bound.get(module, self.scheme)
             diag = h.diagonal()
             # A non-finite Hessian: absmax-grid scales without weights, and gptq_quantize falls back to RTN.
-            scale = search_scales(w, self.scheme, importance=diag if bool(torch.isfinite(diag).all()) else None)
-            result = gptq_quantize(w, h, self.scheme, scale, block_size=GPTQ_BLOCK, damp=GPTQ_DAMP, act_order=True)
-            parts = self.scheme.encode(module, result.q, self.scheme.scales_with(w, result.scale))
+            scale = search_scales(w, scheme, importance=diag if bool(torch.isfinite(diag).all()) else None)
+            result = gptq_quantize(w, h, scheme, scale, block_size=GPTQ_BLOCK, damp=GPTQ_DAMP, act_order=True)
+            parts = scheme.encode(module, result.q, scheme.scales_with(w, result.scale))
             self.encoded.update(parts)
             self.log.append({"module": module, "tokens": len(x), "fell_back_to_rtn": result.fell_back,
                              "reason": result.reason})
             out.append(decode(parts, module, self.scheme, w.device))
         return tuple(out)
+
+    def _bound_schemes(self, call: LinearCall, ws: tuple[torch.Tensor, ...]) -> dict[str, ct.Scheme]:
+        """For a scheme with a global scale: module -> the scheme bound to its fused group's scale,
+        from the group's weights before GPTQ changes them (a call loads whole fused groups)."""
+        if not self.scheme.shares_global:
+            return {}
+        groups: dict[tuple[str, ...], list[torch.Tensor]] = {}
+        for module, w in zip(call.modules, ws):
+            if module in self.modules:
+                groups.setdefault(ct.fused_group(module), []).append(w)
+        bound = {}
+        for members, group_ws in groups.items():
+            if len(group_ws) != len(members):
+                raise RuntimeError(f"{members[0]}: its fused group is split across Linear calls")
+            absmax = torch.stack([w.abs().max().float() for w in group_ws]).max()
+            bound.update(dict.fromkeys(members, self.scheme.for_weight(None, absmax)))
+        return bound
 
     def save_layer(self, layer: int, work_dir: Path) -> None:
         self.save_routing(layer, work_dir)

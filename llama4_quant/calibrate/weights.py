@@ -32,7 +32,7 @@ class WeightSource:
         self.dir, self.config, self.spec, self.ckpt = model.dir, model.config, model.spec, model.ckpt
         self.device = torch.device(device)
         qc = self.config.get("quantization_config") or {}
-        self.scheme = ct.scheme_for_format(qc.get("format"))
+        self.scheme = ct.scheme_for_config(qc)
 
     def _info(self, name: str):
         try:

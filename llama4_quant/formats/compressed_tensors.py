@@ -53,8 +53,17 @@ class Scheme(ABC):
     group_scale: ClassVar[str]  # the scale tensor scale_search picks and GPTQ divides by
     half_range: ClassVar[float]  # the absmax rule's divisor: group scale >= absmax / half_range
 
+    shares_global: ClassVar[bool] = False  # one per-tensor scale for each fused group (q/k/v, gate/up)
+    searchable: ClassVar[bool] = True  # group scales per row: mse (scale_search) and GPTQ apply
+    strategy: ClassVar[str] = ""  # compressed-tensors' weight strategy (channel, group, block ...)
+
     def __repr__(self) -> str:
         return f"<scheme {self.name}>"
+
+    def for_weight(self, w: Tensor | None, absmax: Tensor | None = None) -> Scheme:
+        """The scheme for one weight: itself, or for a scheme with a per-tensor scale, an instance bound
+        to that scale, from `absmax` (the fused group's, when given) or w's own."""
+        return self
 
     # ------------------------------------------------------------------ rounding rule (scale_search, GPTQ)
 
@@ -137,8 +146,9 @@ class Scheme(ABC):
 
     def encode_weight(self, module: str, w: Tensor, group_scale: Tensor | None = None) -> list[tuple[str, Tensor]]:
         """Quantize one [out, in] weight (RTN scales unless `group_scale` is given) and encode it."""
-        scales = self.rtn_scales(w) if group_scale is None else self.scales_with(w, group_scale)
-        return self.encode(module, self.quantize(w, scales), scales)
+        bound = self.for_weight(w)
+        scales = bound.rtn_scales(w) if group_scale is None else bound.scales_with(w, group_scale)
+        return bound.encode(module, bound.quantize(w, scales), scales)
 
     def config_group(self):
         """This scheme's `config_groups` entry: compressed-tensors' preset, with our format."""
@@ -179,9 +189,22 @@ def as_scheme(scheme: Scheme | str) -> Scheme:
     return get_scheme(scheme) if isinstance(scheme, str) else scheme
 
 
-def scheme_for_format(fmt: str | None) -> Scheme | None:
-    """The scheme that writes compressed-tensors format `fmt`, or None."""
-    return next((s for s in SCHEMES.values() if s.format == fmt), None)
+def scheme_for_format(fmt: str | None, strategy: str | None = None) -> Scheme | None:
+    """The scheme that writes compressed-tensors format `fmt` (with weight `strategy`, where two share
+    a format: fp8 per channel, fp8-block), or None."""
+    found = [s for s in SCHEMES.values() if s.format == fmt]
+    if strategy is not None:
+        found = [s for s in found if s.strategy == strategy] or found
+    return found[0] if found else None
+
+
+def scheme_for_config(qc: dict | None) -> Scheme | None:
+    """The scheme of a derivative's `quantization_config`, or None."""
+    if not qc:
+        return None
+    groups = list((qc.get("config_groups") or {}).values())
+    strategy = ((groups[0] or {}).get("weights") or {}).get("strategy") if groups else None
+    return scheme_for_format(qc.get("format"), strategy)
 
 
 # ----------------------------------------------------------------------------------------- schemes
@@ -273,6 +296,7 @@ class Int4(_IntScheme):
     name = "int4"
     preset = "W4A16"
     format = "pack-quantized"
+    strategy = "group"
     description = "int4 weights, symmetric, group 128, 16-bit activations"
     suffixes = QUANTIZED_SUFFIXES[format]
     qmin, qmax = -8, 7
@@ -333,6 +357,7 @@ class Int8(_PerChannel, _IntScheme):
     name = "int8"
     preset = "W8A8"
     format = "int-quantized"
+    strategy = "channel"
     description = "int8 per-channel weights, dynamic per-token int8 activations"
     suffixes = QUANTIZED_SUFFIXES[format]
     weight_dtype = "I8"
@@ -348,6 +373,7 @@ class Fp8(_PerChannel, _SymmetricScheme):
     name = "fp8"
     preset = "FP8_DYNAMIC"
     format = "float-quantized"
+    strategy = "channel"
     description = "FP8 e4m3 per-channel weights, dynamic per-token FP8 activations"
     suffixes = QUANTIZED_SUFFIXES[format]
     weight_dtype = "F8_E4M3"
@@ -374,6 +400,223 @@ class Fp8(_PerChannel, _SymmetricScheme):
 
         # half an e4m3 ulp: 2**-4 relative for normals, 2**-10 * scale for subnormals
         return torch.maximum(w.double().abs() * 2.0**-4, self._scale_per_element(w, scales) * 2.0**-10)
+
+
+@register_scheme
+class Fp8Block(Scheme):
+    """float8_e4m3fn values with one BF16 scale per block of 128 x 128 weights (compressed-tensors
+    FP8_BLOCK: dynamic FP8 activations per group of 128). The rounding rule is fp8's: the smallest
+    BF16 scale >= block absmax / 448, one value down where 448 * scale overflows, values rounded to
+    nearest even and saturated at +-448."""
+
+    name = "fp8-block"
+    preset = "FP8_BLOCK"
+    format = "float-quantized"
+    strategy = "block"
+    description = "FP8 e4m3 weights with 128x128 block scales, dynamic per-group FP8 activations"
+    suffixes = QUANTIZED_SUFFIXES[format]
+    scale_suffixes = ("weight_scale",)
+    group_scale = "weight_scale"
+    half_range = 448.0
+    searchable = False  # a block's scale spans 128 rows: not a per-row group for mse or GPTQ
+    block = 128
+
+    def group_size(self, in_features: int) -> int:
+        return self.block
+
+    def can_quantize(self, out_features: int, in_features: int) -> bool:
+        return out_features % self.block == 0 and in_features % self.block == 0  # whole blocks, as vLLM needs
+
+    def absmax_scale(self, absmax: Tensor, scale_dtype: torch.dtype) -> Tensor:
+        from .. import schemes
+
+        return schemes.fp8_absmax_scale(absmax, scale_dtype)
+
+    def round_to_grid(self, x: Tensor, lower: Tensor | None = None) -> Tensor:
+        from .. import schemes
+
+        return schemes.round_fp8(x).float()
+
+    def to_values(self, grid: Tensor) -> Tensor:
+        import torch
+
+        return grid.to(torch.float8_e4m3fn)
+
+    def rtn_scales(self, w: Tensor) -> dict[str, Tensor]:
+        from .. import schemes
+
+        return {"weight_scale": schemes.fp8_absmax_scale(schemes.block_absmax(w, self.block))}
+
+    def scales_with(self, w: Tensor, group_scale: Tensor) -> dict[str, Tensor]:
+        return {"weight_scale": group_scale}
+
+    def quantize(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        from .. import schemes
+
+        return schemes.fp8_block_quantize(w, scales["weight_scale"], self.block)
+
+    def dequantize(self, q: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        from .. import schemes
+
+        return schemes.fp8_block_dequantize(q, scales["weight_scale"], self.block)
+
+    def error_bound(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        import torch
+
+        s = scales["weight_scale"].double().repeat_interleave(self.block, 0).repeat_interleave(self.block, 1)
+        return torch.maximum(w.double().abs() * 2.0**-4, s * 2.0**-10)  # half an e4m3 ulp, as fp8
+
+    def layout(self, out_features: int, in_features: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {"weight": ("F8_E4M3", (out_features, in_features)),
+                "weight_scale": ("BF16", (out_features // self.block, in_features // self.block))}
+
+    def stored(self, q: Tensor, scales: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {"weight": q, "weight_scale": scales["weight_scale"]}
+
+    def decode(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        return self.dequantize(tensors["weight"], {"weight_scale": tensors["weight_scale"]})
+
+    def decode_as_loaded(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        return self.decode(tensors).to(tensors["weight_scale"].dtype).float()
+
+
+@register_scheme
+class NvFp4A16(Scheme):
+    """FP4 e2m1 values in groups of 16 input columns, FP8 e4m3 group scales and a float32 global scale
+    per tensor, shared by the members of a fused group (gate/up, q/k/v) as vLLM loads them fused.
+
+    The group scale that `scale_search` and GPTQ work on is the float32 step, scale / global, that w is
+    divided by; `scales_with` turns it back into the FP8 scale (exactly: the step is within float32
+    rounding of an FP8 value over the global scale, and FP8's grid is far coarser)."""
+
+    name = "nvfp4a16"
+    preset = "NVFP4A16"
+    format = "nvfp4-pack-quantized"
+    strategy = "tensor_group"
+    description = "NVFP4 weights (FP4 e2m1, group 16, FP8 scales, global scale), 16-bit activations"
+    suffixes = QUANTIZED_SUFFIXES[format]
+    scale_suffixes = ("weight_scale", "weight_global_scale")
+    group_scale = "weight_scale"
+    half_range = 6.0
+    shares_global = True
+
+    def __init__(self, global_scale: Tensor | None = None):
+        self.global_scale = global_scale
+
+    def for_weight(self, w: Tensor | None, absmax: Tensor | None = None) -> Scheme:
+        if self.global_scale is not None:
+            return self
+        from .. import schemes
+
+        if absmax is None:
+            absmax = schemes._group_absmax(w, w.shape[1]).max()
+        return type(self)(schemes.nvfp4_global_scale(absmax))
+
+    def _global(self, w: Tensor) -> Tensor:
+        return self.for_weight(w).global_scale.to(w.device)
+
+    def group_size(self, in_features: int) -> int:
+        from .. import schemes
+
+        return schemes.NVFP4_GROUP_SIZE
+
+    def can_quantize(self, out_features: int, in_features: int) -> bool:
+        return in_features % self.group_size(in_features) == 0
+
+    def absmax_scale(self, absmax: Tensor, scale_dtype: torch.dtype) -> Tensor:
+        from .. import schemes
+
+        if self.global_scale is None:
+            raise ValueError("nvfp4 group scales need the tensor's global scale: use scheme.for_weight(w)")
+        g = self.global_scale.to(absmax.device)
+        return schemes.nvfp4_steps(schemes.nvfp4_scales(absmax, g), g)
+
+    def round_to_grid(self, x: Tensor, lower: Tensor | None = None) -> Tensor:
+        from .. import schemes
+
+        return schemes.round_fp4_(x)
+
+    def to_values(self, grid: Tensor) -> Tensor:
+        from .. import schemes
+
+        return schemes.fp4_codes(grid)
+
+    def rtn_scales(self, w: Tensor) -> dict[str, Tensor]:
+        from .. import schemes
+
+        g = self._global(w)
+        absmax = schemes._group_absmax(w, self.group_size(w.shape[1]))
+        return {"weight_scale": schemes.nvfp4_scales(absmax, g), "weight_global_scale": g}
+
+    def scales_with(self, w: Tensor, group_scale: Tensor) -> dict[str, Tensor]:
+        import torch
+
+        g = self._global(w)
+        return {"weight_scale": (group_scale.to(torch.float32) * g).to(torch.float8_e4m3fn), "weight_global_scale": g}
+
+    def quantize(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        from .. import schemes
+
+        return schemes.nvfp4_quantize(w, scales["weight_scale"], scales["weight_global_scale"])
+
+    def dequantize(self, q: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        from .. import schemes
+
+        return schemes.nvfp4_dequantize(q, scales["weight_scale"], scales["weight_global_scale"])
+
+    def error_bound(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        import torch
+
+        from .. import schemes
+
+        group = self.group_size(w.shape[1])
+        step = schemes.nvfp4_steps(scales["weight_scale"], scales["weight_global_scale"]).double()
+        step = step.repeat_interleave(group, dim=1)
+        x = w.double().abs() / step
+        # half the grid's spacing where |w / step| lies (0.5 up to 2, 1 up to 4, 2 above), or what the
+        # clamp at 6 cuts: at most 0.375 step under a normal FP8 scale (see schemes.py), more where a
+        # group's scale rounds into FP8's subnormals, far below the tensor's largest group; plus float32
+        # rounding of the division
+        half = torch.where(x <= 2, 0.25, torch.where(x <= 4, 0.5, 1.0))
+        return torch.maximum(half, x - 6) * step + 2.0**-20 * (w.double().abs() + step)
+
+    def layout(self, out_features: int, in_features: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {
+            "weight_packed": ("U8", (out_features, in_features // 2)),
+            "weight_scale": ("F8_E4M3", (out_features, in_features // self.group_size(in_features))),
+            "weight_global_scale": ("F32", (1,)),
+        }
+
+    def stored(self, q: Tensor, scales: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        from .. import schemes
+
+        return {"weight_packed": schemes.pack_fp4(q), "weight_scale": scales["weight_scale"],
+                "weight_global_scale": scales["weight_global_scale"]}
+
+    def decode(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        from .. import schemes
+
+        return schemes.nvfp4_dequantize(schemes.unpack_fp4(tensors["weight_packed"]), tensors["weight_scale"],
+                                        tensors["weight_global_scale"])
+
+    def decode_as_loaded(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        import torch
+
+        # compressed-tensors multiplies in float32 and casts the product to the model dtype
+        return self.decode(tensors).to(torch.bfloat16).float()
+
+
+FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fused_group(module: str) -> tuple[str, ...]:
+    """The modules vLLM loads fused with `module` (itself included, in order): q/k/v and gate/up
+    siblings, routed experts' per expert; just `module` for any other."""
+    base, _, proj = module.rpartition(".")
+    for group in FUSED_PROJECTIONS:
+        if proj in group:
+            return tuple(f"{base}.{p}" for p in group)
+    return (module,)
 
 
 def ignore_matches(patterns: list[str], module: str) -> bool:
