@@ -1,0 +1,243 @@
+"""The FP4 and block-FP8 schemes: rounding against float64, bytes against compressed-tensors' own
+compressors, fused global scales, and the names vLLM's Llama 4 loader maps."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from llama4_quant import pipeline, schemes as S, sources
+from llama4_quant.formats import compressed_tensors as ct
+
+BF16 = torch.bfloat16
+
+
+def weights(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Heavy-tailed BF16 weights, a few groups much smaller than the rest, and exact zeros."""
+    g = torch.Generator().manual_seed(seed)
+    w = 0.02 * torch.distributions.StudentT(3.0).sample((rows, cols))
+    w[:, :16] *= 1e-3
+    w[1, 16:48] = 0
+    w[2, 5] = 0.9  # one outlier sets the global scale
+    return (w * (1 + 0.01 * torch.rand(rows, cols, generator=g))).to(BF16)
+
+
+# -------------------------------------------------------------------------------------------- FP4
+
+
+def test_fp4_rounding_is_nearest_with_ties_to_the_even_code():
+    x = torch.cat([torch.arange(-7 * 64, 7 * 64 + 1) / 64.0, torch.randn(4000) * 3])  # every tie is on 1/64 steps
+    got = S.round_fp4_(x.clone())
+    grid = torch.tensor(S.FP4_MAGNITUDES, dtype=torch.float64)
+    a = x.double().abs().clamp(max=6)
+    dist = (a[:, None] - grid[None, :]).abs()
+    best = dist.min(1, keepdim=True).values
+    # among the nearest magnitudes, the even code (a mantissa bit of 0) wins
+    candidates = torch.where(dist == best, torch.arange(8), 99)
+    even = torch.where(candidates % 2 == 0, candidates, 99).min(1).values
+    code = torch.where(even < 99, even, candidates.min(1).values)
+    expected = torch.where(x < 0, -grid[code], grid[code])
+    assert torch.equal(got.double().abs(), expected.abs()) and torch.equal(torch.signbit(got), torch.signbit(x))
+    assert torch.equal(S.fp4_values(S.fp4_codes(got)), got)
+    codes = torch.arange(16, dtype=torch.uint8)
+    assert torch.equal(S.fp4_codes(S.fp4_values(codes)), codes)  # -0 included
+    packed = S.pack_fp4(codes.view(1, 16))
+    assert packed.tolist() == [[0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE]]
+    assert torch.equal(S.unpack_fp4(packed), codes.view(1, 16))
+
+
+def compressed_tensors_nvfp4(w: torch.Tensor):
+    """compressed-tensors' own NVFP4 path for one weight: global scale, group scales, packed bytes."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    scheme = preset_name_to_scheme("NVFP4A16", ["Linear"])
+    wf = w.float()
+    g = generate_gparam(wf.min(), wf.max())
+    groups = wf.unflatten(-1, (-1, 16))
+    scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), scheme.weights, global_scale=g)
+    state = NVFP4PackedCompressor.compress({"weight": w, "weight_scale": scale, "weight_global_scale": g}, scheme)
+    return scheme, g, state["weight_scale"], state["weight_packed"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nvfp4_bytes_equal_compressed_tensors(seed):
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+
+    w = weights(64, 512, seed)
+    scheme = ct.get_scheme("nvfp4a16")
+    module = "model.layers.0.feed_forward.experts.1.gate_proj"
+    ours = {n.removeprefix(module + "."): t for n, t in scheme.encode_weight(module, w)}
+    ct_scheme, g, scale, packed = compressed_tensors_nvfp4(w)
+    assert torch.equal(ours["weight_global_scale"], g)
+    assert torch.equal(ours["weight_scale"].view(torch.uint8), scale.view(torch.uint8))
+    assert torch.equal(ours["weight_packed"], packed)
+    loaded = NVFP4PackedCompressor.decompress(dict(ours), ct_scheme)["weight"]
+    assert torch.equal(loaded.float(), scheme.decode_as_loaded(ours))
+
+
+def test_nvfp4_mse_never_loses_to_rtn_and_stores_what_it_searched():
+    from llama4_quant.scale_search import search_scales
+
+    w = weights(32, 256, 3)
+    scheme = ct.get_scheme("nvfp4a16")
+    bound = scheme.for_weight(w)
+    imp = torch.rand(256, generator=torch.Generator().manual_seed(4)) ** 2
+    steps = search_scales(w, scheme, imp)
+    rtn = bound.rtn_scales(w)
+    searched = bound.scales_with(w, steps)
+    assert torch.equal(searched["weight_global_scale"], rtn["weight_global_scale"])
+    assert torch.equal(S.nvfp4_steps(searched["weight_scale"], searched["weight_global_scale"]), steps)
+
+    def err(scales):
+        d = bound.dequantize(bound.quantize(w, scales), scales).double()
+        return ((w.double() - d) ** 2 * imp.double()).unflatten(-1, (-1, 16)).sum(-1)
+
+    assert bool((err(searched) <= err(rtn) * (1 + 1e-6)).all())
+    assert float(err(searched).sum()) < 0.97 * float(err(rtn).sum())
+
+
+def test_nvfp4_gptq_beats_rtn_on_correlated_inputs():
+    from llama4_quant.calibrate.gptq import gptq_quantize
+    from llama4_quant.scale_search import search_scales
+
+    torch.manual_seed(5)
+    w = weights(48, 256, 5)
+    x = torch.randn(2048, 32) @ torch.randn(32, 256) + 0.1 * torch.randn(2048, 256)  # strongly correlated
+    h = x.T @ x / len(x)
+    bound = ct.get_scheme("nvfp4a16").for_weight(w)
+    steps = search_scales(w, bound)
+    result = gptq_quantize(w, h, bound, steps, block_size=128, damp=0.01, act_order=True)
+    assert not result.fell_back and result.q.dtype == torch.uint8 and int(result.q.max()) < 16
+    scales = bound.scales_with(w, result.scale)
+
+    def out_err(q):
+        d = bound.dequantize(q, scales)
+        return float(((x @ (w.float() - d).T) ** 2).mean())
+
+    assert out_err(result.q) < 0.8 * out_err(bound.quantize(w, scales))
+
+
+# ------------------------------------------------------------------------------------- FP8 block
+
+
+def test_fp8_block_against_compressed_tensors():
+    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    w = weights(256, 384, 6)
+    scheme = ct.get_scheme("fp8-block")
+    ct_scheme = preset_name_to_scheme("FP8_BLOCK", ["Linear"])
+    blocks = w.float().unflatten(0, (2, 128)).unflatten(-1, (3, 128))
+    theirs, _ = calculate_qparams(blocks.amin((1, 3)), blocks.amax((1, 3)), ct_scheme.weights)
+    ours = scheme.rtn_scales(w)["weight_scale"]
+    # l4q rounds the BF16 scale up (compressed-tensors to nearest): never below, at most one BF16 step above
+    assert bool((ours.float() >= theirs.to(BF16).float()).all())
+    assert bool((ours.float() <= theirs.float() * (1 + 2**-7)).all())
+    module = "model.layers.0.feed_forward.experts.1.down_proj"
+    stored = {n.removeprefix(module + "."): t for n, t in scheme.encode_weight(module, w)}
+    loaded = FloatQuantizationCompressor.decompress(dict(stored), ct_scheme)["weight"]
+    assert torch.equal(loaded.float(), scheme.decode_as_loaded(stored))
+    # Given the same scales, compressed-tensors divides BF16 by BF16 in BF16, so its quotient is rounded
+    # twice (to BF16, then to FP8); l4q divides in float32 and rounds once. Where the two differ, l4q's
+    # value is the nearer one, and never more than one FP8 step away from theirs.
+    same = FloatQuantizationCompressor.compress({"weight": w, "weight_scale": ours}, ct_scheme)["weight"]
+    s = ours.float().repeat_interleave(128, 0).repeat_interleave(128, 1)
+    mine_err = (w.float() - stored["weight"].float() * s).abs()
+    their_err = (w.float() - same.float() * s).abs()
+    assert bool((mine_err <= their_err).all())
+    steps = (stored["weight"].view(torch.uint8).int() - same.view(torch.uint8).int()).abs()
+    assert int(steps.max()) <= 1
+
+
+def test_fp8_block_refuses_the_searched_methods(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    result = CliRunner().invoke(main, ["quantize", "--model", "tiny", "--to", "fp8-block", "--method", "mse",
+                                       "--out", str(tmp_path / "x"), "--quiet"])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "fp8-block" in result.stderr and "--method rtn" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------- whole tiny outputs
+
+# vLLM's FusedMoE.make_expert_params_mapping, as its Llama 4 loader uses it: a checkpoint name holding
+# `experts.{e}.{proj}.` becomes `experts.w13_` (gate, up: shards w1, w3) or `experts.w2_` (down) +
+# the suffix, loaded into expert e's shard of that fused parameter.
+VLLM_SHARDS = {"gate_proj": ("w13_", "w1"), "up_proj": ("w13_", "w3"), "down_proj": ("w2_", "w2")}
+# The per-expert parameters vLLM's compressed-tensors MoE methods register, by format.
+VLLM_MOE_PARAMS = {
+    "pack-quantized": {"weight_packed", "weight_scale", "weight_shape"},
+    "float-quantized": {"weight", "weight_scale"},
+    "nvfp4-pack-quantized": {"weight_packed", "weight_scale", "weight_global_scale"},
+}
+
+
+def vllm_expert_param(name: str) -> tuple[str, int, str] | None:
+    m = re.search(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.", name)
+    if m is None:
+        return None
+    prefix, shard = VLLM_SHARDS[m.group(2)]
+    return name.replace(m.group(0), f".experts.{prefix}"), int(m.group(1)), shard
+
+
+@pytest.fixture(scope="module")
+def tiny_outputs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp")
+    src = sources.resolve("tiny")
+    for scheme in ("nvfp4a16", "fp8-block", "int4"):
+        pipeline.quantize(src, out / scheme, scheme, show_progress=False)
+    return out
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    found = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            found.update({n: f.get_tensor(n) for n in f.keys()})
+    return found
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4a16", "fp8-block", "int4"])
+def test_expert_names_map_onto_vllm_parameters(tiny_outputs, scheme):
+    import json
+
+    config = json.loads((tiny_outputs / scheme / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert ct.scheme_for_config(qc) is ct.get_scheme(scheme) and len(qc["config_groups"]) == 1  # one scheme
+    spec_experts = config["text_config"]["num_local_experts"]
+    loaded = Counter()
+    for name in tensors(tiny_outputs / scheme):
+        mapped = vllm_expert_param(name)
+        if mapped is None:
+            assert ".experts." not in name, name
+            continue
+        param, expert, shard = mapped
+        base, _, suffix = param.rpartition(".experts.")
+        assert suffix.split("_", 1)[1] in VLLM_MOE_PARAMS[qc["format"]], name
+        loaded[(base, suffix, shard)] += 1
+        assert 0 <= expert < spec_experts
+    assert loaded and set(loaded.values()) == {spec_experts}  # every expert, every shard, exactly once
+
+
+def test_fused_groups_share_their_global_scale(tiny_outputs):
+    found = tensors(tiny_outputs / "nvfp4a16")
+    gates = [n for n in found if n.endswith("gate_proj.weight_global_scale")]
+    assert len(gates) > 16
+    for gate in gates:
+        up = gate.replace("gate_proj", "up_proj")
+        assert torch.equal(found[gate], found[up]), gate
+        # the shared global scale is the pair's: the larger absmax of the two sets it
+        g = found[gate]
+        assert bool((found[gate.replace("weight_global_scale", "weight_scale")].float() <= 448).all()) and g > 0
+    downs = [found[n] for n in found if n.endswith("down_proj.weight_global_scale")]
+    assert len({float(d) for d in downs}) > 1
