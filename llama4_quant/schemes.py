@@ -424,11 +424,6 @@ def fp8_block_dequantize(q: Tensor, scale: Tensor, block: int) -> Tensor:
 NVFP4_GROUP_SIZE = 16
 FP4_MAX = 6.0
 FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # by 3-bit code; bit 3 is the sign
-# Code boundaries: a magnitude above `b` (or at it, where the tie goes up to the even code) takes the
-# next code.
-_FP4_UP_AT = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
-
-
 def nvfp4_global_scale(absmax: Tensor) -> Tensor:
     """float32 [1]: 448 * 6 / absmax of the whole tensor (or fused group), 1 where not finite."""
     a = absmax.to(torch.float32).reshape(1).clamp(min=torch.finfo(torch.float32).tiny)
@@ -448,21 +443,19 @@ def nvfp4_steps(scale: Tensor, global_scale: Tensor) -> Tensor:
 
 
 def round_fp4_(x: Tensor) -> Tensor:
-    """float32 x rounded to the signed FP4 grid (clamped to +-6, nearest, ties to the even code), in place."""
-    a = x.abs()
-    code = torch.zeros_like(a)
-    for bound, tie_up in _FP4_UP_AT:
-        code += (a >= bound) if tie_up else (a > bound)
-    mag = torch.tensor(FP4_MAGNITUDES, device=x.device)[code.long()]
-    return x.copy_(torch.where(torch.signbit(x), -mag, mag))
+    """float32 x rounded to the signed FP4 grid (clamped to +-6, nearest, ties to the even code), in place.
+
+    The grid is spaced 0.5 below 2, 1 up to 4 and 2 up to 6, and in each stretch the even codes are
+    the even multiples of the spacing, so round-half-even of |x| / spacing is the tie rule."""
+    a = x.abs().clamp_(max=FP4_MAX)
+    q = torch.where(a < 2, torch.round(a * 2) / 2, torch.where(a < 4, torch.round(a), torch.round(a / 2) * 2))
+    return x.copy_(torch.copysign(q, x))
 
 
 def fp4_codes(values: Tensor) -> Tensor:
     """uint8 4-bit codes of FP4 grid values (float): magnitude index | 8 for a set sign bit (-0 included)."""
     a = values.abs()
-    code = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
-    for i, m in enumerate(FP4_MAGNITUDES[1:], start=1):
-        code[a == m] = i
+    code = torch.where(a < 2, a * 2, torch.where(a < 4, a + 2, a / 2 + 4)).to(torch.uint8)
     return code | (torch.signbit(values).to(torch.uint8) << 3)
 
 

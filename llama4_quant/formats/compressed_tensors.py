@@ -590,8 +590,9 @@ class NvFp4A16(Scheme):
     def stored(self, q: Tensor, scales: Mapping[str, Tensor]) -> dict[str, Tensor]:
         from .. import schemes
 
+        # a copy of the global scale per module: fused members must not share storage (safetensors refuses)
         return {"weight_packed": schemes.pack_fp4(q), "weight_scale": scales["weight_scale"],
-                "weight_global_scale": scales["weight_global_scale"]}
+                "weight_global_scale": scales["weight_global_scale"].clone()}
 
     def decode(self, tensors: Mapping[str, Tensor]) -> Tensor:
         from .. import schemes
