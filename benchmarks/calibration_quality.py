@@ -49,11 +49,14 @@ def main() -> None:
         variants = {}  # name -> command args
         for scheme in args.schemes:
             base = ["quantize", "--model", args.model, "--to", scheme]
+            if get_scheme(scheme).activations:  # static input scales: every method takes the statistics
+                base += ["--calib", str(stats)]
             variants[f"{scheme} rtn"] = base
             if get_scheme(scheme).searchable:
                 variants[f"{scheme} mse"] = [*base, "--method", "mse"]
-                variants[f"{scheme} mse+imatrix"] = [*base, "--method", "mse", "--calib", str(stats)]
-                variants[f"{scheme} gptq"] = [*base, "--method", "gptq", "--calib", str(stats)]
+                calib = [] if "--calib" in base else ["--calib", str(stats)]
+                variants[f"{scheme} mse+imatrix"] = [*base, "--method", "mse", *calib]
+                variants[f"{scheme} gptq"] = [*base, "--method", "gptq", *calib]
         variants["Q4_K_M"] = ["export", "gguf", args.model, "--type", "Q4_K_M"]
         variants["Q4_K_M imatrix"] = ["export", "gguf", args.model, "--type", "Q4_K_M", "--imatrix", str(stats)]
         outs = {}

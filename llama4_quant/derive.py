@@ -12,7 +12,7 @@ from .errors import UsageError
 from .formats import compressed_tensors as ct
 from .formats.gguf import GGUFTarget, llama_cpp_warnings
 from .model import Model
-from .pipeline import DEFAULT_MAX_SHARD_SIZE, CompressedTensorsTarget, check_method, ignore_patterns, load_stats
+from .pipeline import DEFAULT_MAX_SHARD_SIZE, CompressedTensorsTarget, check_scheme_method, ignore_patterns, load_stats
 
 
 @dataclass
@@ -51,12 +51,10 @@ def derive(
     outs = [out for _, out in schemes + gguf_types]
     if len(set(outs)) != len(outs):
         raise UsageError("two targets would write the same output; give each its own name")
+    static_inputs = [name for name, _ in schemes if ct.get_scheme(name).activations]
     if schemes:
-        check_method(method, None if gguf_types and method == "rtn" else calib)
         for name, _ in schemes:
-            if method != "rtn" and not ct.get_scheme(name).searchable:
-                raise UsageError(f"--method {method} is not available for {name}: its 128x128 block scales each span "
-                                 "128 rows, and the scale search and GPTQ choose per-row group scales; use --method rtn")
+            check_scheme_method(ct.get_scheme(name), method, calib, with_gguf=bool(gguf_types) or bool(static_inputs))
         if max_shard_size <= 0:
             raise UsageError("--max-shard-size must be positive")
     elif method != "rtn":
@@ -65,7 +63,8 @@ def derive(
     dev = resolve_device(device)
     ignore_list = ignore_patterns(ignore, quantize_attention)
     targets = [CompressedTensorsTarget(model, out, ct.get_scheme(name), method=method,
-                                       stats=stats if method != "rtn" else None, ignore=ignore_list,
+                                       stats=stats if method != "rtn" or name in static_inputs else None,
+                                       ignore=ignore_list,
                                        quantize_attention=quantize_attention, max_shard_size=max_shard_size,
                                        resume=resume, overwrite=overwrite, device=dev)
                for name, out in schemes]

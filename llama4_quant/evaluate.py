@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 from . import __version__, arch, walk
 from .checkpoint import Checkpoint, read_tensor
 from .errors import (
+    CorruptCheckpointError,
     NonFiniteWeightError,
     ShapeMismatchError,
     SourceNotFoundError,
@@ -81,7 +83,35 @@ def load_causal_lm(model_dir: Path, device: str = "cpu", dtype: torch.dtype = to
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    if "quantization_config" in config:
+        quantize_inputs_as_served(model, Path(model_dir), config["quantization_config"])
     return model.to(device).eval()
+
+
+def quantize_inputs_as_served(model, model_dir: Path, qc: dict) -> int:
+    """Give the Linears of a checkpoint with static input scales (nvfp4) the input quantization that
+    vLLM's kernels apply: transformers decompresses the weights and drops it, which would measure
+    the weights' error alone. Returns the number of Linears hooked."""
+    scheme = ct.scheme_for_config(qc)
+    if scheme is None or not scheme.activations:
+        return 0
+    from . import schemes
+
+    modules = dict(model.named_modules())
+    hooked = 0
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                if not name.endswith(".input_global_scale"):
+                    continue
+                module = modules.get(name.removesuffix(".input_global_scale").removeprefix("language_model."))
+                if module is None:
+                    raise CorruptCheckpointError(f"{model_dir}: {name} names no Linear of the loaded model")
+                scale = f.get_tensor(name)
+                module.register_forward_pre_hook(
+                    lambda _m, args, g=scale: (schemes.nvfp4_fake_quantize_input(args[0], g), *args[1:]))
+                hooked += 1
+    return hooked
 
 
 class TransformersRunner:

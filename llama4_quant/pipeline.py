@@ -221,6 +221,9 @@ class Encoder:
         """The stored tensors of Linear `w` from its [out, in] values `weight` (with `scheme`: the
         scheme bound to the global scale of w's fused group)."""
         scheme = scheme or self.scheme
+        if scheme.activations:  # the static input scale of this Linear (of this expert)
+            ranges = self.stats.input_absmax(w.stats_key)
+            scheme = scheme.with_inputs(ranges[w.expert if w.expert is not None else 0])
         if self.method != "mse":
             return scheme.encode_weight(w.module, weight)
         weight = weight.contiguous()  # the scale search runs on rows
@@ -256,6 +259,8 @@ class CompressedTensorsTarget:
         self.plan.method, self.plan.calib_digest = method, stats.digest() if stats else ""
         if method == "gptq":  # GPTQ's values depend on the device's arithmetic: resume only on the same kind
             self.plan.calib_digest += f" on {device.type}"
+        if scheme.activations:
+            stats.require_activation_ranges()  # before anything is written
         self.encoder = Encoder(scheme, method, stats)
         self._unit_of = {w.name: (i, u) for i, shard in enumerate(self.plan.shards) for u in shard for w in u.weights}
         self._last_of_shard = {shard[-1].weights[-1].name for shard in self.plan.shards}
@@ -292,7 +297,7 @@ class CompressedTensorsTarget:
 
         work = self.partial.path(GPTQ_DIR)
         work.mkdir(exist_ok=True)
-        handler = GPTQPass(self.plan.spec, self.plan.scheme, set(self.plan.quantized_modules()))
+        handler = GPTQPass(self.plan.spec, self.plan.scheme, set(self.plan.quantized_modules()), self.stats)
         run_pass(WeightSource(self.model, self.device), self.stats.ids, handler, work, self.fingerprint, show_progress,
                  desc="gptq")
         return GPTQResults(work, self.plan.spec.num_layers)
@@ -383,6 +388,17 @@ def load_stats(model: Model, calib: Path):
     return stats
 
 
+def check_scheme_method(scheme: ct.Scheme, method: str, calib: Path | None, with_gguf: bool = False) -> None:
+    """Refuse what `scheme` cannot do with `method` and `calib` (with_gguf: --calib also feeds GGUF targets)."""
+    if scheme.activations and calib is None:
+        raise UsageError(f"{scheme.name} quantizes activations with static scales from calibration: run "
+                         "`l4q calibrate MODEL --out STATS` and pass --calib STATS (or use nvfp4a16, weights only)")
+    check_method(method, None if (with_gguf or scheme.activations) and method == "rtn" else calib)
+    if method != "rtn" and not scheme.searchable:
+        raise UsageError(f"--method {method} is not available for {scheme.name}: its 128x128 block scales each span "
+                         "128 rows, and the scale search and GPTQ choose per-row group scales; use --method rtn")
+
+
 def check_method(method: str, calib: Path | None) -> None:
     from .calibrate.methods import METHODS
 
@@ -427,7 +443,7 @@ def quantize(
     """
     model = source if isinstance(source, Model) else open_model(source)
     scheme = ct.get_scheme(scheme_name)
-    check_method(method, calib)
+    check_scheme_method(scheme, method, calib)
     if max_shard_size <= 0:
         raise UsageError("--max-shard-size must be positive")
     target = CompressedTensorsTarget(

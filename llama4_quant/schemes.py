@@ -488,6 +488,19 @@ def nvfp4_dequantize(codes: Tensor, scale: Tensor, global_scale: Tensor, group_s
     return x
 
 
+def nvfp4_fake_quantize_input(x: Tensor, input_global_scale: Tensor) -> Tensor:
+    """x as an NVFP4 kernel sees it: per group of 16 along the last dim, a dynamic FP8 scale under the
+    static `input_global_scale`, values rounded to FP4; returned dequantized, in x's dtype."""
+    cols = x.shape[-1]
+    if cols % NVFP4_GROUP_SIZE:
+        raise ValueError(f"an NVFP4 input needs a multiple of {NVFP4_GROUP_SIZE} features, got {cols}")
+    g = input_global_scale.to(device=x.device, dtype=torch.float32)
+    groups = x.to(torch.float32).unflatten(-1, (cols // NVFP4_GROUP_SIZE, NVFP4_GROUP_SIZE))
+    steps = nvfp4_steps(nvfp4_scales(groups.abs().amax(-1), g), g).unsqueeze(-1)
+    q = round_fp4_((groups / steps).clamp_(-FP4_MAX, FP4_MAX))
+    return (q * steps).flatten(-2).to(x.dtype)
+
+
 def pack_fp4(codes: Tensor) -> Tensor:
     """uint8 [out, in / 2]: two 4-bit codes per byte, the even column in the low nibble."""
     if codes.shape[-1] % 2:

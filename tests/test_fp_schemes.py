@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,11 +175,12 @@ def test_fp8_block_refuses_the_searched_methods(tmp_path):
 # `experts.{e}.{proj}.` becomes `experts.w13_` (gate, up: shards w1, w3) or `experts.w2_` (down) +
 # the suffix, loaded into expert e's shard of that fused parameter.
 VLLM_SHARDS = {"gate_proj": ("w13_", "w1"), "up_proj": ("w13_", "w3"), "down_proj": ("w2_", "w2")}
-# The per-expert parameters vLLM's compressed-tensors MoE methods register, by format.
+# The per-expert parameters vLLM's compressed-tensors MoE methods register, by scheme.
 VLLM_MOE_PARAMS = {
-    "pack-quantized": {"weight_packed", "weight_scale", "weight_shape"},
-    "float-quantized": {"weight", "weight_scale"},
-    "nvfp4-pack-quantized": {"weight_packed", "weight_scale", "weight_global_scale"},
+    "int4": {"weight_packed", "weight_scale", "weight_shape"},
+    "fp8-block": {"weight", "weight_scale"},
+    "nvfp4a16": {"weight_packed", "weight_scale", "weight_global_scale"},
+    "nvfp4": {"weight_packed", "weight_scale", "weight_global_scale", "input_global_scale"},
 }
 
 
@@ -191,11 +193,25 @@ def vllm_expert_param(name: str) -> tuple[str, int, str] | None:
 
 
 @pytest.fixture(scope="module")
-def tiny_outputs(tmp_path_factory):
+def tiny_stats(tmp_path_factory):
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    out = tmp_path_factory.mktemp("stats") / "stats"
+    result = CliRunner().invoke(main, ["calibrate", "tiny", "--out", str(out), "--samples", "8", "--seq-len", "64",
+                                       "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_outputs(tmp_path_factory, tiny_stats):
     out = tmp_path_factory.mktemp("fp")
     src = sources.resolve("tiny")
     for scheme in ("nvfp4a16", "fp8-block", "int4"):
         pipeline.quantize(src, out / scheme, scheme, show_progress=False)
+    pipeline.quantize(src, out / "nvfp4", "nvfp4", calib=tiny_stats, show_progress=False)
     return out
 
 
@@ -207,7 +223,7 @@ def tensors(path) -> dict[str, torch.Tensor]:
     return found
 
 
-@pytest.mark.parametrize("scheme", ["nvfp4a16", "fp8-block", "int4"])
+@pytest.mark.parametrize("scheme", ["nvfp4a16", "nvfp4", "fp8-block", "int4"])
 def test_expert_names_map_onto_vllm_parameters(tiny_outputs, scheme):
     import json
 
@@ -223,7 +239,7 @@ def test_expert_names_map_onto_vllm_parameters(tiny_outputs, scheme):
             continue
         param, expert, shard = mapped
         base, _, suffix = param.rpartition(".experts.")
-        assert suffix.split("_", 1)[1] in VLLM_MOE_PARAMS[qc["format"]], name
+        assert suffix.split("_", 1)[1] in VLLM_MOE_PARAMS[scheme], name
         loaded[(base, suffix, shard)] += 1
         assert 0 <= expert < spec_experts
     assert loaded and set(loaded.values()) == {spec_experts}  # every expert, every shard, exactly once
@@ -241,3 +257,66 @@ def test_fused_groups_share_their_global_scale(tiny_outputs):
         assert bool((found[gate.replace("weight_global_scale", "weight_scale")].float() <= 448).all()) and g > 0
     downs = [found[n] for n in found if n.endswith("down_proj.weight_global_scale")]
     assert len({float(d) for d in downs}) > 1
+
+
+# ------------------------------------------------------------------------------------ nvfp4 (W4A4)
+
+
+def test_nvfp4_input_scales_come_from_the_calibrated_ranges(tiny_outputs, tiny_stats):
+    from llama4_quant.calibrate.stats import Stats
+
+    found = tensors(tiny_outputs / "nvfp4")
+    stats = Stats(tiny_stats)
+    names = [n for n in found if n.endswith(".input_global_scale")]
+    assert len(names) == len([n for n in found if n.endswith(".weight_packed")])  # every quantized Linear
+    for name in names:
+        m = re.search(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.", name)
+        if m:
+            absmax = stats.input_absmax(f"{m.group(1)}.{m.group(3)}")[int(m.group(2))]
+        else:
+            absmax = stats.input_absmax(name.removesuffix(".input_global_scale"))[0]
+        assert torch.equal(found[name], S.nvfp4_global_scale(absmax)), name
+        if ".gate_proj." in name:  # gate and up read the same input
+            assert torch.equal(found[name], found[name.replace("gate_proj", "up_proj")])
+    # the weights are nvfp4a16's, byte for byte
+    weights_only = tensors(tiny_outputs / "nvfp4a16")
+    assert all(torch.equal(t.view(torch.uint8), weights_only[n].view(torch.uint8))
+               for n, t in found.items() if not n.endswith(".input_global_scale") and t.dtype != torch.float32)
+
+
+def test_nvfp4_without_statistics_is_one_line(tmp_path, tiny_stats):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    result = CliRunner().invoke(main, ["quantize", "--model", "tiny", "--to", "nvfp4", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "--calib" in result.stderr
+    old = Path(shutil.copytree(tiny_stats, tmp_path / "old-stats"))
+    (old / "activations.safetensors").unlink()  # statistics from before activation ranges were recorded
+    result = CliRunner().invoke(main, ["quantize", "--model", "tiny", "--to", "nvfp4", "--calib", str(old),
+                                       "--out", str(tmp_path / "y")])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "rerun l4q calibrate" in result.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_eval_quantizes_nvfp4_inputs_as_vllm_does(tiny_outputs):
+    """transformers decompresses the weights and drops the input quantization; l4q's eval puts it back."""
+    from llama4_quant import evaluate
+
+    model = evaluate.load_causal_lm(tiny_outputs / "nvfp4")
+    hooked = [m for m in model.modules() if m._forward_pre_hooks]
+    assert len(hooked) == len([n for n in tensors(tiny_outputs / "nvfp4") if n.endswith(".input_global_scale")])
+    ids = torch.arange(1, 33).view(1, 32)
+    with torch.no_grad():
+        w4a4 = model(ids).logits
+        w4a16 = evaluate.load_causal_lm(tiny_outputs / "nvfp4a16")(ids).logits
+    assert not torch.equal(w4a4, w4a16) and float((w4a4 - w4a16).abs().max()) < 5
+    x = torch.randn(3, 64)
+    g = S.nvfp4_global_scale(x.abs().max())
+    y = S.nvfp4_fake_quantize_input(x, g)
+    # per group of 16: FP4 values times the group's step, the step from the group's absmax
+    steps = S.nvfp4_steps(S.nvfp4_scales(x.unflatten(-1, (4, 16)).abs().amax(-1), g), g)
+    assert torch.equal(y, S.round_fp4_((x.unflatten(-1, (4, 16)) / steps[..., None]).clamp(-6, 6)).mul(
+        steps[..., None]).flatten(-2))

@@ -460,23 +460,23 @@ def test_non_contiguous_input() -> None:
 def test_registry() -> None:
     from llama4_quant.model import QUANTIZED_SUFFIXES
 
-    assert ct.scheme_names() == list(ct.SCHEMES) == ["int4", "int8", "fp8", "fp8-block", "nvfp4a16"]
+    assert ct.scheme_names() == list(ct.SCHEMES) == ["int4", "int8", "fp8", "fp8-block", "nvfp4a16", "nvfp4"]
     for name, scheme in ct.SCHEMES.items():
         assert isinstance(scheme, ct.Scheme) and scheme.name == name
         assert ct.get_scheme(name) is scheme and ct.as_scheme(name) is scheme and ct.as_scheme(scheme) is scheme
-        assert ct.scheme_for_format(scheme.format, scheme.strategy) is scheme
+        assert ct.scheme_for_format(scheme.format, scheme.strategy, scheme.activations) is scheme
         assert ct.scheme_for_config(ct.quantization_config(scheme, [])) is scheme
-        assert scheme.suffixes == QUANTIZED_SUFFIXES[scheme.format]
+        assert scheme.suffixes[:len(QUANTIZED_SUFFIXES[scheme.format])] == QUANTIZED_SUFFIXES[scheme.format]
         assert set(scheme.scale_suffixes) <= set(scheme.suffixes) and scheme.group_scale in scheme.scale_suffixes
         group = ct.quantization_config(scheme, [])["config_groups"]["group_0"]
         assert group["format"] == scheme.format and group["targets"] == ["Linear"]
         assert group["weights"]["strategy"] == scheme.strategy
     assert ct.scheme_for_format("mxfp4-pack-quantized") is None and ct.scheme_for_format(None) is None
-    with pytest.raises(ValueError, match="unknown scheme 'int2'; choose one of int4, int8, fp8, fp8-block, nvfp4a16"):
+    with pytest.raises(ValueError, match="unknown scheme 'int2'; choose one of int4, int8, fp8, fp8-block, nvfp4a16, nvfp4"):
         ct.get_scheme("int2")
     with pytest.raises(ValueError, match="twice"):
         ct.register_scheme(type(ct.get_scheme("int4")))
-    assert ct.scheme_names() == ["int4", "int8", "fp8", "fp8-block", "nvfp4a16"]
+    assert ct.scheme_names() == ["int4", "int8", "fp8", "fp8-block", "nvfp4a16", "nvfp4"]
 
 
 def test_registry_loads_without_torch() -> None:
@@ -486,7 +486,7 @@ def test_registry_loads_without_torch() -> None:
     from pathlib import Path
 
     code = ("import sys; from llama4_quant.formats import compressed_tensors as ct; "
-            "assert ct.scheme_names() == ['int4', 'int8', 'fp8', 'fp8-block', 'nvfp4a16']; assert 'torch' not in sys.modules, 'torch imported'")
+            "assert ct.scheme_names() == ['int4', 'int8', 'fp8', 'fp8-block', 'nvfp4a16', 'nvfp4']; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
@@ -504,7 +504,7 @@ def test_scheme_round_trips_within_its_bound(name: str) -> None:
     """encode -> decode stays within the scheme's error bound, and entries() is exactly what encode writes."""
     from llama4_quant.checkpoint import torch_to_st
 
-    scheme = ct.get_scheme(name)
+    scheme = ct.get_scheme(name).with_inputs(torch.tensor([4.0]))  # nvfp4: its inputs reached |x| = 4
     w = scheme_test_weight(extreme=not scheme.shares_global)
     module = "model.layers.0.feed_forward.experts.3.up_proj"
     assert scheme.can_quantize(*w.shape)
@@ -543,7 +543,7 @@ def test_scheme_round_trips_within_its_bound(name: str) -> None:
 @pytest.mark.parametrize("name", [n for n in ct.scheme_names() if ct.get_scheme(n).searchable])
 def test_scheme_rounding_rule_is_its_quantize(name: str) -> None:
     """What scale_search and GPTQ use (group size, absmax rule, lower clamp, grid) reproduces RTN bit for bit."""
-    scheme = ct.get_scheme(name)
+    scheme = ct.get_scheme(name).with_inputs(torch.tensor([4.0]))
     w = scheme_test_weight(extreme=not scheme.shares_global)
     rows, cols = w.shape
     scales = scheme.rtn_scales(w)

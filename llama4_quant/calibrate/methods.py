@@ -43,9 +43,9 @@ def decode(parts: list[tuple[str, torch.Tensor]], module: str, scheme: ct.Scheme
 class GPTQPass(StatsCollector):
     """Quantizes each planned Linear with GPTQ as the layer runs, and continues with the result."""
 
-    def __init__(self, spec: arch.Llama4Spec, scheme: ct.Scheme, modules: set[str]):
+    def __init__(self, spec: arch.Llama4Spec, scheme: ct.Scheme, modules: set[str], stats=None):
         super().__init__(spec)  # for the routing log; the importance sums are not needed here
-        self.scheme = scheme
+        self.scheme, self.stats = scheme, stats  # stats: the activation ranges of a scheme that needs them
         self.modules = modules  # the Linears the plan quantizes (compressed-tensors names)
         self.encoded: dict[str, torch.Tensor] = {}
         self.log: list[dict] = []
@@ -79,20 +79,26 @@ class GPTQPass(StatsCollector):
         return tuple(out)
 
     def _bound_schemes(self, call: LinearCall, ws: tuple[torch.Tensor, ...]) -> dict[str, ct.Scheme]:
-        """For a scheme with a global scale: module -> the scheme bound to its fused group's scale,
-        from the group's weights before GPTQ changes them (a call loads whole fused groups)."""
-        if not self.scheme.shares_global:
-            return {}
-        groups: dict[tuple[str, ...], list[torch.Tensor]] = {}
-        for module, w in zip(call.modules, ws):
-            if module in self.modules:
-                groups.setdefault(ct.fused_group(module), []).append(w)
-        bound = {}
-        for members, group_ws in groups.items():
-            if len(group_ws) != len(members):
-                raise RuntimeError(f"{members[0]}: its fused group is split across Linear calls")
-            absmax = torch.stack([w.abs().max().float() for w in group_ws]).max()
-            bound.update(dict.fromkeys(members, self.scheme.for_weight(None, absmax)))
+        """module -> the scheme bound to its fused group's global scale (from the group's weights
+        before GPTQ changes them: a call loads whole fused groups) and to its input's calibrated
+        range, for the schemes that have them."""
+        bound: dict[str, ct.Scheme] = {}
+        if self.scheme.shares_global:
+            groups: dict[tuple[str, ...], list[torch.Tensor]] = {}
+            for module, w in zip(call.modules, ws):
+                if module in self.modules:
+                    groups.setdefault(ct.fused_group(module), []).append(w)
+            for members, group_ws in groups.items():
+                if len(group_ws) != len(members):
+                    raise RuntimeError(f"{members[0]}: its fused group is split across Linear calls")
+                absmax = torch.stack([w.abs().max().float() for w in group_ws]).max()
+                bound.update(dict.fromkeys(members, self.scheme.for_weight(None, absmax)))
+        if self.scheme.activations:
+            for module, key in zip(call.modules, call.stat_keys):
+                if module in self.modules:
+                    ranges = self.stats.input_absmax(key)
+                    row = ranges[call.expert if call.expert is not None else 0]
+                    bound[module] = bound.get(module, self.scheme).with_inputs(row)
         return bound
 
     def save_layer(self, layer: int, work_dir: Path) -> None:

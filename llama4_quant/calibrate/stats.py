@@ -5,12 +5,13 @@ Collected on the device, accumulated in float64:
   all-token path (`engine.expert_token_threshold`);
 - the importance matrix: per weight matrix, the sum over calibration tokens of each input channel's
   x^2 and the token count (llama.cpp's imatrix quantities). Keys are HF module names, and
-  `<layer prefix>N.feed_forward.experts.gate|up|down` with one row per expert for fused experts.
+  `<layer prefix>N.feed_forward.experts.gate|up|down` with one row per expert for fused experts;
+- the activation range: per key, the largest |x| of its inputs (per expert for fused experts).
 
 A STATS directory holds `stats.json` (everything above but the sums, plus the data and model it came
 from), `imatrix.safetensors` (`<key>.in_sum2`, `<key>.counts`, float32), `imatrix.gguf` (the same
-in llama.cpp's format), `tokens.safetensors` (the calibration ids, so GPTQ reruns on the same data)
-and `report.md`. GPTQ Hessians are not stored: one Scout layer's are ~6 GB, and GPTQ must recompute
+in llama.cpp's format), `activations.safetensors` (`<key>.in_absmax`, float32), `tokens.safetensors`
+(the calibration ids, so GPTQ reruns on the same data) and `report.md`. GPTQ Hessians are not stored: one Scout layer's are ~6 GB, and GPTQ must recompute
 them anyway from the quantized outputs of the layers before.
 """
 
@@ -42,6 +43,10 @@ from .sequential import (
 from .weights import WeightSource
 
 STATS_JSON, IMATRIX, IMATRIX_GGUF, TOKENS, REPORT = "stats.json", "imatrix.safetensors", "imatrix.gguf", "tokens.safetensors", "report.md"
+# The largest |x| each Linear's input reached (per expert for routed experts): the static activation
+# ranges of schemes that quantize activations (nvfp4). Kept apart from the importance matrix, whose
+# file llama.cpp's tools and earlier statistics share.
+ACTIVATIONS = "activations.safetensors"
 _TOKEN_CHUNK = 8192  # rows squared at a time: bounds the float32 temporary
 
 
@@ -70,23 +75,28 @@ class StatsCollector(LayerHandler):
         self.spec = spec
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
+        self.absmax: dict[str, torch.Tensor] = {}
         self.routing_log: list[Routing] = []
 
     def begin_layer(self, layer: int) -> None:
-        self.sums, self.counts = {}, {}
+        self.sums, self.counts, self.absmax = {}, {}, {}
 
     def record(self, call: LinearCall, x: torch.Tensor) -> None:
         sq = sum_of_squares(x)
+        top = x.abs().amax().float().cpu() if x.numel() else torch.zeros((), dtype=torch.float32)
         for key in call.stat_keys:
             if call.expert is None:
                 self.sums[key] = self.sums.get(key, 0) + sq
                 self.counts[key] = self.counts.get(key, 0) + torch.tensor([float(len(x))], dtype=torch.float64)
+                self.absmax[key] = torch.maximum(self.absmax.get(key, torch.zeros(1)), top.reshape(1))
             else:
                 if key not in self.sums:
                     self.sums[key] = torch.zeros(self.spec.num_experts, len(sq), dtype=torch.float64, device=sq.device)
                     self.counts[key] = torch.zeros(self.spec.num_experts, dtype=torch.float64)
+                    self.absmax[key] = torch.zeros(self.spec.num_experts, dtype=torch.float32)
                 self.sums[key][call.expert] += sq
                 self.counts[key][call.expert] += len(x)
+                self.absmax[key][call.expert] = torch.maximum(self.absmax[key][call.expert], top)
 
     def weights(self, call: LinearCall, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.record(call, x)
@@ -104,6 +114,7 @@ class StatsCollector(LayerHandler):
         for key, s in self.sums.items():
             tensors[f"{key}.in_sum2"] = s.float()
             tensors[f"{key}.counts"] = self.counts[key].float()
+            tensors[f"{key}.in_absmax"] = self.absmax[key]
         atomic_save(tensors, work_dir / f"imatrix-layer-{layer:03d}.safetensors")
 
     def save_routing(self, layer: int, work_dir: Path) -> None:
@@ -170,6 +181,8 @@ def _finish(src: WeightSource, model: Model, work: Path, ids: torch.Tensor, desc
     for key, value in tensors.items():  # no expert may be left without statistics
         if key.endswith(".counts") and not bool((value > 0).all()):
             raise RuntimeError(f"calibration left {key.removesuffix('.counts')} without statistics")
+    ranges = {k: tensors.pop(k) for k in [k for k in tensors if k.endswith(".in_absmax")]}
+    atomic_save(ranges, work / ACTIVATIONS)
     atomic_save(tensors, work / IMATRIX)
     atomic_save({"input_ids": ids}, work / TOKENS)
     stats = {
@@ -250,6 +263,7 @@ class Stats:
         for name in (IMATRIX, TOKENS):
             read_header(self.dir / name)  # refuses truncated or corrupt files with one line
         self._imatrix: dict[str, torch.Tensor] | None = None
+        self._ranges: dict[str, torch.Tensor] | None = None
 
     def check_model(self, model_dir: Path) -> None:
         if self.meta["source"]["architecture_digest"] != source_digest(model_dir):
@@ -259,7 +273,9 @@ class Stats:
     def digest(self) -> str:
         """Identifies these statistics (their report, token ids and importance matrix)."""
         h = hashlib.sha256()
-        for name in (STATS_JSON, TOKENS, IMATRIX):
+        for name in (STATS_JSON, TOKENS, IMATRIX, ACTIVATIONS):
+            if name == ACTIVATIONS and not (self.dir / name).is_file():
+                continue  # statistics from before activation ranges were recorded
             h.update(hashlib.sha256((self.dir / name).read_bytes()).digest())
         return h.hexdigest()
 
@@ -276,3 +292,17 @@ class Stats:
             self._imatrix = load_file(str(self.dir / IMATRIX))
         s, c = self._imatrix.get(f"{key}.in_sum2"), self._imatrix.get(f"{key}.counts")
         return None if s is None else mean_importance(s.numpy(), c.numpy())
+
+    def require_activation_ranges(self) -> None:
+        if not (self.dir / ACTIVATIONS).is_file():
+            raise UsageError(f"{self.dir} holds no activation ranges (made by an older l4q); rerun l4q calibrate")
+
+    def input_absmax(self, key: str) -> torch.Tensor:
+        """The largest |x| the inputs of `key`'s Linears reached: float32 [1], or [experts]."""
+        self.require_activation_ranges()
+        if self._ranges is None:
+            self._ranges = load_file(str(self.dir / ACTIVATIONS))
+        found = self._ranges.get(f"{key}.in_absmax")
+        if found is None:
+            raise UsageError(f"{self.dir} has no activation range for {key}; rerun l4q calibrate on this model")
+        return found

@@ -55,6 +55,7 @@ class Scheme(ABC):
 
     shares_global: ClassVar[bool] = False  # one per-tensor scale for each fused group (q/k/v, gate/up)
     searchable: ClassVar[bool] = True  # group scales per row: mse (scale_search) and GPTQ apply
+    activations: ClassVar[bool] = False  # static activation scales from calibration (`with_inputs`)
     strategy: ClassVar[str] = ""  # compressed-tensors' weight strategy (channel, group, block ...)
 
     def __repr__(self) -> str:
@@ -63,6 +64,10 @@ class Scheme(ABC):
     def for_weight(self, w: Tensor | None, absmax: Tensor | None = None) -> Scheme:
         """The scheme for one weight: itself, or for a scheme with a per-tensor scale, an instance bound
         to that scale, from `absmax` (the fused group's, when given) or w's own."""
+        return self
+
+    def with_inputs(self, input_absmax: Tensor) -> Scheme:
+        """For a scheme with static activation scales (`activations`): bound to its input's range."""
         return self
 
     # ------------------------------------------------------------------ rounding rule (scale_search, GPTQ)
@@ -189,12 +194,15 @@ def as_scheme(scheme: Scheme | str) -> Scheme:
     return get_scheme(scheme) if isinstance(scheme, str) else scheme
 
 
-def scheme_for_format(fmt: str | None, strategy: str | None = None) -> Scheme | None:
-    """The scheme that writes compressed-tensors format `fmt` (with weight `strategy`, where two share
-    a format: fp8 per channel, fp8-block), or None."""
+def scheme_for_format(fmt: str | None, strategy: str | None = None, static_inputs: bool | None = None) -> Scheme | None:
+    """The scheme that writes compressed-tensors format `fmt`, or None; where several share a format,
+    the one with weight `strategy` (fp8 per channel, fp8-block) and static input scales or not
+    (nvfp4, nvfp4a16)."""
     found = [s for s in SCHEMES.values() if s.format == fmt]
     if strategy is not None:
         found = [s for s in found if s.strategy == strategy] or found
+    if static_inputs is not None:
+        found = [s for s in found if s.activations == static_inputs] or found
     return found[0] if found else None
 
 
@@ -203,8 +211,10 @@ def scheme_for_config(qc: dict | None) -> Scheme | None:
     if not qc:
         return None
     groups = list((qc.get("config_groups") or {}).values())
-    strategy = ((groups[0] or {}).get("weights") or {}).get("strategy") if groups else None
-    return scheme_for_format(qc.get("format"), strategy)
+    group = (groups[0] or {}) if groups else {}
+    inputs = group.get("input_activations") or {}
+    static = bool(inputs) and inputs.get("dynamic") is not True
+    return scheme_for_format(qc.get("format"), (group.get("weights") or {}).get("strategy"), static)
 
 
 # ----------------------------------------------------------------------------------------- schemes
@@ -605,6 +615,52 @@ class NvFp4A16(Scheme):
 
         # compressed-tensors multiplies in float32 and casts the product to the model dtype
         return self.decode(tensors).to(torch.bfloat16).float()
+
+
+@register_scheme
+class NvFp4(NvFp4A16):
+    """NVFP4 weights (as nvfp4a16) and FP4 activations: vLLM quantizes each Linear's input per group of
+    16 with dynamic FP8 group scales under a static float32 `input_global_scale`, 448 * 6 over the
+    largest |x| its input reached in calibration (per expert, from the tokens routed to it)."""
+
+    name = "nvfp4"
+    preset = "NVFP4"
+    description = "NVFP4 weights and activations (W4A4; static input scales from --calib)"
+    suffixes = (*QUANTIZED_SUFFIXES[NvFp4A16.format], "input_global_scale")
+    scale_suffixes = ("weight_scale", "weight_global_scale", "input_global_scale")
+    activations = True
+
+    def __init__(self, global_scale: Tensor | None = None, input_global_scale: Tensor | None = None):
+        super().__init__(global_scale)
+        self.input_global_scale = input_global_scale
+
+    def for_weight(self, w: Tensor | None, absmax: Tensor | None = None) -> Scheme:
+        if self.global_scale is not None:
+            return self
+        return type(self)(super().for_weight(w, absmax).global_scale, self.input_global_scale)
+
+    def with_inputs(self, input_absmax: Tensor) -> Scheme:
+        """This scheme with the static input scale for inputs that reached `input_absmax`."""
+        from .. import schemes
+
+        return type(self)(self.global_scale, schemes.nvfp4_global_scale(input_absmax))
+
+    def _inputs(self) -> dict[str, Tensor]:
+        if self.input_global_scale is None:
+            raise ValueError("nvfp4 needs the input's range from calibration: use scheme.with_inputs(absmax)")
+        return {"input_global_scale": self.input_global_scale}
+
+    def rtn_scales(self, w: Tensor) -> dict[str, Tensor]:
+        return {**super().rtn_scales(w), **self._inputs()}
+
+    def scales_with(self, w: Tensor, group_scale: Tensor) -> dict[str, Tensor]:
+        return {**super().scales_with(w, group_scale), **self._inputs()}
+
+    def layout(self, out_features: int, in_features: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {**super().layout(out_features, in_features), "input_global_scale": ("F32", (1,))}
+
+    def stored(self, q: Tensor, scales: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {**super().stored(q, scales), "input_global_scale": scales["input_global_scale"].clone()}
 
 
 FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
