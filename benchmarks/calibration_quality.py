@@ -53,7 +53,8 @@ def main() -> None:
                 base += ["--calib", str(stats)]
             variants[f"{scheme} rtn"] = base
             if get_scheme(scheme).searchable:
-                variants[f"{scheme} mse"] = [*base, "--method", "mse"]
+                if "--calib" not in base:  # with the statistics given, mse weighs by their importance
+                    variants[f"{scheme} mse"] = [*base, "--method", "mse"]
                 calib = [] if "--calib" in base else ["--calib", str(stats)]
                 variants[f"{scheme} mse+imatrix"] = [*base, "--method", "mse", *calib]
                 variants[f"{scheme} gptq"] = [*base, "--method", "gptq", *calib]
