@@ -72,9 +72,9 @@ def format_report(r: dict) -> str:
     ]
     for role, v in r["by_role"].items():
         lines.append(f"  {role:<16}{v['tensors']:>8}{_gb(v['bytes']):>14}")
-    lines += ["", f"  {'scheme':<8}{'predicted size':>16}{'of BF16':>9}{'quantized modules':>19}"]
+    lines += ["", f"  {'scheme':<10}{'predicted size':>16}{'of BF16':>9}{'quantized modules':>19}"]
     for name, v in r["predicted_output"].items():
         lines.append(
-            f"  {name:<8}{_gb(v['bytes']):>16}{v['bytes'] / r['bytes']:>8.0%}{v['quantized_modules']:>19}"
+            f"  {name:<10}{_gb(v['bytes']):>16}{v['bytes'] / r['bytes']:>8.0%}{v['quantized_modules']:>19}"
         )
     return "\n".join(lines)
