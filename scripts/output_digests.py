@@ -36,6 +36,7 @@ SCHEMES = ("int4", "int8", "fp8")
 METHODS = ("rtn", "mse", "mse-calib", "gptq")
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q4_K_M")
 IMATRIX_GGUF_TYPES = ("Q6_K", "Q4_K_M")
+# (activations.safetensors, added later for nvfp4's input scales, is checked by tests/test_fp_schemes.py)
 STATS_FILES = ("imatrix.gguf", "imatrix.safetensors", "tokens.safetensors")
 CALIBRATION = ["--samples", "8", "--seq-len", "64", "--device", "cpu"]
 CPU_DEPENDENT = ("-stats", "-gptq")  # cells whose bytes come from this CPU's matmuls
@@ -62,6 +63,8 @@ def digest_output(path: Path) -> str:
     h = hashlib.sha256()
     if path.is_file():
         files = [path]
+    elif (path / "stats.json").is_file():  # statistics: the files recorded since the matrix began
+        files = [path / name for name in STATS_FILES]
     else:
         files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" or p.name in (
             "model.safetensors.index.json", "config.json", "imatrix.gguf"))
