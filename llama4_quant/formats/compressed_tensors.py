@@ -376,19 +376,9 @@ class Int8(_PerChannel, _IntScheme):
     half_range = (qmax - qmin) / 2
 
 
-@register_scheme
-class Fp8(_PerChannel, _SymmetricScheme):
-    """float8_e4m3fn values (saturating at +-448), one scale per output channel."""
-
-    name = "fp8"
-    preset = "FP8_DYNAMIC"
-    format = "float-quantized"
-    strategy = "channel"
-    description = "FP8 e4m3 per-channel weights, dynamic per-token FP8 activations"
-    suffixes = QUANTIZED_SUFFIXES[format]
-    weight_dtype = "F8_E4M3"
-    kernels = "fp8"
-    half_range = 448.0  # the largest e4m3fn value
+class _Fp8Grid:
+    """fp8's rounding rule: the smallest scale >= absmax / 448 (one step down where 448 * scale
+    overflows), values rounded to nearest even e4m3 and saturated at +-448."""
 
     def absmax_scale(self, absmax: Tensor, scale_dtype: torch.dtype) -> Tensor:
         from .. import schemes
@@ -405,6 +395,21 @@ class Fp8(_PerChannel, _SymmetricScheme):
 
         return grid.to(torch.float8_e4m3fn)
 
+
+@register_scheme
+class Fp8(_Fp8Grid, _PerChannel, _SymmetricScheme):
+    """float8_e4m3fn values (saturating at +-448), one scale per output channel."""
+
+    name = "fp8"
+    preset = "FP8_DYNAMIC"
+    format = "float-quantized"
+    strategy = "channel"
+    description = "FP8 e4m3 per-channel weights, dynamic per-token FP8 activations"
+    suffixes = QUANTIZED_SUFFIXES[format]
+    weight_dtype = "F8_E4M3"
+    kernels = "fp8"
+    half_range = 448.0  # the largest e4m3fn value
+
     def error_bound(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
         import torch
 
@@ -413,7 +418,7 @@ class Fp8(_PerChannel, _SymmetricScheme):
 
 
 @register_scheme
-class Fp8Block(Scheme):
+class Fp8Block(_Fp8Grid, Scheme):
     """float8_e4m3fn values with one BF16 scale per block of 128 x 128 weights (compressed-tensors
     FP8_BLOCK: dynamic FP8 activations per group of 128). The rounding rule is fp8's: the smallest
     BF16 scale >= block absmax / 448, one value down where 448 * scale overflows, values rounded to
@@ -436,21 +441,6 @@ class Fp8Block(Scheme):
 
     def can_quantize(self, out_features: int, in_features: int) -> bool:
         return out_features % self.block == 0 and in_features % self.block == 0  # whole blocks, as vLLM needs
-
-    def absmax_scale(self, absmax: Tensor, scale_dtype: torch.dtype) -> Tensor:
-        from .. import schemes
-
-        return schemes.fp8_absmax_scale(absmax, scale_dtype)
-
-    def round_to_grid(self, x: Tensor, lower: Tensor | None = None) -> Tensor:
-        from .. import schemes
-
-        return schemes.round_fp8(x).float()
-
-    def to_values(self, grid: Tensor) -> Tensor:
-        import torch
-
-        return grid.to(torch.float8_e4m3fn)
 
     def rtn_scales(self, w: Tensor) -> dict[str, Tensor]:
         from .. import schemes
