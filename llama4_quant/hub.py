@@ -95,11 +95,11 @@ def hub_errors(repo_id: str, revision: str | None = None, file: str | None = Non
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, *_network_errors()) as exc:
         raise _one_line(exc, repo_id, revision, file) from None
     except OSError as exc:
+        what = f"{repo_id}/{file}" if file else repo_id
         if exc.errno == errno.ENOSPC:
-            raise DiskSpaceError(f"disk full while downloading {repo_id}/{file}; free some space, then rerun "
-                                 "with --resume") from None
+            raise DiskSpaceError(f"disk full while downloading {what}; free some space, then rerun with --resume") from None
         if exc.errno is None:  # huggingface_hub's size consistency check, after its own retries
-            raise HubError(f"download of {repo_id}/{file} failed ({str(exc).splitlines()[0]}); rerun with --resume") from None
+            raise HubError(f"download of {what} failed ({str(exc).splitlines()[0]}); rerun with --resume") from None
         raise
 
 
@@ -305,6 +305,7 @@ class RemoteShards:
     def fetch_all(self) -> None:
         """Download every pending shard and keep it: for work that reads the model more than once."""
         self.kept = True
+        need_free_space([(self.snapshot, sum(self.size(n) for n in self._pending) - self._present_bytes())])
         with _download_bar(self.options.show_progress, sum(self.size(n) for n in self._pending)) as bar:
             for name in sorted(self._pending):
                 self.owned.discard(name)
@@ -319,8 +320,11 @@ class RemoteShards:
 
     def check_space(self, uses: list[str], outputs: list[tuple[Path, int]]) -> None:
         """Refuse to start without free disk for the source in flight (in the cache) plus the outputs."""
-        present = sum(self.size(n) for n in self._pending if (self.snapshot / n).is_file())
-        need_free_space([(self.snapshot, max(self.budget(uses)) - present), *outputs])
+        need_free_space([(self.snapshot, max(self.budget(uses)) - self._present_bytes()), *outputs])
+
+    def _present_bytes(self) -> int:
+        """Bytes of the pending shards already on disk (left by an interrupted run)."""
+        return sum(self.size(n) for n in self._pending if (self.snapshot / n).is_file())
 
 
 def needed_at_once(uses: list[str], sizes: dict[str, int]) -> int:

@@ -328,13 +328,10 @@ class CompressedTensorsTarget:
     def _take_fused(self, w: Weight, data: torch.Tensor, writer: ShardWriter) -> None:
         """Hold the members of a fused group (gate/up, q/k/v: one unit, or one expert's read) until the
         last arrives, then encode them all with the global scale of their joint absmax."""
-        from . import schemes
-
         self._held.append((w, data))
         if w.module != ct.fused_group(w.module)[-1]:
             return
-        absmax = torch.stack([schemes._group_absmax(d, d.shape[1]).max() for _, d in self._held]).max()
-        bound = self.plan.scheme.for_weight(None, absmax)
+        bound = self.plan.scheme.for_group([d for _, d in self._held])
         for held_w, held_data in self._held:
             for name, tensor in self.encoder.encode(held_w, held_data, bound):
                 writer.write(name, tensor)

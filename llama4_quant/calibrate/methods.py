@@ -91,8 +91,7 @@ class GPTQPass(StatsCollector):
             for members, group_ws in groups.items():
                 if len(group_ws) != len(members):
                     raise RuntimeError(f"{members[0]}: its fused group is split across Linear calls")
-                absmax = torch.stack([w.abs().max().float() for w in group_ws]).max()
-                bound.update(dict.fromkeys(members, self.scheme.for_weight(None, absmax)))
+                bound.update(dict.fromkeys(members, self.scheme.for_group(group_ws)))
         if self.scheme.activations:
             for module, key in zip(call.modules, call.stat_keys):
                 if module in self.modules:

@@ -61,9 +61,13 @@ class Scheme(ABC):
     def __repr__(self) -> str:
         return f"<scheme {self.name}>"
 
-    def for_weight(self, w: Tensor | None, absmax: Tensor | None = None) -> Scheme:
+    def for_weight(self, w: Tensor) -> Scheme:
         """The scheme for one weight: itself, or for a scheme with a per-tensor scale, an instance bound
-        to that scale, from `absmax` (the fused group's, when given) or w's own."""
+        to w's (an already bound instance stays as it is)."""
+        return self.for_group([w])
+
+    def for_group(self, ws: list[Tensor]) -> Scheme:
+        """`for_weight` for the members of one fused group (q/k/v, gate/up), which share the scale."""
         return self
 
     def with_inputs(self, input_absmax: Tensor) -> Scheme:
@@ -503,14 +507,18 @@ class NvFp4A16(Scheme):
     def __init__(self, global_scale: Tensor | None = None):
         self.global_scale = global_scale
 
-    def for_weight(self, w: Tensor | None, absmax: Tensor | None = None) -> Scheme:
+    def for_group(self, ws: list[Tensor]) -> Scheme:
         if self.global_scale is not None:
             return self
+        import torch
+
         from .. import schemes
 
-        if absmax is None:
-            absmax = schemes._group_absmax(w, w.shape[1]).max()
-        return type(self)(schemes.nvfp4_global_scale(absmax))
+        absmax = torch.stack([schemes._group_absmax(w, w.shape[1]).max().cpu() for w in ws]).max()
+        return self._bound(schemes.nvfp4_global_scale(absmax))
+
+    def _bound(self, global_scale: Tensor) -> Scheme:
+        return type(self)(global_scale)
 
     def _global(self, w: Tensor) -> Tensor:
         return self.for_weight(w).global_scale.to(w.device)
@@ -624,10 +632,8 @@ class NvFp4(NvFp4A16):
         super().__init__(global_scale)
         self.input_global_scale = input_global_scale
 
-    def for_weight(self, w: Tensor | None, absmax: Tensor | None = None) -> Scheme:
-        if self.global_scale is not None:
-            return self
-        return type(self)(super().for_weight(w, absmax).global_scale, self.input_global_scale)
+    def _bound(self, global_scale: Tensor) -> Scheme:
+        return type(self)(global_scale, self.input_global_scale)
 
     def with_inputs(self, input_absmax: Tensor) -> Scheme:
         """This scheme with the static input scale for inputs that reached `input_absmax`."""
