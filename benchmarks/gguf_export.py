@@ -22,9 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from quantize_memory import ensure_checkpoint, run_child  # noqa: E402
+from benchmarks.quantize_memory import ensure_checkpoint, run_child  # noqa: E402
 
 from llama4_quant import evaluate, sources  # noqa: E402
 from llama4_quant.checkpoint import Checkpoint  # noqa: E402

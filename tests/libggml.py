@@ -1,5 +1,5 @@
 """ggml itself, through llama-cpp-python's shared library libggml-base (a test dependency): the
-reference the block encoders are checked against, in the tests and in benchmarks/kernels.py."""
+reference the block encoders are checked against, in the tests and in benchmarks/kernel_speed.py."""
 
 from __future__ import annotations
 

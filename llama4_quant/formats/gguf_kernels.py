@@ -6,7 +6,7 @@ over memory, one small op at a time. Compiled loops release the GIL (so
 the walk's reader keeps reading) and spread rows over `numba`'s threads. The K-quant scale searches
 run on all sub-blocks of a row at once, one SIMD lane per sub-block: each lane does the C code's
 scalar operations in the C order, so the bytes are ggml's while a core does several sub-blocks per
-instruction (2-3x ggml's scalar C per core, `benchmarks/kernels.py`). The torch encoders stay as
+instruction (2-3x ggml's scalar C per core, `benchmarks/kernel_speed.py`). The torch encoders stay as
 the independent implementation the tests compare these with, value for value.
 
 Exactness rules, as in the torch module: every value is float32 and every float32 operation is the

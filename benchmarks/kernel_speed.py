@@ -7,7 +7,7 @@ byte-identical to ggml's. int4: scales, values and packing of one routed expert'
 walk hands it over (a transposed view of the stored bf16 slice), against the same on a contiguous
 copy, which takes torch's path; the two outputs are checked identical.
 
-    python benchmarks/kernels.py --threads 2
+    python benchmarks/kernel_speed.py --threads 2
 """
 
 from __future__ import annotations
