@@ -52,12 +52,11 @@ def main() -> None:
             if get_scheme(scheme).activations:  # static input scales: every method takes the statistics
                 base += ["--calib", str(stats)]
             variants[f"{scheme} rtn"] = base
-            if get_scheme(scheme).searchable:
-                if "--calib" not in base:  # with the statistics given, mse weighs by their importance
-                    variants[f"{scheme} mse"] = [*base, "--method", "mse"]
-                calib = [] if "--calib" in base else ["--calib", str(stats)]
-                variants[f"{scheme} mse+imatrix"] = [*base, "--method", "mse", *calib]
-                variants[f"{scheme} gptq"] = [*base, "--method", "gptq", *calib]
+            if "--calib" not in base:  # with the statistics given, mse weighs by their importance
+                variants[f"{scheme} mse"] = [*base, "--method", "mse"]
+            calib = [] if "--calib" in base else ["--calib", str(stats)]
+            variants[f"{scheme} mse+imatrix"] = [*base, "--method", "mse", *calib]
+            variants[f"{scheme} gptq"] = [*base, "--method", "gptq", *calib]
         variants["Q4_K_M"] = ["export", "gguf", args.model, "--type", "Q4_K_M"]
         variants["Q4_K_M imatrix"] = ["export", "gguf", args.model, "--type", "Q4_K_M", "--imatrix", str(stats)]
         outs = {}

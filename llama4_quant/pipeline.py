@@ -391,9 +391,6 @@ def check_scheme_method(scheme: ct.Scheme, method: str, calib: Path | None, with
         raise UsageError(f"{scheme.name} quantizes activations with static scales from calibration: run "
                          "`l4q calibrate MODEL --out STATS` and pass --calib STATS (or use nvfp4a16, weights only)")
     check_method(method, None if (with_gguf or scheme.activations) and method == "rtn" else calib)
-    if method != "rtn" and not scheme.searchable:
-        raise UsageError(f"--method {method} is not available for {scheme.name}: its 128x128 block scales each span "
-                         "128 rows, and the scale search and GPTQ choose per-row group scales; use --method rtn")
 
 
 def check_method(method: str, calib: Path | None) -> None:

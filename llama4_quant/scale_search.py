@@ -1,5 +1,5 @@
-"""Calibration-free MSE scale search: pick, per int4 group or int8/fp8 row, the stored scale that
-minimizes the (optionally importance-weighted) squared quantization error.
+"""Calibration-free MSE scale search: pick, per int4 group, int8/fp8 row or fp8 128x128 block, the
+stored scale that minimizes the (optionally importance-weighted) squared quantization error.
 
 Absmax RTN sizes every scale so that nothing clips. For heavy-tailed groups that wastes most of the
 grid on one outlier; a slightly smaller scale clips the outlier a little and rounds everything else
@@ -77,29 +77,32 @@ def search_scales(
     """MSE-optimal group scales for `w` [out, in] from a fixed grid that includes the RTN scale.
 
     `scheme` is a Scheme or its registered name. Returns the scheme's group scale (for int4, int8 and
-    fp8 the `weight_scale` their quantize takes: int4 [out, in / 128], int8 and fp8 [out, 1]), in
-    `scale_dtype`, on w's device; `scheme.scales_with` completes the scales. `importance` [in] weights
-    the squared error per input column (e.g. E[x^2] from calibration); None weights all columns
-    equally. Rows are processed in slices of `schemes._row_chunks`, with about three float32 copies of
-    one slice alive at a time.
+    fp8 the `weight_scale` their quantize takes: int4 [out, in / 128], int8 and fp8 [out, 1]; for
+    fp8-block each block's scale repeated over its rows), in `scale_dtype`, on w's device;
+    `scheme.scales_with` completes the scales. `importance` [in] weights the squared error per input
+    column (e.g. E[x^2] from calibration); None weights all columns equally. Where rows share a scale
+    (`rows_per_scale`), their errors are summed before choosing. Rows are processed in slices of
+    `schemes._row_chunks`, with about three float32 copies of one slice alive at a time, plus the
+    float32 error of every candidate for every group.
     """
     scheme = as_scheme(scheme).for_weight(w)  # a scheme with a global scale: bound to w's (or its group's)
     schemes._check_weight(w)
     rows, cols = w.shape
     group_size = scheme.group_size(cols)
     groups = schemes._check_groups(cols, group_size)
+    if rows % scheme.rows_per_scale:
+        raise ValueError(f"{scheme.name} shares a scale over {scheme.rows_per_scale} rows; w has {rows}")
     imp = normalized_importance(importance, cols, w.device).view(1, groups, group_size)
-    absmax = schemes._group_absmax(w, group_size)
+    absmax = scheme.group_absmax(w)
     cands = candidate_scales(absmax, scheme, scale_dtype)  # [C, rows, groups]
     norm = absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1)
-    best = torch.zeros((rows, groups), dtype=torch.int64, device=w.device)
+    errors = torch.empty((len(GRID_FACTORS), rows, groups), dtype=torch.float32, device=w.device)
     for r in schemes._row_chunks(rows, cols):
         x = w[r].to(torch.float32).unflatten(-1, (groups, group_size))
         buf = torch.empty_like(x)
-        best_err = _group_error(x, cands[0, r], imp, norm[r], scheme, buf)
-        for c in range(1, len(GRID_FACTORS)):
-            err = _group_error(x, cands[c, r], imp, norm[r], scheme, buf)
-            better = err < best_err  # strict: ties keep the earlier, larger scale
-            best_err = torch.where(better, err, best_err)
-            best[r] = torch.where(better, c, best[r])
-    return cands.gather(0, best.unsqueeze(0)).squeeze(0)
+        for c in range(len(GRID_FACTORS)):
+            errors[c, r] = _group_error(x, cands[c, r], imp, norm[r], scheme, buf)
+    if scheme.rows_per_scale > 1:
+        errors = errors.unflatten(1, (-1, scheme.rows_per_scale)).sum(2).repeat_interleave(scheme.rows_per_scale, 1)
+    best = errors.argmin(0, keepdim=True)  # the first minimum: ties keep the earlier, larger scale
+    return cands.gather(0, best).squeeze(0)

@@ -380,7 +380,7 @@ def block_absmax(w: Tensor, block: int) -> Tensor:
     out = torch.empty((rows // block, _check_groups(cols, block)), dtype=torch.float32, device=w.device)
     step = max(block, _CHUNK_ELEMENTS // max(cols, 1) // block * block)
     for start in range(0, rows, step):
-        x = w[start:start + step].to(torch.float32).abs_()
+        x = w[start:start + step].to(torch.float32, copy=True).abs_()
         out[start // block:(start + x.shape[0]) // block] = x.unflatten(0, (-1, block)).unflatten(-1, (-1, block)).amax((1, 3))
     return out
 

@@ -157,16 +157,40 @@ def test_fp8_block_against_compressed_tensors():
     assert int(steps.max()) <= 1
 
 
-def test_fp8_block_refuses_the_searched_methods(tmp_path):
-    from click.testing import CliRunner
+def test_fp8_block_search_and_gptq_keep_one_scale_per_block():
+    """mse sums the error of a block's 128 rows for each candidate; GPTQ rounds with that block scale."""
+    from llama4_quant.calibrate.gptq import gptq_quantize
+    from llama4_quant.scale_search import search_scales
 
-    from cli.main import main
+    w = weights(256, 256, 8)
+    scheme = ct.get_scheme("fp8-block")
+    imp = torch.rand(256, generator=torch.Generator().manual_seed(9)) ** 2
+    per_row = search_scales(w, scheme, imp)
+    assert per_row.shape == (256, 2)
+    assert torch.equal(per_row, per_row[::128].repeat_interleave(128, 0))
+    searched, rtn = scheme.scales_with(w, per_row), scheme.rtn_scales(w)
+    assert bool((searched["weight_scale"] <= rtn["weight_scale"]).all())
 
-    result = CliRunner().invoke(main, ["quantize", "--model", "tiny", "--to", "fp8-block", "--method", "mse",
-                                       "--out", str(tmp_path / "x"), "--quiet"])
-    assert result.exit_code == 1 and result.stderr.count("\n") == 1
-    assert "fp8-block" in result.stderr and "--method rtn" in result.stderr
-    assert not (tmp_path / "x").exists()
+    def block_err(scales):
+        d = scheme.dequantize(scheme.quantize(w, scales), scales).double()
+        return ((w.double() - d) ** 2 * imp.double()).unflatten(0, (2, 128)).unflatten(-1, (2, 128)).sum((1, 3))
+
+    assert bool((block_err(searched) <= block_err(rtn) * (1 + 1e-6)).all())
+    assert float(block_err(searched).sum()) < float(block_err(rtn).sum())
+    wf = w.float()  # GPTQ hands the kernels float32 weights: they must not change them
+    assert torch.equal(search_scales(wf, scheme, imp), per_row) and torch.equal(wf, w.float())
+    with pytest.raises(ValueError, match="equal over each block"):
+        scheme.scales_with(w, torch.cat([per_row[:1] * 2, per_row[1:]]))
+
+    x = torch.randn(2048, 32, generator=torch.Generator().manual_seed(10)) @ torch.randn(32, 256)
+    h = x.T @ x / len(x)
+    result = gptq_quantize(w, h, scheme, per_row, block_size=128, damp=0.01, act_order=True)
+    assert not result.fell_back and result.q.dtype == torch.float8_e4m3fn
+
+    def out_err(q):
+        return float(((x @ (w.float() - scheme.dequantize(q, searched)).T) ** 2).mean())
+
+    assert out_err(result.q) < 0.9 * out_err(scheme.quantize(w, searched))
 
 
 # ---------------------------------------------------------------------------- whole tiny outputs

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama4_quant import schemes as S
 from llama4_quant.calibrate.gptq import GPTQResult, gptq_quantize
 from llama4_quant.formats.compressed_tensors import get_scheme
 
@@ -27,7 +26,7 @@ def dequant(q: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
 
 
 def group_size(scheme: str, cols: int) -> int:
-    return S.INT4_GROUP_SIZE if scheme == "int4" else cols
+    return get_scheme(scheme).group_size(cols)
 
 
 def correlated_inputs(in_features: int = 256, n: int = 2048, seed: int = 0) -> torch.Tensor:
@@ -73,7 +72,7 @@ def ref_gptq(w, hessian, scheme, scale, damp=0.01, act_order=True) -> torch.Tens
     q_all = torch.zeros_like(wk)
     for j in range(cols):
         x, s = wk[:, j], s_col[:, j]
-        if scheme == "fp8":
+        if scheme.startswith("fp8"):
             q = (x / s).clamp(-448, 448).to(torch.float8_e4m3fn).double()
         else:
             lo, hi = (-8, 7) if scheme == "int4" else (-128, 127)
@@ -117,6 +116,22 @@ def test_matches_float64_reference(scheme, act_order):
         assert not res.fell_back
         mismatch = (res.q.double() != ref).double().mean()
         assert mismatch < 0.005, f"{float(mismatch):.4%} of the rounding decisions differ from the reference"
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_fp8_block_matches_float64_reference(act_order):
+    """Block scales reach GPTQ as each row's group scale (the block's, repeated over its 128 rows)."""
+    scheme = get_scheme("fp8-block")
+    w = weight(256, 256, seed=2)
+    x = correlated_inputs()
+    h = x @ x.T
+    scale = scheme.absmax_scale(scheme.group_absmax(w), torch.bfloat16)
+    assert torch.equal(scheme.scales_with(w, scale)["weight_scale"], scheme.rtn_scales(w)["weight_scale"])
+    ref = ref_gptq(w, h, "fp8-block", scale, act_order=act_order)
+    res = gptq_quantize(w, h.float(), scheme, scale, act_order=act_order)
+    assert not res.fell_back and res.q.dtype == torch.float8_e4m3fn
+    mismatch = (res.q.double() != ref).double().mean()
+    assert mismatch < 0.005, f"{float(mismatch):.4%} of the rounding decisions differ from the reference"
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -54,7 +54,7 @@ class Scheme(ABC):
     half_range: ClassVar[float]  # the absmax rule's divisor: group scale >= absmax / half_range
 
     shares_global: ClassVar[bool] = False  # one per-tensor scale for each fused group (q/k/v, gate/up)
-    searchable: ClassVar[bool] = True  # group scales per row: mse (scale_search) and GPTQ apply
+    rows_per_scale: ClassVar[int] = 1  # rows that share one group scale (fp8-block: 128, a block's rows)
     activations: ClassVar[bool] = False  # static activation scales from calibration (`with_inputs`)
     strategy: ClassVar[str] = ""  # compressed-tensors' weight strategy (channel, group, block ...)
 
@@ -79,6 +79,13 @@ class Scheme(ABC):
     @abstractmethod
     def group_size(self, in_features: int) -> int:
         """Input columns that share one group scale."""
+
+    def group_absmax(self, w: Tensor) -> Tensor:
+        """Float32 [out, in / group_size] max |w| over the weights that share each row's group scale
+        (for block scales the whole block's, repeated over its rows): `absmax_scale`'s input."""
+        from .. import schemes
+
+        return schemes._group_absmax(w, self.group_size(w.shape[1]))
 
     @abstractmethod
     def absmax_scale(self, absmax: Tensor, scale_dtype: torch.dtype) -> Tensor:
@@ -437,8 +444,8 @@ class Fp8Block(_Fp8Grid, Scheme):
     scale_suffixes = ("weight_scale",)
     group_scale = "weight_scale"
     half_range = 448.0
-    searchable = False  # a block's scale spans 128 rows: not a per-row group for mse or GPTQ
     block = 128
+    rows_per_scale = block  # scale_search and GPTQ see each block's scale repeated over its 128 rows
 
     def group_size(self, in_features: int) -> int:
         return self.block
@@ -451,8 +458,18 @@ class Fp8Block(_Fp8Grid, Scheme):
 
         return {"weight_scale": schemes.fp8_absmax_scale(schemes.block_absmax(w, self.block))}
 
+    def group_absmax(self, w: Tensor) -> Tensor:
+        from .. import schemes
+
+        return schemes.block_absmax(w, self.block).repeat_interleave(self.block, 0)
+
     def scales_with(self, w: Tensor, group_scale: Tensor) -> dict[str, Tensor]:
-        return {"weight_scale": group_scale}
+        import torch
+
+        block_scale = group_scale[:: self.block]
+        if not torch.equal(group_scale, block_scale.repeat_interleave(self.block, 0)):
+            raise ValueError("fp8-block group scales must be equal over each block's 128 rows")
+        return {"weight_scale": block_scale}
 
     def quantize(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
         from .. import schemes
