@@ -89,28 +89,33 @@ def load_causal_lm(model_dir: Path, device: str = "cpu", dtype: torch.dtype = to
 
 
 def quantize_inputs_as_served(model, model_dir: Path, qc: dict) -> int:
-    """Give the Linears of a checkpoint with static input scales (nvfp4) the input quantization that
+    """Give the quantized Linears of an FP4 W4A4 checkpoint (nvfp4, mxfp4) the input quantization that
     vLLM's kernels apply: transformers decompresses the weights and drops it, which would measure
     the weights' error alone. Returns the number of Linears hooked."""
     scheme = ct.scheme_for_config(qc)
-    if scheme is None or not scheme.activations:
+    if scheme is None:
         return 0
-    from . import schemes
-
-    modules = dict(model.named_modules())
-    hooked = 0
+    where = {}  # tensor name -> its shard
     for shard in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(shard), "pt") as f:
-            for name in f.keys():
-                if not name.endswith(".input_global_scale"):
-                    continue
-                module = modules.get(name.removesuffix(".input_global_scale").removeprefix("language_model."))
-                if module is None:
-                    raise CorruptCheckpointError(f"{model_dir}: {name} names no Linear of the loaded model")
-                scale = f.get_tensor(name)
-                module.register_forward_pre_hook(
-                    lambda _m, args, g=scale: (schemes.nvfp4_fake_quantize_input(args[0], g), *args[1:]))
-                hooked += 1
+            where.update(dict.fromkeys(f.keys(), shard))
+    modules = dict(model.named_modules())
+    marker = "." + scheme.scale_suffixes[0]  # a scale: only quantized Linears have one
+    hooked = 0
+    for name in sorted(n for n in where if n.endswith(marker)):
+        prefix = name.removesuffix(marker)
+        module = modules.get(prefix.removeprefix("language_model."))
+        if module is None:
+            raise CorruptCheckpointError(f"{model_dir}: {name} names no Linear of the loaded model")
+        stored = {}
+        for suffix in scheme.suffixes:
+            with safe_open(str(where[f"{prefix}.{suffix}"]), "pt") as f:
+                stored[suffix] = f.get_tensor(f"{prefix}.{suffix}")
+        quantize = scheme.served_input(stored)
+        if quantize is None:  # the scheme's served inputs are 16-bit, or quantized finely enough to leave out
+            return 0
+        module.register_forward_pre_hook(lambda _m, args, q=quantize: (q(args[0]), *args[1:]))
+        hooked += 1
     return hooked
 
 

@@ -29,6 +29,7 @@ QUANTIZED_SUFFIXES = {
     "int-quantized": ("weight", "weight_scale"),
     "float-quantized": ("weight", "weight_scale"),
     "nvfp4-pack-quantized": ("weight_packed", "weight_scale", "weight_global_scale"),
+    "mxfp4-pack-quantized": ("weight_packed", "weight_scale"),
 }
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _EXPERT_RE = re.compile(r"(.*\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.")

@@ -466,26 +466,13 @@ def fp4_values(codes: Tensor) -> Tensor:
 
 
 def nvfp4_quantize(w: Tensor, scale: Tensor, global_scale: Tensor, group_size: int = NVFP4_GROUP_SIZE) -> Tensor:
-    """uint8 [out, in] FP4 codes of w / step, one float32 slice of rows at a time."""
-    _check_weight(w)
-    rows, cols = w.shape
-    groups = _check_groups(cols, group_size)
-    steps = nvfp4_steps(scale, global_scale).unsqueeze(-1)  # [rows, groups, 1]
-    codes = torch.empty((rows, cols), dtype=torch.uint8, device=w.device)
-    for r in _row_chunks(rows, cols):
-        x = w[r].to(torch.float32, copy=True)
-        x.unflatten(-1, (groups, group_size)).div_(steps[r])
-        codes[r] = fp4_codes(round_fp4_(x.clamp_(-FP4_MAX, FP4_MAX)))
-    return codes
+    """uint8 [out, in] FP4 codes of w / step."""
+    return fp4_quantize(w, nvfp4_steps(scale, global_scale), group_size)
 
 
 def nvfp4_dequantize(codes: Tensor, scale: Tensor, global_scale: Tensor, group_size: int = NVFP4_GROUP_SIZE) -> Tensor:
     """float32 [out, in] weight: FP4 values times their group's step."""
-    rows, cols = codes.shape
-    groups = _check_groups(cols, group_size)
-    x = fp4_values(codes)
-    x.unflatten(-1, (groups, group_size)).mul_(nvfp4_steps(scale, global_scale).unsqueeze(-1))
-    return x
+    return fp4_dequantize(codes, nvfp4_steps(scale, global_scale), group_size)
 
 
 def nvfp4_fake_quantize_input(x: Tensor, input_global_scale: Tensor) -> Tensor:
@@ -497,6 +484,87 @@ def nvfp4_fake_quantize_input(x: Tensor, input_global_scale: Tensor) -> Tensor:
     g = input_global_scale.to(device=x.device, dtype=torch.float32)
     groups = x.to(torch.float32).unflatten(-1, (cols // NVFP4_GROUP_SIZE, NVFP4_GROUP_SIZE))
     steps = nvfp4_steps(nvfp4_scales(groups.abs().amax(-1), g), g).unsqueeze(-1)
+    q = round_fp4_((groups / steps).clamp_(-FP4_MAX, FP4_MAX))
+    return (q * steps).flatten(-2).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------- mxfp4
+# MXFP4 (OCP microscaling; compressed-tensors `mxfp4-pack-quantized`): FP4 e2m1 values in groups of
+# 32 input columns, each group's scale a power of two stored as its E8M0 biased exponent (uint8):
+#
+#     p     = floor(log2(absmax(group))), plus 1 where absmax >= 1.75 * 2**p  (to a power of two)
+#     e     = clamp(p - 2 + 127, 0, 252)                                      (2**2: FP4's top power)
+#     step  = 2**(e - 127)
+#     q     = fp4(clamp(w / step, +-6))                                        (nearest; ties to even)
+#
+# compressed-tensors' rule, except the cap at 252: a group within 2**-2 of BF16's largest value would
+# get 253, where its values (4 or 6 times 2**126) overflow BF16 and float32 to infinity; at 252 they
+# clip instead. Otherwise a group's largest |w / step| is below 1.75 * 4 = 7, so clamping it to 6
+# errs by less than one step, the top interval's half spacing. Dividing by a power of two is exact.
+
+
+MXFP4_GROUP_SIZE = 32
+E8M0_BIAS = 127
+MXFP4_MAX_EXPONENT = 252
+
+
+def mxfp4_exponents(absmax: Tensor) -> Tensor:
+    """uint8 E8M0 exponents of the MXFP4 group scales for float32 group absmax values."""
+    mantissa, exponent = torch.frexp(absmax.to(torch.float32))  # absmax = mantissa * 2**exponent, mantissa in [0.5, 1)
+    p = exponent - 1 + (mantissa >= 0.875).to(exponent.dtype)
+    e = (p - 2 + E8M0_BIAS).clamp_(0, MXFP4_MAX_EXPONENT)
+    return torch.where(absmax > 0, e, 0).to(torch.uint8)
+
+
+def mxfp4_steps(exponents: Tensor) -> Tensor:
+    """float32 group scales 2**(e - 127) of E8M0 exponents (exact: 2**-127 is a float32 subnormal)."""
+    e = exponents.to(torch.int32) - E8M0_BIAS
+    return torch.ldexp(torch.ones(e.shape, dtype=torch.float32, device=e.device), e)
+
+
+def mxfp4_exponents_of_steps(steps: Tensor) -> Tensor:
+    """uint8 E8M0 exponents of float32 power-of-two group scales (`mxfp4_steps`' inverse)."""
+    mantissa, exponent = torch.frexp(steps.to(torch.float32))
+    if not bool((mantissa == 0.5).all()):
+        raise ValueError("MXFP4 group scales must be powers of two")
+    e = exponent - 1 + E8M0_BIAS
+    if not bool(((e >= 0) & (e <= MXFP4_MAX_EXPONENT)).all()):
+        raise ValueError(f"MXFP4 group scales must lie within 2**-127 .. 2**{MXFP4_MAX_EXPONENT - E8M0_BIAS}")
+    return e.to(torch.uint8)
+
+
+def fp4_quantize(w: Tensor, steps: Tensor, group_size: int) -> Tensor:
+    """uint8 [out, in] FP4 codes of clamp(w / step, +-6), one float32 step per group, a slice of rows at a time."""
+    _check_weight(w)
+    rows, cols = w.shape
+    groups = _check_groups(cols, group_size)
+    _check_scale(steps, (rows, groups))
+    steps = steps.to(torch.float32).unsqueeze(-1)  # [rows, groups, 1]
+    codes = torch.empty((rows, cols), dtype=torch.uint8, device=w.device)
+    for r in _row_chunks(rows, cols):
+        x = w[r].to(torch.float32, copy=True)
+        x.unflatten(-1, (groups, group_size)).div_(steps[r])
+        codes[r] = fp4_codes(round_fp4_(x.clamp_(-FP4_MAX, FP4_MAX)))
+    return codes
+
+
+def fp4_dequantize(codes: Tensor, steps: Tensor, group_size: int) -> Tensor:
+    """float32 [out, in] weight: FP4 values times their group's float32 step."""
+    rows, cols = codes.shape
+    groups = _check_groups(cols, group_size)
+    x = fp4_values(codes)
+    x.unflatten(-1, (groups, group_size)).mul_(steps.to(torch.float32).unsqueeze(-1))
+    return x
+
+
+def mxfp4_fake_quantize_input(x: Tensor) -> Tensor:
+    """x as a W4A4 MXFP4 kernel sees it: per group of 32 along the last dim, the weights' rule with a
+    dynamic E8M0 scale, values rounded to FP4; returned dequantized, in x's dtype."""
+    cols = x.shape[-1]
+    if cols % MXFP4_GROUP_SIZE:
+        raise ValueError(f"an MXFP4 input needs a multiple of {MXFP4_GROUP_SIZE} features, got {cols}")
+    groups = x.to(torch.float32).unflatten(-1, (cols // MXFP4_GROUP_SIZE, MXFP4_GROUP_SIZE))
+    steps = mxfp4_steps(mxfp4_exponents(groups.abs().amax(-1))).unsqueeze(-1)
     q = round_fp4_((groups / steps).clamp_(-FP4_MAX, FP4_MAX))
     return (q * steps).flatten(-2).to(x.dtype)
 

@@ -12,6 +12,11 @@
    time to encode the first MoE layer's routed expert projections as Q4_K on the GPU (issue #12's target for a
    Scout MoE layer: under 10 s on an H100-class GPU).
 
+4. vLLM (skipped where vLLM or a GPU is missing): each compressed-tensors scheme's `tiny` derivative
+   (nvfp4 calibrated here) loaded in vLLM, its prompt log-probabilities on held-out ids compared
+   with transformers' on the same ids (l4q's loader: W4A4 inputs quantized as vLLM's kernels do),
+   and the BF16 model as the control row. A scheme vLLM refuses is reported, not fatal.
+
     python scripts/gpu_check.py                      # what a lent device runs
     python scripts/gpu_check.py --devices cpu cpu --skip-scout   # the same code paths, CPU only
 """
@@ -152,7 +157,84 @@ def scout_layer(device: str, work: Path, samples: int, seq_len: int) -> dict:
             "same int4 values cpu vs cuda": f"{(q['cpu'] == q[device]).float().mean().item():.2%}"}
 
 
+def vllm_child(model_dir: str, ids_file: str, out_file: str) -> None:
+    """In a fresh process (vLLM keeps GPU memory until exit): the log-probability vLLM gives each
+    prompt token after the first, and its top-1 token at each position."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    ids = json.loads(Path(ids_file).read_text())
+    llm = LLM(model=model_dir, dtype="bfloat16", enforce_eager=True, gpu_memory_utilization=0.3,
+              max_model_len=len(ids[0]) + 8, limit_mm_per_prompt={"image": 0})
+    params = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
+    rows = []
+    for out in llm.generate([TokensPrompt(prompt_token_ids=seq) for seq in ids], params):
+        logprobs, top1 = [], []
+        for tok, pos in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
+            logprobs.append(pos[tok].logprob)
+            top1.append(next(t for t, lp in pos.items() if lp.rank == 1))
+        rows.append({"logprobs": logprobs, "top1": top1})
+    Path(out_file).write_text(json.dumps(rows))
+
+
+def compare_in_vllm(work: Path, seqs: int = 4, seq_len: int = 128) -> list[dict]:
+    """Section 4: every scheme's tiny derivative in vLLM against transformers on the same ids."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        print("vLLM section skipped: " + ("vLLM is not installed" if torch.cuda.is_available() else "no CUDA GPU"))
+        return []
+    from llama4_quant import evaluate
+    from llama4_quant.formats import compressed_tensors as ct
+
+    from llama4_quant.tiny_models import tiny_heldout_path
+
+    src = sources.resolve("tiny")
+    stats = work / "vllm-stats"
+    cal_ids, description = calibration_ids(src.path, None, 16, 128)
+    calibrate(src, stats, cal_ids, description, device="cuda", show_progress=False)
+    ids = evaluate.token_windows(src.path, tiny_heldout_path().read_text(), seq_len, seqs * seq_len)
+    ids_file = work / "vllm-ids.json"
+    ids_file.write_text(json.dumps(ids.tolist()))
+    models = {"bf16": src.path}
+    for name in ct.scheme_names():
+        models[name] = work / f"vllm-{name}"
+        quantize(src, models[name], name, calib=stats if ct.get_scheme(name).activations else None,
+                 show_progress=False)
+    rows = []
+    for name, path in models.items():
+        row = {"vLLM": name}
+        out = work / f"vllm-{name}.json"
+        r = subprocess.run([sys.executable, __file__, "--vllm-child", str(path), str(ids_file), str(out)],
+                           capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            row["error"] = (r.stderr.strip().splitlines() or ["exit status %d" % r.returncode])[-1][:300]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            continue
+        served = json.loads(out.read_text())
+        model = evaluate.load_causal_lm(path, "cuda")
+        with torch.no_grad():
+            logits = model(ids.to("cuda")).logits.float()
+        logp = torch.log_softmax(logits, -1)[:, :-1]
+        ours = logp.gather(-1, ids[:, 1:].to("cuda").unsqueeze(-1)).squeeze(-1).cpu()
+        theirs = torch.tensor([s["logprobs"] for s in served])
+        top1 = torch.tensor([s["top1"] for s in served])
+        diff = (ours - theirs).abs()
+        row.update({"max |logprob diff|": f"{diff.max().item():.3f}", "mean |logprob diff|": f"{diff.mean().item():.4f}",
+                    "top-1 agree": f"{(logp.argmax(-1).cpu() == top1).float().mean().item():.2%}"})
+        del model
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--vllm-child"]:
+        vllm_child(*sys.argv[2:5])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", nargs=2, default=["cpu", "cuda"])
     parser.add_argument("--samples", type=int, default=32)
@@ -174,6 +256,7 @@ def main() -> None:
         if not args.skip_scout:
             rows.append(scout_layer(args.devices[1], work, 8, 512))
             print(json.dumps(rows[-1], indent=1), flush=True)
+        rows += compare_in_vllm(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,4 +1,4 @@
-"""The FP4 and block-FP8 schemes: rounding against float64, bytes against compressed-tensors' own
+"""The FP4 (NVFP4, MXFP4) and block-FP8 schemes: rounding against float64, bytes against compressed-tensors' own
 compressors, fused global scales, and the names vLLM's Llama 4 loader maps."""
 
 from __future__ import annotations
@@ -124,6 +124,103 @@ def test_nvfp4_gptq_beats_rtn_on_correlated_inputs():
     assert out_err(result.q) < 0.8 * out_err(bound.quantize(w, scales))
 
 
+# ------------------------------------------------------------------------------------------ MXFP4
+
+
+def test_mxfp4_exponents_against_float64():
+    """E8M0 exponent: log2 of the group absmax rounded to a power of two (up from 1.75x), minus 2."""
+    import math
+
+    powers = torch.tensor([2.0**k for k in range(-140, 128, 3)], dtype=torch.float64)
+    absmax = torch.cat([powers, powers * 1.5, powers * 1.75, powers * 1.7421875, powers * 1.9921875,
+                        torch.tensor([0.0, 1e-45, 3.3895313892515355e38])]).float()
+    absmax = absmax[torch.isfinite(absmax)]
+    got = S.mxfp4_exponents(absmax).tolist()
+    for a, e in zip(absmax.double().tolist(), got):
+        if a == 0:
+            assert e == 0
+            continue
+        p = math.floor(math.log2(a))
+        p += a / 2.0**p >= 1.75
+        assert e == min(max(p - 2 + 127, 0), S.MXFP4_MAX_EXPONENT), a
+    steps = S.mxfp4_steps(torch.tensor(got, dtype=torch.uint8))
+    assert torch.equal(S.mxfp4_exponents_of_steps(steps), torch.tensor(got, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="powers of two"):
+        S.mxfp4_exponents_of_steps(torch.tensor([0.75]))
+
+
+def compressed_tensors_mxfp4(w: torch.Tensor):
+    """compressed-tensors' own MXFP4 path for one weight: E8M0 scales and packed bytes."""
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    scheme = preset_name_to_scheme("MXFP4A16", ["Linear"])
+    groups = w.unflatten(-1, (-1, 32))
+    scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), scheme.weights)
+    return scheme, MXFP4PackedCompressor.compress({"weight": w, "weight_scale": scale}, scheme)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mxfp4_bytes_equal_compressed_tensors(seed):
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+
+    w = weights(64, 512, seed)
+    w[3, :32] = torch.tensor([1.75 * 2.0**-5] + [0.0] * 31)  # a group whose absmax rounds up to a power of two
+    scheme = ct.get_scheme("mxfp4a16")
+    module = "model.layers.0.feed_forward.experts.1.gate_proj"
+    ours = {n.removeprefix(module + "."): t for n, t in scheme.encode_weight(module, w)}
+    ct_scheme, theirs = compressed_tensors_mxfp4(w)
+    assert ours["weight_scale"].dtype == torch.uint8 and torch.equal(ours["weight_scale"], theirs["weight_scale"])
+    assert torch.equal(ours["weight_packed"], theirs["weight_packed"])
+    loaded = MXFP4PackedCompressor.decompress(dict(ours), ct_scheme)["weight"]
+    assert torch.equal(loaded.float(), scheme.decode_as_loaded(ours))
+
+
+def test_mxfp4_mse_and_gptq():
+    from llama4_quant.calibrate.gptq import gptq_quantize
+    from llama4_quant.scale_search import search_scales
+
+    w = weights(48, 256, 11)
+    scheme = ct.get_scheme("mxfp4a16")
+    imp = torch.rand(256, generator=torch.Generator().manual_seed(12)) ** 2
+    steps = search_scales(w, scheme, imp)
+    searched, rtn = scheme.scales_with(w, steps), scheme.rtn_scales(w)
+    # the candidates are powers of two: the RTN scale or the one below it
+    assert bool(((rtn["weight_scale"].int() - searched["weight_scale"].int()) <= 1).all())
+
+    def err(scales):
+        d = scheme.dequantize(scheme.quantize(w, scales), scales).double()
+        return ((w.double() - d) ** 2 * imp.double()).unflatten(-1, (-1, 32)).sum(-1)
+
+    assert bool((err(searched) <= err(rtn) * (1 + 1e-6)).all())
+    assert float(err(searched).sum()) < float(err(rtn).sum())
+    x = torch.randn(2048, 32, generator=torch.Generator().manual_seed(13)) @ torch.randn(32, 256)
+    h = x.T @ x / len(x)
+    result = gptq_quantize(w, h, scheme, steps, block_size=128, damp=0.01, act_order=True)
+    assert not result.fell_back and result.q.dtype == torch.uint8 and int(result.q.max()) < 16
+
+    def out_err(q):
+        return float(((x @ (w.float() - scheme.dequantize(q, searched)).T) ** 2).mean())
+
+    assert out_err(result.q) < 0.8 * out_err(scheme.quantize(w, searched))
+
+
+def test_mxfp4_inputs_quantize_as_compressed_tensors_does():
+    """The W4A4 scheme's dynamic input quantization (what l4q eval applies) is compressed-tensors' own."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+
+    args = preset_name_to_scheme("MXFP4", ["Linear"]).input_activations
+    g = torch.Generator().manual_seed(14)
+    x = (torch.randn(16, 512, generator=g) * torch.logspace(-4, 3, 512)).to(BF16)
+    scale, zp = compute_dynamic_scales_and_zp(value=x, args=args, module=torch.nn.Linear(512, 1))
+    quantize = ct.get_scheme("mxfp4").served_input({})
+    assert torch.equal(quantize(x), fake_quantize(x, scale, zp, args))
+    assert ct.get_scheme("mxfp4a16").served_input({}) is None
+
+
 # ------------------------------------------------------------------------------------- FP8 block
 
 
@@ -205,6 +302,8 @@ VLLM_MOE_PARAMS = {
     "fp8-block": {"weight", "weight_scale"},
     "nvfp4a16": {"weight_packed", "weight_scale", "weight_global_scale"},
     "nvfp4": {"weight_packed", "weight_scale", "weight_global_scale", "input_global_scale"},
+    "mxfp4a16": {"weight_packed", "weight_scale"},
+    "mxfp4": {"weight_packed", "weight_scale"},
 }
 
 
@@ -233,7 +332,7 @@ def tiny_stats(tmp_path_factory):
 def tiny_outputs(tmp_path_factory, tiny_stats):
     out = tmp_path_factory.mktemp("fp")
     src = sources.resolve("tiny")
-    for scheme in ("nvfp4a16", "fp8-block", "int4"):
+    for scheme in ("nvfp4a16", "fp8-block", "int4", "mxfp4a16", "mxfp4"):
         pipeline.quantize(src, out / scheme, scheme, show_progress=False)
     pipeline.quantize(src, out / "nvfp4", "nvfp4", calib=tiny_stats, show_progress=False)
     return out
@@ -247,7 +346,7 @@ def tensors(path) -> dict[str, torch.Tensor]:
     return found
 
 
-@pytest.mark.parametrize("scheme", ["nvfp4a16", "nvfp4", "fp8-block", "int4"])
+@pytest.mark.parametrize("scheme", ["nvfp4a16", "nvfp4", "fp8-block", "int4", "mxfp4a16", "mxfp4"])
 def test_expert_names_map_onto_vllm_parameters(tiny_outputs, scheme):
     import json
 
@@ -344,3 +443,17 @@ def test_eval_quantizes_nvfp4_inputs_as_vllm_does(tiny_outputs):
     steps = S.nvfp4_steps(S.nvfp4_scales(x.unflatten(-1, (4, 16)).abs().amax(-1), g), g)
     assert torch.equal(y, S.round_fp4_((x.unflatten(-1, (4, 16)) / steps[..., None]).clamp(-6, 6)).mul(
         steps[..., None]).flatten(-2))
+
+
+def test_eval_quantizes_mxfp4_inputs_dynamically(tiny_outputs):
+    from llama4_quant import evaluate
+
+    model = evaluate.load_causal_lm(tiny_outputs / "mxfp4")
+    hooked = [m for m in model.modules() if m._forward_pre_hooks]
+    assert len(hooked) == len([n for n in tensors(tiny_outputs / "mxfp4") if n.endswith(".weight_packed")]) > 0
+    ids = torch.arange(1, 33).view(1, 32)
+    with torch.no_grad():
+        w4a4 = model(ids).logits
+        w4a16 = evaluate.load_causal_lm(tiny_outputs / "mxfp4a16")(ids).logits
+    assert not torch.equal(w4a4, w4a16) and float((w4a4 - w4a16).abs().max()) < 5
+    assert not [m for m in evaluate.load_causal_lm(tiny_outputs / "int4").modules() if m._forward_pre_hooks]

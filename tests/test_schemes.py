@@ -460,23 +460,23 @@ def test_non_contiguous_input() -> None:
 def test_registry() -> None:
     from llama4_quant.model import QUANTIZED_SUFFIXES
 
-    assert ct.scheme_names() == list(ct.SCHEMES) == ["int4", "int8", "fp8", "fp8-block", "nvfp4a16", "nvfp4"]
+    assert ct.scheme_names() == list(ct.SCHEMES) == ["int4", "int8", "fp8", "fp8-block", "nvfp4a16", "nvfp4", "mxfp4a16", "mxfp4"]
     for name, scheme in ct.SCHEMES.items():
         assert isinstance(scheme, ct.Scheme) and scheme.name == name
         assert ct.get_scheme(name) is scheme and ct.as_scheme(name) is scheme and ct.as_scheme(scheme) is scheme
-        assert ct.scheme_for_format(scheme.format, scheme.strategy, scheme.activations) is scheme
+        assert ct.scheme_for_format(scheme.format, scheme.strategy, scheme.inputs) is scheme
         assert ct.scheme_for_config(ct.quantization_config(scheme, [])) is scheme
         assert scheme.suffixes[:len(QUANTIZED_SUFFIXES[scheme.format])] == QUANTIZED_SUFFIXES[scheme.format]
         assert set(scheme.scale_suffixes) <= set(scheme.suffixes) and scheme.group_scale in scheme.scale_suffixes
         group = ct.quantization_config(scheme, [])["config_groups"]["group_0"]
         assert group["format"] == scheme.format and group["targets"] == ["Linear"]
         assert group["weights"]["strategy"] == scheme.strategy
-    assert ct.scheme_for_format("mxfp4-pack-quantized") is None and ct.scheme_for_format(None) is None
-    with pytest.raises(ValueError, match="unknown scheme 'int2'; choose one of int4, int8, fp8, fp8-block, nvfp4a16, nvfp4"):
+    assert ct.scheme_for_format("marlin-24") is None and ct.scheme_for_format(None) is None
+    with pytest.raises(ValueError, match="unknown scheme 'int2'; choose one of int4, int8, fp8, fp8-block, nvfp4a16, nvfp4, mxfp4a16, mxfp4"):
         ct.get_scheme("int2")
     with pytest.raises(ValueError, match="twice"):
         ct.register_scheme(type(ct.get_scheme("int4")))
-    assert ct.scheme_names() == ["int4", "int8", "fp8", "fp8-block", "nvfp4a16", "nvfp4"]
+    assert ct.scheme_names() == ["int4", "int8", "fp8", "fp8-block", "nvfp4a16", "nvfp4", "mxfp4a16", "mxfp4"]
 
 
 def test_registry_loads_without_torch() -> None:
@@ -486,7 +486,7 @@ def test_registry_loads_without_torch() -> None:
     from pathlib import Path
 
     code = ("import sys; from llama4_quant.formats import compressed_tensors as ct; "
-            "assert ct.scheme_names() == ['int4', 'int8', 'fp8', 'fp8-block', 'nvfp4a16', 'nvfp4']; assert 'torch' not in sys.modules, 'torch imported'")
+            "assert ct.scheme_names() == ['int4', 'int8', 'fp8', 'fp8-block', 'nvfp4a16', 'nvfp4', 'mxfp4a16', 'mxfp4']; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
@@ -528,12 +528,15 @@ def test_scheme_round_trips_within_its_bound(name: str) -> None:
     assert bound.shape == w.shape
     assert bool((err <= bound).all())
     assert float((err / bound).max()) > 0.4  # the bound is tight
-    # a given group scale is what gets stored (for nvfp4: the step, stored as its FP8 scale)
+    # a given group scale is what gets stored (nvfp4 stores the step as its FP8 scale, mxfp4 the power
+    # of two as its E8M0 exponent)
     bound = scheme.for_weight(w)
-    half = (bound.absmax_scale(bound.group_absmax(w), BF16).float() / 2).to(BF16)
+    half = bound.absmax_scale(bound.group_absmax(w) / 2, BF16)  # a valid scale of the scheme: for half the range
     again = dict(scheme.encode_weight(module, w, half))
     stored = bound.scales_with(w, half)[scheme.group_scale]
     assert torch.equal(again[f"{module}.{scheme.group_scale}"].float(), stored.float())
+    if scheme.format == "mxfp4-pack-quantized":
+        stored = S.mxfp4_steps(stored)
     if not scheme.shares_global:
         assert torch.equal(stored, half[:: scheme.rows_per_scale])
 

@@ -98,6 +98,7 @@ def test_model_card(tiny_int4, tmp_path):
     assert {"llama4", "l4q", "compressed-tensors", "int4"} <= set(front["tags"])
     assert front["pipeline_tag"] == "image-text-to-text"
     assert card.CARD_MARKER in text and "| method | rtn |" in text
+    assert "| scheme | int4: int4 weights, symmetric, group 128, 16-bit activations |" in text
     assert "## Evaluation" in text and "Mean KLD" in text  # the eval table of the report in OUT
     assert "40.0%" in text
 

@@ -55,11 +55,21 @@ class Scheme(ABC):
 
     shares_global: ClassVar[bool] = False  # one per-tensor scale for each fused group (q/k/v, gate/up)
     rows_per_scale: ClassVar[int] = 1  # rows that share one group scale (fp8-block: 128, a block's rows)
-    activations: ClassVar[bool] = False  # static activation scales from calibration (`with_inputs`)
+    inputs: ClassVar[str] = "none"  # activations as served: "none" (16-bit), "dynamic", "static" (`with_inputs`)
     strategy: ClassVar[str] = ""  # compressed-tensors' weight strategy (channel, group, block ...)
 
     def __repr__(self) -> str:
         return f"<scheme {self.name}>"
+
+    @property
+    def activations(self) -> bool:
+        """Whether activation scales come from calibration (static inputs: `with_inputs`, `--calib`)."""
+        return self.inputs == "static"
+
+    def served_input(self, stored: Mapping[str, Tensor]):
+        """For a scheme whose served kernels quantize activations coarsely (FP4): a function that
+        quantizes a Linear's input as they do, given that Linear's stored tensors; else None."""
+        return None
 
     def for_weight(self, w: Tensor) -> Scheme:
         """The scheme for one weight: itself, or for a scheme with a per-tensor scale, an instance bound
@@ -205,15 +215,15 @@ def as_scheme(scheme: Scheme | str) -> Scheme:
     return get_scheme(scheme) if isinstance(scheme, str) else scheme
 
 
-def scheme_for_format(fmt: str | None, strategy: str | None = None, static_inputs: bool | None = None) -> Scheme | None:
+def scheme_for_format(fmt: str | None, strategy: str | None = None, inputs: str | None = None) -> Scheme | None:
     """The scheme that writes compressed-tensors format `fmt`, or None; where several share a format,
-    the one with weight `strategy` (fp8 per channel, fp8-block) and static input scales or not
-    (nvfp4, nvfp4a16)."""
+    the one with weight `strategy` (fp8 per channel, fp8-block) and activations `inputs` (nvfp4 and
+    nvfp4a16, mxfp4 and mxfp4a16)."""
     found = [s for s in SCHEMES.values() if s.format == fmt]
     if strategy is not None:
         found = [s for s in found if s.strategy == strategy] or found
-    if static_inputs is not None:
-        found = [s for s in found if s.activations == static_inputs] or found
+    if inputs is not None:
+        found = [s for s in found if s.inputs == inputs] or found
     return found[0] if found else None
 
 
@@ -223,9 +233,9 @@ def scheme_for_config(qc: dict | None) -> Scheme | None:
         return None
     groups = list((qc.get("config_groups") or {}).values())
     group = (groups[0] or {}) if groups else {}
-    inputs = group.get("input_activations") or {}
-    static = bool(inputs) and inputs.get("dynamic") is not True
-    return scheme_for_format(qc.get("format"), (group.get("weights") or {}).get("strategy"), static)
+    acts = group.get("input_activations") or {}
+    inputs = "none" if not acts else "dynamic" if acts.get("dynamic") is True else "static"
+    return scheme_for_format(qc.get("format"), (group.get("weights") or {}).get("strategy"), inputs)
 
 
 # ----------------------------------------------------------------------------------------- schemes
@@ -380,6 +390,7 @@ class Int8(_PerChannel, _IntScheme):
     format = "int-quantized"
     strategy = "channel"
     description = "int8 per-channel weights, dynamic per-token int8 activations"
+    inputs = "dynamic"
     suffixes = QUANTIZED_SUFFIXES[format]
     weight_dtype = "I8"
     kernels = "int8"
@@ -416,6 +427,7 @@ class Fp8(_Fp8Grid, _PerChannel, _SymmetricScheme):
     format = "float-quantized"
     strategy = "channel"
     description = "FP8 e4m3 per-channel weights, dynamic per-token FP8 activations"
+    inputs = "dynamic"
     suffixes = QUANTIZED_SUFFIXES[format]
     weight_dtype = "F8_E4M3"
     kernels = "fp8"
@@ -440,6 +452,7 @@ class Fp8Block(_Fp8Grid, Scheme):
     format = "float-quantized"
     strategy = "block"
     description = "FP8 e4m3 weights with 128x128 block scales, dynamic per-group FP8 activations"
+    inputs = "dynamic"
     suffixes = QUANTIZED_SUFFIXES[format]
     scale_suffixes = ("weight_scale",)
     group_scale = "weight_scale"
@@ -643,7 +656,7 @@ class NvFp4(NvFp4A16):
     description = "NVFP4 weights and activations (W4A4; static input scales from --calib)"
     suffixes = (*QUANTIZED_SUFFIXES[NvFp4A16.format], "input_global_scale")
     scale_suffixes = ("weight_scale", "weight_global_scale", "input_global_scale")
-    activations = True
+    inputs = "static"
 
     def __init__(self, global_scale: Tensor | None = None, input_global_scale: Tensor | None = None):
         super().__init__(global_scale)
@@ -674,6 +687,123 @@ class NvFp4(NvFp4A16):
 
     def stored(self, q: Tensor, scales: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {**super().stored(q, scales), "input_global_scale": scales["input_global_scale"].clone()}
+
+    def served_input(self, stored: Mapping[str, Tensor]):
+        from .. import schemes
+
+        g = stored["input_global_scale"]
+        return lambda x: schemes.nvfp4_fake_quantize_input(x, g)
+
+
+@register_scheme
+class MxFp4A16(Scheme):
+    """MXFP4: FP4 e2m1 values in groups of 32 input columns, each group's scale a power of two stored
+    as its uint8 E8M0 exponent (compressed-tensors' rule, see schemes.py). The group scale that
+    `scale_search` and GPTQ work on is the float32 power of two; the search's shrunken candidates
+    reach at most one power of two below the RTN scale."""
+
+    name = "mxfp4a16"
+    preset = "MXFP4A16"
+    format = "mxfp4-pack-quantized"
+    strategy = "group"
+    description = "MXFP4 weights (FP4 e2m1, group 32, power-of-two E8M0 scales), 16-bit activations"
+    suffixes = QUANTIZED_SUFFIXES[format]
+    scale_suffixes = ("weight_scale",)
+    group_scale = "weight_scale"
+    half_range = 6.0
+
+    def group_size(self, in_features: int) -> int:
+        from .. import schemes
+
+        return schemes.MXFP4_GROUP_SIZE
+
+    def can_quantize(self, out_features: int, in_features: int) -> bool:
+        return in_features % self.group_size(in_features) == 0
+
+    def absmax_scale(self, absmax: Tensor, scale_dtype: torch.dtype) -> Tensor:
+        from .. import schemes
+
+        return schemes.mxfp4_steps(schemes.mxfp4_exponents(absmax))
+
+    def round_to_grid(self, x: Tensor, lower: Tensor | None = None) -> Tensor:
+        from .. import schemes
+
+        return schemes.round_fp4_(x)
+
+    def to_values(self, grid: Tensor) -> Tensor:
+        from .. import schemes
+
+        return schemes.fp4_codes(grid)
+
+    def rtn_scales(self, w: Tensor) -> dict[str, Tensor]:
+        from .. import schemes
+
+        return {"weight_scale": schemes.mxfp4_exponents(self.group_absmax(w))}
+
+    def scales_with(self, w: Tensor, group_scale: Tensor) -> dict[str, Tensor]:
+        from .. import schemes
+
+        return {"weight_scale": schemes.mxfp4_exponents_of_steps(group_scale)}
+
+    def _steps(self, scales: Mapping[str, Tensor]) -> Tensor:
+        from .. import schemes
+
+        return schemes.mxfp4_steps(scales["weight_scale"])
+
+    def quantize(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        from .. import schemes
+
+        return schemes.fp4_quantize(w, self._steps(scales), self.group_size(w.shape[1]))
+
+    def dequantize(self, q: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        from .. import schemes
+
+        return schemes.fp4_dequantize(q, self._steps(scales), self.group_size(q.shape[1]))
+
+    def error_bound(self, w: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        import torch
+
+        step = self._steps(scales).double().repeat_interleave(self.group_size(w.shape[1]), dim=1)
+        x = w.double().abs() / step
+        # half the grid's spacing where |w / step| lies, or what the clamp at 6 cuts (below one step:
+        # a group's |w / step| stays under 7); the division and product are exact
+        half = torch.where(x <= 2, 0.25, torch.where(x <= 4, 0.5, 1.0))
+        return torch.maximum(half, x - 6) * step
+
+    def layout(self, out_features: int, in_features: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {"weight_packed": ("U8", (out_features, in_features // 2)),
+                "weight_scale": ("U8", (out_features, in_features // self.group_size(in_features)))}
+
+    def stored(self, q: Tensor, scales: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        from .. import schemes
+
+        return {"weight_packed": schemes.pack_fp4(q), "weight_scale": scales["weight_scale"]}
+
+    def decode(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        from .. import schemes
+
+        return self.dequantize(schemes.unpack_fp4(tensors["weight_packed"]), tensors)
+
+    def decode_as_loaded(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        import torch
+
+        return self.decode(tensors).to(torch.bfloat16).float()
+
+
+@register_scheme
+class MxFp4(MxFp4A16):
+    """MXFP4 weights (as mxfp4a16) and activations: the served kernel quantizes each Linear's input
+    per group of 32 with a dynamic power-of-two scale by the weights' rule; no calibration needed."""
+
+    name = "mxfp4"
+    preset = "MXFP4"
+    description = "MXFP4 weights and activations (W4A4; dynamic power-of-two input scales)"
+    inputs = "dynamic"
+
+    def served_input(self, stored: Mapping[str, Tensor]):
+        from .. import schemes
+
+        return schemes.mxfp4_fake_quantize_input
 
 
 FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))

@@ -117,6 +117,15 @@ def _option_text(key: str, value) -> str:
     return str(value).replace("|", "\\|")
 
 
+def _scheme_text(d: Derivative) -> str:
+    """The scheme's name, with what it stores for a compressed-tensors scheme l4q writes."""
+    from ..formats import compressed_tensors as ct
+
+    if d.kind == "compressed-tensors" and d.scheme in ct.SCHEMES:
+        return f"{d.scheme}: {ct.get_scheme(d.scheme).description}"
+    return d.scheme
+
+
 def render(d: Derivative, dedup: dict | None = None) -> str:
     """The whole README.md: YAML front matter, then the card text."""
     from ..report import fmt_size, summary_table_markdown
@@ -126,7 +135,7 @@ def render(d: Derivative, dedup: dict | None = None) -> str:
     lines += [f"# {title}", ""]
     made = f"Quantized with l4q {__version__}"
     lines += [f"{made} from `{d.base_model}`." if d.base_model else f"{made}.", ""]
-    lines += ["| | |", "|---|---|", f"| format | {d.kind} |", f"| scheme | {d.scheme} |"]
+    lines += ["| | |", "|---|---|", f"| format | {d.kind} |", f"| scheme | {_scheme_text(d)} |"]
     lines += [f"| {key} | {_option_text(key, value)} |" for key, value in d.options.items()]
     lines.append("")
     if d.kind == "compressed-tensors":
