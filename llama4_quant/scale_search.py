@@ -82,8 +82,8 @@ def search_scales(
     `scheme.scales_with` completes the scales. `importance` [in] weights the squared error per input
     column (e.g. E[x^2] from calibration); None weights all columns equally. Where rows share a scale
     (`rows_per_scale`), their errors are summed before choosing. Rows are processed in slices of
-    `schemes._row_chunks`, with about three float32 copies of one slice alive at a time, plus the
-    float32 error of every candidate for every group.
+    whole row blocks, about `schemes._CHUNK_ELEMENTS` weights each, with about three float32 copies
+    of one slice alive at a time.
     """
     scheme = as_scheme(scheme).for_weight(w)  # a scheme with a global scale: bound to w's (or its group's)
     schemes._check_weight(w)
@@ -96,13 +96,25 @@ def search_scales(
     absmax = scheme.group_absmax(w)
     cands = candidate_scales(absmax, scheme, scale_dtype)  # [C, rows, groups]
     norm = absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1)
-    errors = torch.empty((len(GRID_FACTORS), rows, groups), dtype=torch.float32, device=w.device)
-    for r in schemes._row_chunks(rows, cols):
+    shared = scheme.rows_per_scale
+    best = torch.zeros((rows // shared, groups), dtype=torch.int64, device=w.device)
+    # slices of whole row blocks, about _CHUNK_ELEMENTS weights each
+    step = max(shared, schemes._CHUNK_ELEMENTS // max(cols, 1) // shared * shared)
+    for start in range(0, rows, step):
+        r = slice(start, min(start + step, rows))
         x = w[r].to(torch.float32).unflatten(-1, (groups, group_size))
         buf = torch.empty_like(x)
+        best_err = None
         for c in range(len(GRID_FACTORS)):
-            errors[c, r] = _group_error(x, cands[c, r], imp, norm[r], scheme, buf)
-    if scheme.rows_per_scale > 1:
-        errors = errors.unflatten(1, (-1, scheme.rows_per_scale)).sum(2).repeat_interleave(scheme.rows_per_scale, 1)
-    best = errors.argmin(0, keepdim=True)  # the first minimum: ties keep the earlier, larger scale
-    return cands.gather(0, best).squeeze(0)
+            err = _group_error(x, cands[c, r], imp, norm[r], scheme, buf)
+            if shared > 1:
+                err = err.unflatten(0, (-1, shared)).sum(1)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err  # strict: ties keep the earlier, larger scale
+            best_err = torch.where(better, err, best_err)
+            best[start // shared:r.stop // shared] = torch.where(better, c, best[start // shared:r.stop // shared])
+    if shared > 1:
+        best = best.repeat_interleave(shared, 0)
+    return cands.gather(0, best.unsqueeze(0)).squeeze(0)

@@ -442,13 +442,30 @@ def nvfp4_steps(scale: Tensor, global_scale: Tensor) -> Tensor:
     return scale.to(torch.float32) / global_scale
 
 
-def round_fp4_(x: Tensor) -> Tensor:
-    """float32 x rounded to the signed FP4 grid (clamped to +-6, nearest, ties to the even code), in place.
+# The midpoints between neighbouring FP4 magnitudes. A tie rounds to the even code: down at 0.25,
+# 1.25, 2.5 and 5 (to 0, 1, 2, 4), up at 0.75, 1.75 and 3.5 (to 1, 2, 4); those three midpoints are
+# moved one float32 value down, so that `bucketize` (which puts a value equal to a boundary below
+# it) sends them up.
+_FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_FP4_TIES_UP = (0.75, 1.75, 3.5)
+_FP4_BOUNDARIES: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
-    The grid is spaced 0.5 below 2, 1 up to 4 and 2 up to 6, and in each stretch the even codes are
-    the even multiples of the spacing, so round-half-even of |x| / spacing is the tie rule."""
-    a = x.abs().clamp_(max=FP4_MAX)
-    q = torch.where(a < 2, torch.round(a * 2) / 2, torch.where(a < 4, torch.round(a), torch.round(a / 2) * 2))
+
+def _fp4_tables(device: torch.device) -> tuple[Tensor, Tensor]:
+    if device not in _FP4_BOUNDARIES:
+        b = torch.tensor(_FP4_MIDPOINTS, dtype=torch.float32)
+        up = torch.tensor([m in _FP4_TIES_UP for m in _FP4_MIDPOINTS])
+        b = torch.where(up, torch.nextafter(b, torch.zeros_like(b)), b)
+        _FP4_BOUNDARIES[device] = (b.to(device), torch.tensor(FP4_MAGNITUDES, dtype=torch.float32, device=device))
+    return _FP4_BOUNDARIES[device]
+
+
+def round_fp4_(x: Tensor) -> Tensor:
+    """float32 x rounded to the signed FP4 grid (clamped to +-6, nearest, ties to the even code), in place:
+    the magnitude is looked up among the midpoints of the grid in one pass (the GPTQ column loop
+    calls this once per column)."""
+    boundaries, magnitudes = _fp4_tables(x.device)
+    q = magnitudes[torch.bucketize(x.abs().contiguous(), boundaries)]
     return x.copy_(torch.copysign(q, x))
 
 
