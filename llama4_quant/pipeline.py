@@ -193,14 +193,20 @@ def re_exact(module: str) -> str:
 
 
 def _expert_unit(weights: tuple[Weight, ...], scheme: ct.Scheme, ignore: list[str]) -> Unit:
-    """One expert's gate, up and down projections: all quantized or all BF16 (see check_ignore_groups)."""
-    ignored = ct.ignore_matches(ignore, weights[0].module)
-    quantize = not ignored and all(scheme.can_quantize(*w.shape) for w in weights)
+    """One expert's gate, up and down projections: all quantized or all BF16 (see check_ignore_groups).
+    Routed experts that the scheme's layout cannot hold are refused: they are most of the model, and
+    a derivative that keeps them BF16 is not the one asked for."""
+    quantize = not ct.ignore_matches(ignore, weights[0].module)
+    for w in weights if quantize else ():
+        if not scheme.can_quantize(*w.shape):
+            out_features, in_features = w.shape
+            blocks = f" and {scheme.rows_per_scale}-row blocks" if scheme.rows_per_scale > 1 else ""
+            raise UsageError(f"--to {scheme.name} cannot hold the routed experts' {w.module.rsplit('.', 1)[1]} "
+                             f"({out_features} x {in_features}): its groups of {scheme.group_size(in_features)} "
+                             f"input columns{blocks} do not divide it; int8 and fp8 take any shape")
     entries = []
     for w in weights:
         entries += scheme.entries(w.module, *w.shape) if quantize else [TensorEntry(w.name, w.info.dtype, w.shape)]
-        if not quantize and not ignored:
-            ignore.append(re_exact(w.module))
     return Unit("expert", weights, tuple(entries), quantize=quantize)
 
 

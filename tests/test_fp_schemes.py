@@ -457,3 +457,27 @@ def test_eval_quantizes_mxfp4_inputs_dynamically(tiny_outputs):
         w4a16 = evaluate.load_causal_lm(tiny_outputs / "mxfp4a16")(ids).logits
     assert not torch.equal(w4a4, w4a16) and float((w4a4 - w4a16).abs().max()) < 5
     assert not [m for m in evaluate.load_causal_lm(tiny_outputs / "int4").modules() if m._forward_pre_hooks]
+
+
+def test_experts_a_layout_cannot_hold_are_one_line(tmp_path):
+    """Routed experts whose rows a scheme's groups (or blocks) do not divide are refused, not kept BF16."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from conftest import small_config
+    from llama4_quant import synthetic
+
+    config = small_config(num_layers=2)
+    config["text_config"]["intermediate_size"] = 48  # down_proj rows of 48: whole groups of 16, not of 32 or 128
+    model = synthetic.write_synthetic_checkpoint(tmp_path / "model", config)
+    for scheme in ("mxfp4a16", "int4", "fp8-block"):
+        result = CliRunner().invoke(main, ["quantize", "--model", str(model), "--to", scheme,
+                                           "--out", str(tmp_path / scheme)])
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
+        expected = "gate_proj (48 x 256)" if scheme == "fp8-block" else "down_proj (256 x 48)"  # blocks need 128 rows
+        assert f"--to {scheme} cannot hold the routed experts' {expected}" in result.stderr
+        assert not (tmp_path / scheme).exists()
+    result = CliRunner().invoke(main, ["quantize", "--model", str(model), "--to", "nvfp4a16",
+                                       "--out", str(tmp_path / "nvfp4a16"), "--quiet"])
+    assert result.exit_code == 0, result.stderr  # groups of 16 divide 48
+    assert "language_model.model.layers.1.feed_forward.experts.3.down_proj.weight_packed" in tensors(tmp_path / "nvfp4a16")
