@@ -198,7 +198,7 @@ def encode_q4_0(src, shift, out, bad, overflow):
 
 
 # ---------------------------------------------------------------------------------------------
-# Q4_K
+# Q4_K and Q5_K
 
 
 @njit(**_KERNEL)
@@ -380,9 +380,10 @@ def _make_qp(x, qw, Lout, nmax, bits, bits_f):
 
 
 @njit(**_KERNEL)
-def _q4_k_row_search(x, qw, use_qw, xt, wt, Lt, Laux, st, scales, mins, sw, bits, bits_f):
-    """The scale search of every 32-value sub-block of row x, as ggml's quantize_row_q4_K (its
-    weights, then make_qkx2 or, with importance, make_qkx3) in one pass over the row's sub-blocks."""
+def _q4_k_row_search(x, qw, use_qw, xt, wt, Lt, Laux, st, scales, mins, sw, bits, bits_f, nmax, rmin, rdelta, nstep):
+    """The scale search of every 32-value sub-block of row x, as ggml's quantize_row_q4_K / q5_K
+    (their weights, then make_qkx2 with (nmax, rmin, rdelta, nstep) or, with importance, make_qkx3)
+    in one pass over the row's sub-blocks."""
     for j in range(x.shape[0] // 32):
         for i in range(32):
             xt[i, j] = x[32 * j + i]
@@ -398,7 +399,7 @@ def _q4_k_row_search(x, qw, use_qw, xt, wt, Lt, Laux, st, scales, mins, sw, bits
                     wt[i, j] = np.sqrt(xt[i, j] * xt[i, j] + sigma2) * qw[32 * j + i]
                     s += wt[i, j]
                 sw[j] = s
-        _search_q4_k(xt, wt, 15, f32(-0.9), f32(0.05), 36, Lt, Laux, st, scales, mins, bits, bits_f)
+        _search_q4_k(xt, wt, nmax, f32(-0.9), f32(0.05), 36, Lt, Laux, st, scales, mins, bits, bits_f)
     else:
         for j in range(x.shape[0] // 32):
             s = f32(0)
@@ -407,13 +408,14 @@ def _q4_k_row_search(x, qw, use_qw, xt, wt, Lt, Laux, st, scales, mins, sw, bits
             av_x = np.sqrt(s / f32(32))
             for i in range(32):
                 wt[i, j] = abs(xt[i, j]) + av_x
-        _search_q4_k(xt, wt, 15, f32(-1.0), f32(0.1), 20, Lt, Laux, st, scales, mins, bits, bits_f)
+        _search_q4_k(xt, wt, nmax, rmin, rdelta, nstep, Lt, Laux, st, scales, mins, bits, bits_f)
 
 
 @njit(**_KERNEL)
-def _q4_k_block(x, a, use_qw, out, o, bits, bits_f, L, scales, mins, sw, ls, lm):
-    """Super-block x[a:a+256] into out[o:o+144], from its sub-blocks' searched scales and mins;
-    returns the largest overflowing f16 scale or 0."""
+def _q4_k_block(x, a, use_qw, out, o, bits, bits_f, L, scales, mins, sw, ls, lm, nmax):
+    """Super-block x[a:a+256] into out[o:], from its sub-blocks' searched scales and mins: the
+    header (d, dmin, packed scales) and the levels 0..nmax in L; returns the largest overflowing
+    f16 scale or 0. The caller packs the levels (Q4_K's nibbles, Q5_K's nibbles and high bits)."""
     if use_qw:
         d_block = _make_qp(scales, sw, ls, 63, bits, bits_f)
         m_block = _make_qp(mins, sw, lm, 63, bits, bits_f)
@@ -455,37 +457,65 @@ def _q4_k_block(x, a, use_qw, out, o, bits, bits_f, L, scales, mins, sw, ls, lm)
             continue
         dm = mv * f32(lm[j])
         for i in range(32):
-            L[a + 32 * j + i] = min(15, max(0, _nearest_int((x[a + 32 * j + i] + dm) / d, bits, bits_f)))
-    for c in range(4):
-        for i in range(32):
-            out[o + 16 + 32 * c + i] = np.uint8(L[a + 64 * c + i] | (L[a + 64 * c + 32 + i] << 4))
+            L[a + 32 * j + i] = min(nmax, max(0, _nearest_int((x[a + 32 * j + i] + dm) / d, bits, bits_f)))
     return too_big
+
+
+@njit(**_KERNEL)
+def _qkx_row(row_bits, out_row, qw, use_qw, nmax):
+    """One row of Q4_K (nmax 15) or Q5_K (nmax 31): the search, the headers, then the levels packed.
+    Returns (row holds NaN/Inf, the largest overflowing f16 scale or 0)."""
+    bits, bits_f = _bit_cell()
+    if not _finite(row_bits):
+        return True, f32(0)
+    x = row_bits.view(np.float32)
+    cols = x.shape[0]
+    subs = cols // 32
+    size = 144 if nmax == 15 else 176
+    rmin, rdelta, nstep = (f32(-1.0), f32(0.1), 20) if nmax == 15 else (f32(-0.5), f32(0.1), 15)
+    xt, wt, st = np.empty((32, subs), np.float32), np.empty((32, subs), np.float32), np.empty((17, subs), np.float32)
+    Lt, Laux = np.empty((32, subs), np.int32), np.empty((32, subs), np.int32)
+    scales, mins, sw = np.empty(subs, np.float32), np.empty(subs, np.float32), np.empty(subs, np.float32)
+    L, ls, lm = np.empty(cols, np.int32), np.empty(8, np.int32), np.empty(8, np.int32)
+    _q4_k_row_search(x, qw, use_qw, xt, wt, Lt, Laux, st, scales, mins, sw, bits, bits_f, nmax, rmin, rdelta, nstep)
+    for j in range(subs):
+        for i in range(32):
+            L[32 * j + i] = Lt[i, j]
+    too_big = f32(0)
+    for b in range(cols // QK_K):
+        s = slice(8 * b, 8 * b + 8)
+        o, a = size * b, QK_K * b
+        big = _q4_k_block(x, a, use_qw, out_row, o, bits, bits_f, L, scales[s], mins[s], sw[s], ls, lm, nmax)
+        too_big = max(too_big, big)
+        if nmax == 15:
+            for c in range(4):
+                for i in range(32):
+                    out_row[o + 16 + 32 * c + i] = np.uint8(L[a + 64 * c + i] | (L[a + 64 * c + 32 + i] << 4))
+        else:  # qh[i]: bit 2c the fifth bit of L[64c + i], bit 2c + 1 that of L[64c + 32 + i]
+            for i in range(32):
+                h = 0
+                for c in range(4):
+                    l1, l2 = L[a + 64 * c + i], L[a + 64 * c + 32 + i]
+                    h |= ((l1 >> 4) << (2 * c)) | ((l2 >> 4) << (2 * c + 1))
+                    out_row[o + 48 + 32 * c + i] = np.uint8((l1 & 0xF) | ((l2 & 0xF) << 4))
+                out_row[o + 16 + i] = np.uint8(h)
+    return False, too_big
 
 
 @njit(parallel=True, **_KERNEL)
 def encode_q4_k(src, shift, qw, use_qw, out, bad, overflow):
-    cols = src.shape[1]
-    subs = cols // 32
     for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
         r0, r1, tile = _load_tile(src, t, shift)
         for r in range(r0, r1):
-            bits, bits_f = _bit_cell()
-            x = tile[r - r0].view(np.float32)
-            xt, wt, st = np.empty((32, subs), np.float32), np.empty((32, subs), np.float32), np.empty((17, subs), np.float32)
-            Lt, Laux = np.empty((32, subs), np.int32), np.empty((32, subs), np.int32)
-            scales, mins, sw = np.empty(subs, np.float32), np.empty(subs, np.float32), np.empty(subs, np.float32)
-            L, ls, lm = np.empty(cols, np.int32), np.empty(8, np.int32), np.empty(8, np.int32)
-            if not _finite(tile[r - r0]):
-                bad[r] = True
-                continue
-            _q4_k_row_search(x, qw, use_qw, xt, wt, Lt, Laux, st, scales, mins, sw, bits, bits_f)
-            for j in range(subs):
-                for i in range(32):
-                    L[32 * j + i] = Lt[i, j]
-            for b in range(cols // QK_K):
-                s = slice(8 * b, 8 * b + 8)
-                big = _q4_k_block(x, QK_K * b, use_qw, out[r], 144 * b, bits, bits_f, L, scales[s], mins[s], sw[s], ls, lm)
-                overflow[r] = max(overflow[r], big)
+            bad[r], overflow[r] = _qkx_row(tile[r - r0], out[r], qw, use_qw, 15)
+
+
+@njit(parallel=True, **_KERNEL)
+def encode_q5_k(src, shift, qw, use_qw, out, bad, overflow):
+    for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
+        r0, r1, tile = _load_tile(src, t, shift)
+        for r in range(r0, r1):
+            bad[r], overflow[r] = _qkx_row(tile[r - r0], out[r], qw, use_qw, 31)
 
 
 # ---------------------------------------------------------------------------------------------

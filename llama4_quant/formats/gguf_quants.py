@@ -1,13 +1,14 @@
-"""GGML block quantizers (Q8_0, Q4_0, Q4_K, Q6_K), vectorized over every block of a matrix.
+"""GGML block quantizers (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K), vectorized over every block of a matrix.
 
 Input is a 2-D float matrix in GGUF row order (rows = output features, cols = the contiguous input
 dim); output is the raw bytes GGUF stores for it, a uint8 array [rows, cols // block * type_size].
 
 - Q8_0 and Q4_0 are byte-identical to gguf-py's `gguf.quants.quantize` (itself bit-exact with ggml).
-- Q4_K and Q6_K follow ggml-quants.c: without importance `quantize_row_q4_K_ref` (make_qkx2_quants,
-  weights av_x + |x|) and `quantize_row_q6_K_ref` (make_qx_quants, rmse_type 1); with importance
-  `quantize_row_q4_K_impl` (make_qkx3_quants on qw * sqrt(sigma2 + x^2), make_qp_quants for the
-  6-bit scales) and `quantize_row_q6_K_impl` (make_qx_quants weighted by qw). They reproduce ggml's
+- Q4_K, Q5_K and Q6_K follow ggml-quants.c: without importance `quantize_row_q4_K_ref` /
+  `quantize_row_q5_K_ref` (make_qkx2_quants, weights av_x + |x|) and `quantize_row_q6_K_ref`
+  (make_qx_quants, rmse_type 1); with importance `quantize_row_q4_K_impl` / `q5_K_impl`
+  (make_qkx3_quants on qw * sqrt(sigma2 + x^2), make_qp_quants for the 6-bit scales) and
+  `quantize_row_q6_K_impl` (make_qx_quants weighted by qw). They reproduce ggml's
   bytes exactly: every float32 operation is done in the C code's order (sums sequential, never
   pairwise), and `nearest_int` is emulated bit for bit.
 
@@ -507,9 +508,19 @@ def _unpack_scale_min_k4(s: Tensor) -> tuple[Tensor, Tensor]:
     return sc, mn
 
 
-def _q4_k_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
+# Q4_K and Q5_K share everything up to their levels' packing: per 32-value sub-block a scale and a
+# min searched by make_qkx2 (without importance; Q4_K with rmin -1, 20 steps, Q5_K with rmin -0.5,
+# 15 steps) or make_qkx3 (with importance: rmin -0.9, 36 steps, both), then six-bit quantized
+# scales and mins under f16 super-block factors, and the levels recomputed from those.
+_QKX_REF_SEARCH = {15: (-1.0, 0.1, 20), 31: (-0.5, 0.1, 15)}
+_QKX_IMATRIX_SEARCH = (-0.9, 0.05, 36)
+
+
+def _qkx_super_blocks(chunk: Tensor, qw: Tensor | None, nmax: int, qtype: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Q4_K (nmax 15) / Q5_K (nmax 31) up to the packing: (d f16 [B], dmin f16 [B], the 12 packed
+    scale bytes [B, 12], levels [32, S] int in 0..nmax, sub-block s = 8 * super-block + j)."""
     rows = chunk.shape[0]
-    x = _sub_blocks_t(chunk, 32)  # [32, S]; sub-block s = 8 * superblock + j
+    x = _sub_blocks_t(chunk, 32)  # [32, S]
     S = x.shape[1]
     B = S // 8
     x2 = x * x
@@ -517,7 +528,7 @@ def _q4_k_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
         av_x = torch.sqrt(_div(_seqsum0(x2), 32.0))
         w = x.abs()
         w += av_x
-        rmin, rdelta, nstep = -1.0, 0.1, 20
+        rmin, rdelta, nstep = _QKX_REF_SEARCH[nmax]
     else:
         s2 = torch.zeros(B, dtype=torch.float32, device=x.device)
         x2b = x2.reshape(32, B, 8)
@@ -529,11 +540,11 @@ def _q4_k_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
         w += torch.repeat_interleave(sigma2, 8)
         torch.sqrt(w, out=w)
         w *= _importance_t(qw, rows, 32)
-        rmin, rdelta, nstep = -0.9, 0.05, 36
+        rmin, rdelta, nstep = _QKX_IMATRIX_SEARCH
     del x2
     sum_w = _seqsum1(w)
     sum_x = _seqsum1(w * x)
-    scales, mins, L = _make_qkx(x, w, sum_w, sum_x, 15, rmin, rdelta, nstep)
+    scales, mins, L = _make_qkx(x, w, sum_w, sum_x, nmax, rmin, rdelta, nstep)
     scales = scales.reshape(B, 8)
     mins = mins.reshape(B, 8)
     if qw is None:
@@ -554,20 +565,46 @@ def _q4_k_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
         m_block, lm = _make_qp(mins, sw, 63)
     del w
     packed = _pack_scale_min_k4(ls, lm)
-    d16 = _to_f16(d_block, "Q4_K")
-    m16 = _to_f16(m_block, "Q4_K")
+    d16 = _to_f16(d_block, qtype)
+    m16 = _to_f16(m_block, qtype)
     sc, m = _unpack_scale_min_k4(packed)
     d = (d16.float()[:, None] * sc.float()).reshape(S)
     dm = (m16.float()[:, None] * m.float()).reshape(S)
     v = x + dm
     v /= d
-    L = torch.where(d != 0, _nearest_int(v).clamp_(0, 15), L)
+    L = torch.where(d != 0, _nearest_int(v).clamp_(0, nmax), L)
+    return d16, m16, packed, L
+
+
+def _q4_k_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
+    d16, m16, packed, L = _qkx_super_blocks(chunk, qw, 15, "Q4_K")
+    B = d16.shape[0]
     Lb = L.T.reshape(B, 4, 2, 32).to(torch.uint8)  # [block, 64-chunk, low/high half, 32]
-    out = torch.empty((B, 144), dtype=torch.uint8, device=x.device)
+    out = torch.empty((B, 144), dtype=torch.uint8, device=L.device)
     out[:, 0:2] = d16.view(torch.uint8).reshape(B, 2)
     out[:, 2:4] = m16.view(torch.uint8).reshape(B, 2)
     out[:, 4:16] = packed
     out[:, 16:] = (Lb[:, :, 0] | (Lb[:, :, 1] << 4)).reshape(B, 128)
+    return out
+
+
+def _q5_k_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
+    d16, m16, packed, L = _qkx_super_blocks(chunk, qw, 31, "Q5_K")
+    B = d16.shape[0]
+    Lb = L.T.reshape(B, 4, 2, 32).to(torch.uint8)  # [block, 64-chunk, first/second 32, 32]
+    out = torch.empty((B, 176), dtype=torch.uint8, device=L.device)
+    out[:, 0:2] = d16.view(torch.uint8).reshape(B, 2)
+    out[:, 2:4] = m16.view(torch.uint8).reshape(B, 2)
+    out[:, 4:16] = packed
+    # qh[j]: bit 2c the fifth bit of value j of 64-chunk c's first 32, bit 2c + 1 of its second 32
+    high = (Lb >> 4) & 1
+    shifts = (2 * torch.arange(4, device=L.device, dtype=torch.uint8)).reshape(1, 4, 1)
+    qh = torch.zeros((B, 32), dtype=torch.uint8, device=L.device)
+    for half in range(2):
+        qh |= (high[:, :, half] << (shifts + half)).sum(1, dtype=torch.uint8)
+    out[:, 16:48] = qh
+    low = Lb & 0xF
+    out[:, 48:] = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(B, 128)
     return out
 
 
@@ -683,6 +720,20 @@ def _dequant_q4_k(blocks: Tensor) -> Tensor:
     return (d * q - dm).reshape(B, QK_K)
 
 
+def _dequant_q5_k(blocks: Tensor) -> Tensor:
+    B = blocks.shape[0]
+    sc, m = _unpack_scale_min_k4(blocks[:, 4:16])
+    d = (_f16(blocks, 0) * sc.float())[:, :, None]  # [B, 8, 1]
+    dm = (_f16(blocks, 2) * m.float())[:, :, None]
+    qh = blocks[:, 16:48].reshape(B, 1, 1, 32)
+    shifts = (2 * torch.arange(4, device=blocks.device, dtype=torch.uint8)).reshape(1, 4, 1, 1)
+    high = (qh >> (shifts + torch.tensor([0, 1], dtype=torch.uint8, device=blocks.device).reshape(1, 1, 2, 1))) & 1
+    qs = blocks[:, 48:].reshape(B, 4, 1, 32)
+    low = torch.cat([qs & 0xF, qs >> 4], dim=2)  # [B, 64-chunk, first/second 32, 32]
+    q = (low | (high << 4)).reshape(B, 8, 32).float()
+    return (d * q - dm).reshape(B, QK_K)
+
+
 def _dequant_q6_k(blocks: Tensor) -> Tensor:
     B = blocks.shape[0]
     ql = blocks[:, :128].reshape(B, 2, 2, 32)  # [B, half, l / l+32, 32]
@@ -697,11 +748,12 @@ def _dequant_q6_k(blocks: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# The registry. llama.cpp's fallbacks (llama-quant.cpp): Q4_K -> Q5_0, Q6_K -> Q8_0.
+# The registry. llama.cpp's fallbacks (llama-quant.cpp): Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0.
 
 BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q8_0", "encode_q8_0", _q8_0_chunk, _dequant_q8_0, uses_importance=False, fallback=None),
     BlockType("Q4_0", "encode_q4_0", _q4_0_chunk, _dequant_q4_0, uses_importance=False, fallback=None),
     BlockType("Q4_K", "encode_q4_k", _q4_k_chunk, _dequant_q4_k, uses_importance=True, fallback="Q5_0"),
+    BlockType("Q5_K", "encode_q5_k", _q5_k_chunk, _dequant_q5_k, uses_importance=True, fallback="Q5_1"),
     BlockType("Q6_K", "encode_q6_k", _q6_k_chunk, _dequant_q6_k, uses_importance=True, fallback="Q8_0"),
 )}
