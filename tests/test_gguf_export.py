@@ -60,11 +60,13 @@ def test_llama_cpp_runs_every_type_close_to_bf16(model, tmp_path):
     assert results["F16"]["kld"]["mean"] < 1e-3
     assert results["BF16"]["kld"]["mean"] < 1e-3
     assert results["Q8_0"]["kld"]["mean"] < 1e-2
-    for t in ("Q6_K", "Q4_K_M", "Q4_0"):
+    for t in ("Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0"):
         assert results[t]["kld"]["mean"] < 0.1, (t, results[t]["kld"])
         assert results[t]["top1_agreement"] > 0.8, t
     # more bits, less divergence
-    assert results["Q6_K"]["kld"]["mean"] < results["Q4_K_M"]["kld"]["mean"] < results["Q4_0"]["kld"]["mean"] * 1.5
+    kld = {t: results[t]["kld"]["mean"] for t in results}
+    assert kld["Q6_K"] < kld["Q5_K_M"] < kld["Q4_K_M"] < kld["Q4_0"] * 1.5
+    assert kld["Q5_K_S"] < kld["Q4_K_S"]
 
 
 def test_q4_k_m_type_rules(tiny, tmp_path):
@@ -113,12 +115,19 @@ def test_source_without_tokenizer_is_one_line(tiny, tmp_path):
     assert not list(tmp_path.glob("x.gguf*"))
 
 
-def test_q4_k_m_types_match_llama_quantize(tiny, tmp_path):
-    """Per-tensor types of l4q's Q4_K_M equal llama.cpp's llama-quantize output for the same model."""
-    ref = llama_cpp_reference()
-    f16 = ref.convert(tiny.path, tmp_path / "f16.gguf", "f16")
-    theirs = ref.llama_quantize(f16, tmp_path / "theirs.gguf", "Q4_K_M")
-    ours = l4q_gguf.export_gguf(tiny, tmp_path / "ours.gguf", "Q4_K_M", show_progress=False).out
+@pytest.fixture(scope="module")
+def f16_references(tmp_path_factory):
+    """llama.cpp's own converter's F16 GGUF of each tiny model, the input llama-quantize takes."""
+    ref, work = llama_cpp_reference(), tmp_path_factory.mktemp("f16")
+    return {m: ref.convert(sources.resolve(m).path, work / f"{m}.gguf", "f16") for m in ("tiny", "tiny-maverick")}
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-maverick"])
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q4_0"])
+def test_types_match_llama_quantize(model, ftype, f16_references, tmp_path):
+    """Per-tensor types (and shapes) of l4q's file types equal llama-quantize's for the same model."""
+    theirs = llama_cpp_reference().llama_quantize(f16_references[model], tmp_path / "theirs.gguf", ftype)
+    ours = l4q_gguf.export_gguf(sources.resolve(model), tmp_path / "ours.gguf", ftype, show_progress=False).out
     their_types = {n: t[:2] for n, t in read_gguf(theirs)[1].items()}
     our_types = {n: t[:2] for n, t in read_gguf(ours)[1].items()}
     assert our_types == their_types
