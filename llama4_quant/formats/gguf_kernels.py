@@ -652,3 +652,176 @@ def encode_q6_k(src, shift, qw, use_qw, out, bad, overflow):
             for b in range(cols // QK_K):
                 big = _q6_k_block(x, QK_K * b, out[r], 210 * b, bits, bits_f, L, scales[16 * b:16 * b + 16], sc)
                 overflow[r] = max(overflow[r], big)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q3_K
+
+
+@njit(**_KERNEL)
+def _search_q3(xt, nmax, Lt, st, scales, bits, bits_f):
+    """ggml make_q3_quants with do_rmse on many 16-value sub-blocks at once (column j of xt is
+    sub-block j): Lt gets the levels + nmax (0 for an all-zero sub-block), scales[j] the scale."""
+    n, lanes = xt.shape
+    amax, mx, sumlx, suml2, active = st[0], st[1], st[2], st[3], st[4]
+    for j in range(lanes):
+        amax[j] = f32(0)
+        mx[j] = f32(0)
+        sumlx[j] = f32(0)
+        suml2[j] = f32(0)
+    for i in range(n):
+        for j in range(lanes):
+            ax = abs(xt[i, j])
+            if ax > amax[j]:
+                amax[j] = ax
+                mx[j] = xt[i, j]
+    for j in range(lanes):
+        active[j] = f32(1) if amax[j] >= _EPS else f32(0)
+        iscale = -f32(nmax) / mx[j] if active[j] != 0 else f32(0)
+        for i in range(n):
+            l = min(nmax - 1, max(-nmax, _nearest_int(iscale * xt[i, j], bits, bits_f)))
+            Lt[i, j] = l
+            w = xt[i, j] * xt[i, j]
+            sumlx[j] += w * xt[i, j] * f32(l)
+            suml2[j] += w * f32(l) * f32(l)
+    for j in range(lanes):
+        if active[j] == 0:
+            for i in range(n):
+                Lt[i, j] = 0
+            scales[j] = f32(0)
+            continue
+        slx_all, sl2_all = sumlx[j], suml2[j]
+        for _ in range(5):
+            changed = False
+            for i in range(n):
+                v = xt[i, j]
+                w = v * v
+                li = f32(Lt[i, j])
+                slx = slx_all - w * v * li
+                if slx > 0:
+                    sl2 = sl2_all - w * li * li
+                    new_l = min(nmax - 1, max(-nmax, _nearest_int(v * sl2 / slx, bits, bits_f)))
+                    if new_l != Lt[i, j]:
+                        slx += w * v * f32(new_l)
+                        sl2 += w * f32(new_l) * f32(new_l)
+                        if sl2 > 0 and slx * slx * sl2_all > slx_all * slx_all * sl2:
+                            Lt[i, j] = new_l
+                            slx_all = slx
+                            sl2_all = sl2
+                            changed = True
+            if not changed:
+                break
+        for i in range(n):
+            Lt[i, j] += nmax
+        scales[j] = slx_all / sl2_all if sl2_all > 0 else f32(0)
+
+
+@njit(**_KERNEL)
+def _q3_k_block(x, a, out, o, bits, bits_f, L, ls, d_block):
+    """Super-block x[a:a+256] into out[o:o+110] from its sixteen 6-bit scales ls (0..63, stored
+    scale + 32) and d; returns the overflowing f16 scale or 0."""
+    hd = _f16_bits(d_block, bits, bits_f)
+    too_big = abs(d_block) if hd & 0x7FFF == 0x7C00 else f32(0)
+    for i in range(12):
+        out[o + 96 + i] = 0
+    for j in range(16):
+        if j < 8:
+            out[o + 96 + j] = np.uint8(ls[j] & 0xF)
+        else:
+            out[o + 96 + j - 8] |= np.uint8((ls[j] & 0xF) << 4)
+        out[o + 96 + 8 + j % 4] |= np.uint8((ls[j] >> 4) << (2 * (j // 4)))
+    dv = _f16_value(hd)
+    for j in range(16):
+        d = dv * f32(ls[j] - 32)
+        if d == 0:
+            continue
+        for i in range(16):
+            L[a + 16 * j + i] = min(3, max(-4, _nearest_int(x[a + 16 * j + i] / d, bits, bits_f))) + 4
+    for i in range(32):
+        h = 0
+        for k in range(8):  # bit k of hmask[i]: the high bit of value 32 k + i
+            if L[a + 32 * k + i] > 3:
+                h |= 1 << k
+                L[a + 32 * k + i] -= 4
+        out[o + i] = np.uint8(h)
+    for half in range(2):
+        for i in range(32):
+            b = a + 128 * half + i
+            out[o + 32 + 32 * half + i] = np.uint8(L[b] | (L[b + 32] << 2) | (L[b + 64] << 4) | (L[b + 96] << 6))
+    out[o + 108] = hd & 0xFF
+    out[o + 109] = hd >> 8
+    return too_big
+
+
+@njit(**_KERNEL)
+def _q3_k_row(row_bits, out_row, qw, use_qw):
+    """One row of Q3_K: quantize_row_q3_K_ref, or with importance quantize_row_q3_K_impl."""
+    bits, bits_f = _bit_cell()
+    if not _finite(row_bits):
+        return True, f32(0)
+    x = row_bits.view(np.float32)
+    cols = x.shape[0]
+    subs, supers = cols // 16, cols // QK_K
+    xt, wt, st = np.empty((16, subs), np.float32), np.empty((16, subs), np.float32), np.empty((8, subs), np.float32)
+    Lt, L = np.empty((16, subs), np.int32), np.empty(cols, np.int32)
+    scales, ls = np.empty(subs, np.float32), np.empty(16, np.int32)
+    for j in range(subs):
+        for i in range(16):
+            xt[i, j] = x[16 * j + i]
+    d_blocks = np.empty(supers, np.float32)
+    Ls = np.empty((16, supers), np.int32)
+    if use_qw:
+        for b in range(supers):
+            s2 = f32(0)
+            for i in range(QK_K):
+                s2 += x[QK_K * b + i] * x[QK_K * b + i]
+            sigma2 = f32(2) * s2 / f32(QK_K)
+            for j in range(16 * b, 16 * b + 16):
+                for i in range(16):
+                    wt[i, j] = qw[16 * j + i] * np.sqrt(sigma2 + xt[i, j] * xt[i, j])
+        _search_q6_k(xt, wt, 4, Lt, st, scales, bits, bits_f)  # make_qx_quants(16, 4, ...)
+        st2 = np.empty((8, supers), np.float32)
+        xs, ws = np.empty((16, supers), np.float32), np.empty((16, supers), np.float32)
+        for b in range(supers):
+            for i in range(16):
+                xs[i, b] = scales[16 * b + i]
+                sw = f32(0)
+                for k in range(16):
+                    sw += wt[k, 16 * b + i]
+                ws[i, b] = sw
+        _search_q6_k(xs, ws, 32, Ls, st2, d_blocks, bits, bits_f)  # make_qx_quants(16, 32, scales, ...)
+    else:
+        _search_q3(xt, 4, Lt, st, scales, bits, bits_f)
+        for b in range(supers):
+            max_scale = f32(0)
+            amax = f32(0)
+            for j in range(16):
+                if abs(scales[16 * b + j]) > amax:
+                    amax = abs(scales[16 * b + j])
+                    max_scale = scales[16 * b + j]
+            if max_scale != 0:
+                iscale = f32(-32) / max_scale
+                for j in range(16):
+                    Ls[j, b] = min(31, max(-32, _nearest_int(iscale * scales[16 * b + j], bits, bits_f))) + 32
+                d_blocks[b] = f32(1) / iscale
+            else:
+                for j in range(16):
+                    Ls[j, b] = 0
+                d_blocks[b] = f32(0)
+    for j in range(subs):
+        for i in range(16):
+            L[16 * j + i] = Lt[i, j]
+    too_big = f32(0)
+    for b in range(supers):
+        for j in range(16):
+            ls[j] = Ls[j, b]
+        too_big = max(too_big, _q3_k_block(x, QK_K * b, out_row, 110 * b, bits, bits_f, L, ls, d_blocks[b]))
+    return False, too_big
+
+
+@njit(parallel=True, **_KERNEL)
+def encode_q3_k(src, shift, qw, use_qw, out, bad, overflow):
+    for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
+        r0, r1, tile = _load_tile(src, t, shift)
+        for r in range(r0, r1):
+            bad[r], overflow[r] = _q3_k_row(tile[r - r0], out[r], qw, use_qw)

@@ -1,14 +1,15 @@
-"""GGML block quantizers (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K), vectorized over every block of a matrix.
+"""GGML block quantizers (Q8_0, Q4_0, Q3_K, Q4_K, Q5_K, Q6_K), vectorized over every block of a matrix.
 
 Input is a 2-D float matrix in GGUF row order (rows = output features, cols = the contiguous input
 dim); output is the raw bytes GGUF stores for it, a uint8 array [rows, cols // block * type_size].
 
 - Q8_0 and Q4_0 are byte-identical to gguf-py's `gguf.quants.quantize` (itself bit-exact with ggml).
-- Q4_K, Q5_K and Q6_K follow ggml-quants.c: without importance `quantize_row_q4_K_ref` /
-  `quantize_row_q5_K_ref` (make_qkx2_quants, weights av_x + |x|) and `quantize_row_q6_K_ref`
-  (make_qx_quants, rmse_type 1); with importance `quantize_row_q4_K_impl` / `q5_K_impl`
-  (make_qkx3_quants on qw * sqrt(sigma2 + x^2), make_qp_quants for the 6-bit scales) and
-  `quantize_row_q6_K_impl` (make_qx_quants weighted by qw). They reproduce ggml's
+- Q3_K, Q4_K, Q5_K and Q6_K follow ggml-quants.c: without importance `quantize_row_q3_K_ref`
+  (make_q3_quants), `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref` (make_qkx2_quants, weights
+  av_x + |x|) and `quantize_row_q6_K_ref` (make_qx_quants, rmse_type 1); with importance
+  `quantize_row_q3_K_impl` (make_qx_quants on qw * sqrt(sigma2 + x^2), and on the scales),
+  `quantize_row_q4_K_impl` / `q5_K_impl` (make_qkx3_quants on the same weights, make_qp_quants for
+  the 6-bit scales) and `quantize_row_q6_K_impl` (make_qx_quants weighted by qw). They reproduce ggml's
   bytes exactly: every float32 operation is done in the C code's order (sums sequential, never
   pairwise), and `nearest_int` is emulated bit for bit.
 
@@ -693,6 +694,111 @@ def _q6_k_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Q3_K
+
+
+def _make_q3(x, nmax):
+    """ggml make_q3_quants with do_rmse, per column: x [n, N] float32 -> (scale [N], L [n, N] int32
+    in 0..2*nmax-1, or all 0 for an all-zero column)."""
+    n = x.shape[0]
+    amax = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    mx = torch.zeros_like(amax)
+    for i in range(n):  # the first of equal largest |x|, as the C loop keeps
+        take = x[i].abs() > amax
+        amax = torch.where(take, x[i].abs(), amax)
+        mx = torch.where(take, x[i], mx)
+    zero = amax < GROUP_MAX_EPS
+    iscale = _div(-float(nmax), mx)
+    L = _nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sumlx = torch.zeros_like(amax)
+    suml2 = torch.zeros_like(amax)
+    for i in range(n):
+        li = L[i].float()
+        sumlx += wx[i] * li
+        suml2 += w[i] * li * li
+    active = ~zero
+    for _ in range(5):
+        changed = torch.zeros_like(active)
+        for i in range(n):
+            li = L[i].float()
+            slx = sumlx - wx[i] * li
+            ok = active & (slx > 0)
+            sl2 = suml2 - w[i] * li * li
+            new_l = _nearest_int(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1)
+            ok &= new_l != L[i]
+            nf = new_l.float()
+            slx = slx + wx[i] * nf
+            sl2 = sl2 + w[i] * nf * nf
+            ok &= (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[i] = torch.where(ok, new_l, L[i])
+            sumlx = torch.where(ok, slx, sumlx)
+            suml2 = torch.where(ok, sl2, suml2)
+            changed |= ok
+        active &= changed
+        if not bool(active.any()):
+            break
+    L += nmax
+    L[:, zero] = 0
+    scale = torch.where(suml2 > 0, sumlx / suml2, 0.0)
+    return torch.where(zero, 0.0, scale), L
+
+
+def _q3_k_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
+    rows = chunk.shape[0]
+    x = _sub_blocks_t(chunk, 16)  # [16, S]; sub-block s = 16 * superblock + j
+    S = x.shape[1]
+    B = S // 16
+    if qw is None:  # quantize_row_q3_K_ref
+        scales, L = _make_q3(x, 4)
+        scales = scales.reshape(B, 16)
+        max_scale = torch.zeros(B, dtype=torch.float32, device=x.device)
+        amax = torch.zeros_like(max_scale)
+        for j in range(16):  # the first of equal largest |scale|
+            take = scales[:, j].abs() > amax
+            amax = torch.where(take, scales[:, j].abs(), amax)
+            max_scale = torch.where(take, scales[:, j], max_scale)
+        live = max_scale != 0
+        iscale = _div(-32.0, max_scale)
+        ls = _nearest_int(iscale[:, None] * scales).clamp_(-32, 31) + 32
+        ls[~live] = 0
+        d_block = torch.where(live, _div(1.0, iscale), 0.0)
+    else:  # quantize_row_q3_K_impl
+        s2 = torch.zeros(B, dtype=torch.float32, device=x.device)
+        xb = x.reshape(16, B, 16)
+        for j in range(16):  # sum over the 256 values of the super-block in memory order
+            for i in range(16):
+                s2 += xb[i, :, j] * xb[i, :, j]
+        sigma2 = _div(2.0 * s2, float(QK_K))
+        w = x * x
+        w += torch.repeat_interleave(sigma2, 16)
+        torch.sqrt(w, out=w)
+        w *= _importance_t(qw, rows, 16)
+        scales, L = _make_qx(x, w, 4)
+        sw = _seqsum0(w)
+        d_block, Ls = _make_qx(scales.reshape(B, 16).T.contiguous(), sw.reshape(B, 16).T.contiguous(), 32)
+        ls = Ls.T
+    packed = torch.zeros((B, 12), dtype=torch.int32, device=x.device)
+    packed[:, 0:8] = (ls[:, 0:8] & 0xF) | ((ls[:, 8:16] & 0xF) << 4)
+    high = ls >> 4
+    for k in range(4):
+        packed[:, 8:12] |= high[:, 4 * k:4 * k + 4] << (2 * k)
+    d16 = _to_f16(d_block, "Q3_K")
+    d = (d16.float()[:, None] * (ls - 32).float()).reshape(S)
+    L = torch.where(d != 0, _nearest_int(x / d).clamp_(-4, 3) + 4, L)
+    Lv = L.T.reshape(B, 256)  # value v of each super-block
+    hmask = (Lv > 3).to(torch.uint8).reshape(B, 8, 32)  # bit v // 32 of byte v % 32
+    Lv = torch.where(Lv > 3, Lv - 4, Lv).to(torch.uint8).reshape(B, 2, 4, 32)  # [block, 128-half, quarter, 32]
+    out = torch.empty((B, 110), dtype=torch.uint8, device=x.device)
+    out[:, 0:32] = (hmask << torch.arange(8, dtype=torch.uint8, device=x.device).reshape(1, 8, 1)).sum(1, dtype=torch.uint8)
+    out[:, 32:96] = (Lv[:, :, 0] | (Lv[:, :, 1] << 2) | (Lv[:, :, 2] << 4) | (Lv[:, :, 3] << 6)).reshape(B, 64)
+    out[:, 96:108] = packed.to(torch.uint8)
+    out[:, 108:110] = d16.view(torch.uint8).reshape(B, 2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Decoders (same float32 arithmetic as ggml's dequantize_row_* and gguf-py)
 
 
@@ -708,6 +814,22 @@ def _dequant_q4_0(blocks: Tensor) -> Tensor:
     qs = blocks[:, 2:]
     q = torch.cat([qs & 0xF, qs >> 4], dim=1).to(torch.int8) - 8
     return _f16(blocks, 0) * q.float()
+
+
+def _dequant_q3_k(blocks: Tensor) -> Tensor:
+    B = blocks.shape[0]
+    hm = blocks[:, 0:32].reshape(B, 1, 32)
+    qs = blocks[:, 32:96].reshape(B, 2, 1, 32)
+    sb = blocks[:, 96:108].long()
+    j = torch.arange(16, device=blocks.device)
+    sc = ((sb[:, j % 8] >> (4 * (j // 8))) & 0xF) | (((sb[:, 8 + j % 4] >> (2 * (j // 4))) & 3) << 4)
+    shifts = (2 * torch.arange(4, device=blocks.device, dtype=torch.uint8)).reshape(1, 1, 4, 1)
+    low = ((qs >> shifts) & 3).reshape(B, 8, 32).to(torch.int8)  # value v: bits of qs[32 * (v // 128) + v % 32]
+    bit = (torch.arange(8, device=blocks.device, dtype=torch.uint8)).reshape(1, 8, 1)
+    high = (hm >> bit) & 1  # [B, 8, 32]: bit v // 32 of hmask[v % 32]
+    q = (low - torch.where(high.bool(), 0, 4).to(torch.int8)).reshape(B, 16, 16).float()
+    d = (_f16(blocks, 108) * (sc - 32).float())[:, :, None]
+    return (d * q).reshape(B, QK_K)
 
 
 def _dequant_q4_k(blocks: Tensor) -> Tensor:
@@ -748,11 +870,13 @@ def _dequant_q6_k(blocks: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# The registry. llama.cpp's fallbacks (llama-quant.cpp): Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0.
+# The registry. llama.cpp's fallbacks (llama-quant.cpp): Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1,
+# Q6_K -> Q8_0.
 
 BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q8_0", "encode_q8_0", _q8_0_chunk, _dequant_q8_0, uses_importance=False, fallback=None),
     BlockType("Q4_0", "encode_q4_0", _q4_0_chunk, _dequant_q4_0, uses_importance=False, fallback=None),
+    BlockType("Q3_K", "encode_q3_k", _q3_k_chunk, _dequant_q3_k, uses_importance=True, fallback="Q4_0"),
     BlockType("Q4_K", "encode_q4_k", _q4_k_chunk, _dequant_q4_k, uses_importance=True, fallback="Q5_0"),
     BlockType("Q5_K", "encode_q5_k", _q5_k_chunk, _dequant_q5_k, uses_importance=True, fallback="Q5_1"),
     BlockType("Q6_K", "encode_q6_k", _q6_k_chunk, _dequant_q6_k, uses_importance=True, fallback="Q8_0"),
