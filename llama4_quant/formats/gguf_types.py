@@ -13,10 +13,13 @@ from dataclasses import dataclass
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
-# Which attn_v / ffn_down tensors a file type gives another block type (llama-quant.cpp's
-# llama_tensor_get_type_impl): "more_bits" the layers `use_more_bits` picks (the _M mixes),
-# "first_4" the first four attn_v, "first_eighth" the ffn_down of the first eighth of the layers.
-MORE_BITS, FIRST_4, FIRST_EIGHTH = "more_bits", "first_4", "first_eighth"
+# Which attn_v / ffn_down / attn_output tensors a file type gives another block type
+# (llama-quant.cpp's llama_tensor_get_type_impl for a MoE model whose expert count is not 8): a
+# rule is a tuple of (selector, block type) clauses, the first whose selector picks the tensor wins.
+# attn_v is selected by its index in file order, ffn_down (routed, shared, dense) by its layer.
+ALL, MORE_BITS, FIRST_2, FIRST_4, FIRST_EIGHTH, FIRST_SIXTEENTH = (
+    "all", "more_bits", "first_2", "first_4", "first_eighth", "first_sixteenth")
+Rule = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -25,10 +28,12 @@ class FileType:
     llama_name: str  # gguf-py's LlamaFileType member, stored as general.file_type
     default: str  # block type of a quantizable weight
     output: str | None = None  # block type of output.weight, where it differs from `default`
-    attn_v: tuple[str, str] | None = None  # (which, block type) for attn_v
-    ffn_down: tuple[str, str] | None = None  # (which, block type) for every ffn_down (routed, shared, dense)
+    attn_v: Rule = ()
+    ffn_down: Rule = ()
+    attn_output: Rule = ()
 
 
+_M_MIX = ((MORE_BITS, "Q6_K"),)
 FILE_TYPES: dict[str, FileType] = {t.name: t for t in (
     FileType("F32", "ALL_F32", "F32"),
     FileType("F16", "MOSTLY_F16", "F16"),
@@ -36,11 +41,29 @@ FILE_TYPES: dict[str, FileType] = {t.name: t for t in (
     FileType("Q8_0", "MOSTLY_Q8_0", "Q8_0"),
     FileType("Q4_0", "MOSTLY_Q4_0", "Q4_0", output="Q6_K"),
     FileType("Q6_K", "MOSTLY_Q6_K", "Q6_K"),
-    FileType("Q5_K_M", "MOSTLY_Q5_K_M", "Q5_K", output="Q6_K", attn_v=(MORE_BITS, "Q6_K"), ffn_down=(MORE_BITS, "Q6_K")),
+    FileType("Q5_K_M", "MOSTLY_Q5_K_M", "Q5_K", output="Q6_K", attn_v=_M_MIX, ffn_down=_M_MIX),
     FileType("Q5_K_S", "MOSTLY_Q5_K_S", "Q5_K", output="Q6_K"),
-    FileType("Q4_K_M", "MOSTLY_Q4_K_M", "Q4_K", output="Q6_K", attn_v=(MORE_BITS, "Q6_K"), ffn_down=(MORE_BITS, "Q6_K")),
-    FileType("Q4_K_S", "MOSTLY_Q4_K_S", "Q4_K", output="Q6_K", attn_v=(FIRST_4, "Q5_K"), ffn_down=(FIRST_EIGHTH, "Q5_K")),
+    FileType("Q4_K_M", "MOSTLY_Q4_K_M", "Q4_K", output="Q6_K", attn_v=_M_MIX, ffn_down=_M_MIX),
+    FileType("Q4_K_S", "MOSTLY_Q4_K_S", "Q4_K", output="Q6_K", attn_v=((FIRST_4, "Q5_K"),),
+             ffn_down=((FIRST_EIGHTH, "Q5_K"),)),
+    FileType("Q3_K_L", "MOSTLY_Q3_K_L", "Q3_K", output="Q6_K", attn_v=((ALL, "Q5_K"),), ffn_down=((ALL, "Q5_K"),),
+             attn_output=((ALL, "Q5_K"),)),
+    FileType("Q3_K_M", "MOSTLY_Q3_K_M", "Q3_K", output="Q6_K", attn_v=((FIRST_2, "Q5_K"), (ALL, "Q4_K")),
+             ffn_down=((FIRST_SIXTEENTH, "Q5_K"), (ALL, "Q4_K")), attn_output=((ALL, "Q4_K"),)),
+    FileType("Q3_K_S", "MOSTLY_Q3_K_S", "Q3_K", output="Q6_K"),
 )}
+
+
+def _selects(selector: str, index: int, n_layers: int) -> bool:
+    if selector == ALL:
+        return True
+    if selector == MORE_BITS:
+        return use_more_bits(index, n_layers)
+    return index < {FIRST_2: 2, FIRST_4: 4, FIRST_EIGHTH: n_layers // 8, FIRST_SIXTEENTH: n_layers // 16}[selector]
+
+
+def _apply(rule: Rule, index: int, n_layers: int) -> str | None:
+    return next((qtype for selector, qtype in rule if _selects(selector, index, n_layers)), None)
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -52,8 +75,8 @@ def tensor_type(name: str, ndim: int, cols: int, ftype: str, layer: int | None, 
     """The GGUF block type of one tensor (by its GGUF name) under file type `ftype`.
 
     Norms, 1-D tensors, rope_freqs and the router (ffn_gate_inp) stay F32 in every file type.
-    output.weight takes the row's `output` type; attn_v (counted in file order) and every ffn_down
-    (routed, shared and dense) take the row's `attn_v` / `ffn_down` rule where it picks them.
+    output.weight takes the row's `output` type; attn_v (counted in file order), every ffn_down
+    (routed, shared and dense) and attn_output take the row's rule for them where it picks them.
     """
     from .gguf_quants import BLOCK_TYPES, block_type
 
@@ -64,18 +87,18 @@ def tensor_type(name: str, ndim: int, cols: int, ftype: str, layer: int | None, 
         return rules.default
     block = block_type(rules.default)
     if cols % block.block_size != 0:
-        # Rows that are not whole blocks: llama.cpp falls back Q4_K -> Q5_0, Q5_K -> Q5_1 and Q6_K ->
-        # Q8_0. l4q has no Q5_0 / Q5_1 encoder, so it writes Q8_0 there too (larger, more precise). Llama 4's rows (5120,
-        # 8192, 16384 wide) are all whole blocks, so no real checkpoint reaches this.
+        # Rows that are not whole blocks: llama.cpp falls back Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1
+        # and Q6_K -> Q8_0. l4q has no Q5_0 / Q5_1 encoder, so it writes Q8_0 there (larger, more
+        # precise). Llama 4's rows (5120, 8192, 16384 wide) are all whole blocks: no real checkpoint
+        # reaches this.
         return block.fallback if block.fallback in BLOCK_TYPES else "Q8_0"
     if name == "output.weight":
         return rules.output or rules.default
-    if ".attn_v." in name and rules.attn_v:
-        which, qtype = rules.attn_v
-        if use_more_bits(attn_v_index, n_layers) if which == MORE_BITS else attn_v_index < 4:
-            return qtype
-    if ".ffn_down" in name and rules.ffn_down:
-        which, qtype = rules.ffn_down
-        if use_more_bits(layer, n_layers) if which == MORE_BITS else layer < n_layers // 8:
-            return qtype
-    return rules.default
+    chosen = None
+    if ".attn_v." in name:
+        chosen = _apply(rules.attn_v, attn_v_index, n_layers)
+    elif ".ffn_down" in name:
+        chosen = _apply(rules.ffn_down, layer, n_layers)
+    elif ".attn_output." in name:
+        chosen = _apply(rules.attn_output, 0, n_layers)
+    return chosen or rules.default
