@@ -12,7 +12,7 @@ import numpy as np
 
 from llama4_quant.formats import gguf_quants as gq
 
-TYPES = ("Q8_0", "Q4_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+TYPES = ("Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 def _load_ggml():

@@ -1,6 +1,6 @@
 """GGML block quantizers: bytes against gguf-py (Q8_0, Q4_0), against ggml itself where llama-cpp-python's
 libggml-base is installed (all four types, with and without importance), and against a scalar float32
-port of ggml-quants.c written here (Q4_K, Q6_K; Q3_K and Q5_K against libggml only); decoding against gguf-py; error sizes; edge cases."""
+port of ggml-quants.c written here (Q4_K, Q6_K; Q2_K, Q3_K and Q5_K against libggml only); decoding against gguf-py; error sizes; edge cases."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import gguf.quants as gguf_quants  # noqa: E402
 from gguf.constants import GGMLQuantizationType as T  # noqa: E402
 
 F = np.float32
-GGML_TYPE = {"Q8_0": T.Q8_0, "Q4_0": T.Q4_0, "Q3_K": T.Q3_K, "Q4_K": T.Q4_K, "Q5_K": T.Q5_K, "Q6_K": T.Q6_K}
+GGML_TYPE = {"Q8_0": T.Q8_0, "Q4_0": T.Q4_0, "Q2_K": T.Q2_K, "Q3_K": T.Q3_K, "Q4_K": T.Q4_K, "Q5_K": T.Q5_K, "Q6_K": T.Q6_K}
 
 
 def rng(seed: int = 0) -> np.random.Generator:
@@ -377,7 +377,7 @@ def test_k_quants_with_importance_match_scalar_port_of_ggml(qtype):
 
 
 @needs_ggml
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("importance", [None, "uniform", "spiky"])
 def test_bytes_identical_to_ggml(qtype, importance):
     x = np.concatenate([gaussian(32, 768, 7), awkward(64, 768, 8), gaussian(2, 768, 9) * F(1e-37)], axis=0)
@@ -391,7 +391,7 @@ def test_bytes_identical_to_ggml(qtype, importance):
     np.testing.assert_array_equal(gq.quantize(x, qtype, qw), expected)
 
 
-@pytest.mark.parametrize("qtype", ["Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_k_quants_decode_like_gguf_py(qtype):
     x = awkward(32, 1024)
     raw = gq.quantize(x, qtype)
@@ -407,21 +407,23 @@ def rel_rmse(x, y) -> float:
 
 def test_k_quant_error_sizes_on_gaussian_data():
     x = gaussian(64, 1024, 12)
-    err = {q: rel_rmse(x, gq.dequantize(gq.quantize(x, q), q, 1024)) for q in ("Q4_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")}
-    assert 0.12 < err["Q3_K"] < 0.22
+    err = {q: rel_rmse(x, gq.dequantize(gq.quantize(x, q), q, 1024))
+           for q in ("Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")}
+    assert 0.25 < err["Q2_K"] < 0.4
+    assert 0.12 < err["Q3_K"] < 0.22 < err["Q2_K"]
     assert 0.07 < err["Q4_K"] < 0.12 < err["Q3_K"]
     assert 0.035 < err["Q5_K"] < 0.06
     assert 0.015 < err["Q6_K"] < 0.035
     assert err["Q8_0"] < err["Q6_K"] < err["Q5_K"] < err["Q4_K"] / 1.7
     assert err["Q6_K"] < err["Q4_K"] / 3 < err["Q4_0"] / 3
     # per-block reconstruction is close to the data everywhere, not just on average
-    for q in ("Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+    for q in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
         y = gq.dequantize(gq.quantize(x, q), q, 1024)
         blocks = ((x - y) ** 2).reshape(-1, 256).mean(1) / (x**2).reshape(-1, 256).mean(1)
         assert np.sqrt(blocks.max()) < 2.5 * err[q]
 
 
-@pytest.mark.parametrize("qtype", ["Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_importance_lowers_weighted_error(qtype):
     x = gaussian(64, 1024, 13)
     imp = np.exp(rng(14).standard_normal(1024) * 2.0).astype(np.float32)  # spans ~e^-6 .. e^6
@@ -448,7 +450,7 @@ def test_importance_accepts_torch_and_checks_length():
 # Edges, inputs, chunking
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_zero_constant_tiny_and_large_blocks(qtype):
     cols = 512
     x = np.zeros((8, cols), dtype=np.float32)
@@ -466,14 +468,14 @@ def test_zero_constant_tiny_and_large_blocks(qtype):
     np.testing.assert_allclose(y[1], 0.75, rtol=0.02)
     np.testing.assert_allclose(y[2], -0.3, rtol=0.02)
     assert np.abs(y[3:5]).max() <= 1e-29
-    tol = {"Q8_0": 0.01, "Q6_K": 0.04, "Q5_K": 0.07, "Q4_0": 0.15, "Q4_K": 0.12, "Q3_K": 0.25}[qtype]
+    tol = {"Q8_0": 0.01, "Q6_K": 0.04, "Q5_K": 0.07, "Q4_0": 0.15, "Q4_K": 0.12, "Q3_K": 0.25, "Q2_K": 0.45}[qtype]
     assert rel_rmse(x[5], y[5]) < tol and rel_rmse(x[7], y[7]) < tol
     np.testing.assert_allclose(y[6], x[6], atol=0.02)
     if gq.block_type(qtype).uses_importance:
         np.testing.assert_array_equal(raw[0], 0)  # ggml's all-zero block: d = 0 and zero quants
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_scale_overflow_and_non_finite_are_refused(qtype):
     x = gaussian(2, 256)
     with pytest.raises(gq.ScaleOverflowError, match="float16"):
@@ -494,11 +496,11 @@ def test_inputs_shapes_and_dtypes():
     with pytest.raises(ValueError, match="2-D float matrix"):
         gq.quantize(np.zeros(256, dtype=np.float32), "Q6_K")
     with pytest.raises(ValueError, match="unsupported"):
-        gq.quantize(x, "Q2_K")
+        gq.quantize(x, "IQ2_XXS")
     assert gq.quantize(np.zeros((0, 256), dtype=np.float32), "Q4_K").shape == (0, 144)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_reference_chunking_does_not_change_bytes(qtype, monkeypatch):
     x = awkward(13, 768)
     imp = np.linspace(0.2, 2, 768, dtype=np.float32)
@@ -521,7 +523,7 @@ def varied_blocks(seed: int) -> np.ndarray:
     return torch.from_numpy(x).to(torch.bfloat16).float().numpy()
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_transposed_views_encode_like_their_copies(qtype):
     """An expert's [out, in] view of its stored [in, out] slice is read in tiles of 32 rows: 70 rows
     make two whole tiles and a partial one, and the view is of a wider stored matrix (gate of gate_up)."""
@@ -538,7 +540,7 @@ def test_transposed_views_encode_like_their_copies(qtype):
         parallel.set_threads(None)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("importance", [None, "random", "sparse"])
 def test_compiled_kernels_equal_torch_encoders(qtype, importance):
     """The compiled encoders and the torch ones are independent implementations: same bytes."""
@@ -562,7 +564,7 @@ def two_threads():
     parallel.set_threads(None)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_threads_do_not_change_bytes(qtype, two_threads):
     rows = 300
     x = np.concatenate([awkward(rows - 64, 1024, 3), gaussian(64, 1024, 4)], axis=0)

@@ -202,17 +202,18 @@ def encode_q4_0(src, shift, out, bad, overflow):
 
 
 @njit(**_KERNEL)
-def _search_q4_k(xt, wt, nmax, rmin, rdelta, nstep, Lt, Laux, st, scales, mins, bits, bits_f):
+def _search_q4_k(xt, wt, nmax, rmin, rdelta, nstep, Lt, Laux, st, scales, mins, bits, bits_f, mad=False):
     """ggml make_qkx2_quants / make_qkx3_quants (the same with MSE) on many sub-blocks at once:
     column j of xt (32 x n) is sub-block j, wt its weights, Lt gets its levels and scales[j],
     mins[j] its (scale, the_min). Each column follows the C code's operations in its order; the
     columns are independent, so the loops over them compile to SIMD lanes (a row's sub-blocks make
     enough columns for the vectorizer, one super-block's eight do not). `st` [17, n] holds the
-    per-column state, one row per C variable (see `_q4_k_first_guess`)."""
-    _q4_k_first_guess(xt, wt, nmax, Lt, st)
+    per-column state, one row per C variable (see `_q4_k_first_guess`). `mad`: the error is
+    sum w |diff| (make_qkx2's use_mad, Q2_K) instead of sum w diff^2."""
+    _q4_k_first_guess(xt, wt, nmax, Lt, st, mad)
     for step in range(nstep + 1):
         _q4_k_levels(xt, wt, nmax, rmin + rdelta * f32(step) + f32(nmax), Laux, st, bits, bits_f)
-        _q4_k_keep_better(xt, wt, Lt, Laux, st)
+        _q4_k_keep_better(xt, wt, Lt, Laux, st, mad)
     mn, scale, live = st[0], st[7], st[16]
     for j in range(xt.shape[1]):
         scales[j] = scale[j] if live[j] != 0 else f32(0)
@@ -220,7 +221,7 @@ def _search_q4_k(xt, wt, nmax, rmin, rdelta, nstep, Lt, Laux, st, scales, mins, 
 
 
 @njit(**_KERNEL)
-def _q4_k_first_guess(xt, wt, nmax, Lt, st):
+def _q4_k_first_guess(xt, wt, nmax, Lt, st, mad):
     """The C code up to its search loop: min and max, the weight sums, levels and error at
     iscale = nmax / (max - min)."""
     n, lanes = xt.shape
@@ -253,7 +254,7 @@ def _q4_k_first_guess(xt, wt, nmax, Lt, st):
             l = min(nmax, max(0, _rint(iscale[j] * (xt[i, j] - mn[j]))))
             Lt[i, j] = l
             diff = scale[j] * f32(l) + mn[j] - xt[i, j]
-            best[j] += wt[i, j] * (diff * diff)
+            best[j] += wt[i, j] * (abs(diff) if mad else diff * diff)
 
 
 @njit(**_KERNEL)
@@ -285,7 +286,7 @@ def _q4_k_levels(xt, wt, nmax, numerator, Laux, st, bits, bits_f):
 
 
 @njit(**_KERNEL)
-def _q4_k_keep_better(xt, wt, Lt, Laux, st):
+def _q4_k_keep_better(xt, wt, Lt, Laux, st, mad):
     """The step's least-squares scale and min, their error, and the columns where it is lower."""
     n, lanes = xt.shape
     mn, mx, sum_w, sum_x, rng, scale, best = st[0], st[1], st[3], st[4], st[5], st[7], st[8]
@@ -300,7 +301,7 @@ def _q4_k_keep_better(xt, wt, Lt, Laux, st):
     for i in range(n):
         for j in range(lanes):
             diff = t_scale[j] * f32(Laux[i, j]) + t_min[j] - xt[i, j]
-            err[j] += wt[i, j] * (diff * diff)
+            err[j] += wt[i, j] * (abs(diff) if mad else diff * diff)
     improved = False
     for j in range(lanes):
         D = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j]
@@ -825,3 +826,99 @@ def encode_q3_k(src, shift, qw, use_qw, out, bad, overflow):
         r0, r1, tile = _load_tile(src, t, shift)
         for r in range(r0, r1):
             bad[r], overflow[r] = _q3_k_row(tile[r - r0], out[r], qw, use_qw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q2_K
+
+
+@njit(**_KERNEL)
+def _q2_k_row(row_bits, out_row, qw, use_qw):
+    """One row of Q2_K: quantize_row_q2_K_ref (make_qkx2 with |x| weights and absolute error), or
+    with importance quantize_row_q2_K_impl (make_qkx3, make_qp_quants for the 4-bit scales)."""
+    bits, bits_f = _bit_cell()
+    if not _finite(row_bits):
+        return True, f32(0)
+    x = row_bits.view(np.float32)
+    cols = x.shape[0]
+    subs = cols // 16
+    xt, wt, st = np.empty((16, subs), np.float32), np.empty((16, subs), np.float32), np.empty((17, subs), np.float32)
+    Lt, Laux = np.empty((16, subs), np.int32), np.empty((16, subs), np.int32)
+    scales, mins, sw = np.empty(subs, np.float32), np.empty(subs, np.float32), np.empty(subs, np.float32)
+    ls, lm = np.empty(16, np.int32), np.empty(16, np.int32)
+    for j in range(subs):
+        for i in range(16):
+            xt[i, j] = x[16 * j + i]
+    if use_qw:
+        for b in range(cols // QK_K):
+            s2 = f32(0)
+            for i in range(QK_K):
+                s2 += x[QK_K * b + i] * x[QK_K * b + i]
+            sigma2 = s2 / f32(QK_K)
+            for j in range(16 * b, 16 * b + 16):
+                s = f32(0)
+                for i in range(16):
+                    wt[i, j] = qw[16 * j + i] * np.sqrt(sigma2 + xt[i, j] * xt[i, j])
+                    s += wt[i, j]
+                sw[j] = s
+        _search_q4_k(xt, wt, 3, f32(-0.9), f32(0.05), 36, Lt, Laux, st, scales, mins, bits, bits_f)
+    else:
+        for j in range(subs):
+            for i in range(16):
+                wt[i, j] = abs(xt[i, j])
+        _search_q4_k(xt, wt, 3, f32(-0.5), f32(0.1), 15, Lt, Laux, st, scales, mins, bits, bits_f, True)
+    too_big = f32(0)
+    for b in range(cols // QK_K):
+        o, a = 84 * b, QK_K * b
+        sc, mn = scales[16 * b:16 * b + 16], mins[16 * b:16 * b + 16]
+        if use_qw:
+            d_block = _make_qp(sc, sw[16 * b:16 * b + 16], ls, 15, bits, bits_f)
+            m_block = _make_qp(mn, sw[16 * b:16 * b + 16], lm, 15, bits, bits_f)
+        else:
+            max_scale, max_min = f32(0), f32(0)
+            for j in range(16):
+                max_scale = sc[j] if sc[j] > max_scale else max_scale
+                max_min = mn[j] if mn[j] > max_min else max_min
+            iscale = f32(15) / max_scale if max_scale > 0 else f32(0)
+            imin = f32(15) / max_min if max_min > 0 else f32(0)
+            for j in range(16):
+                ls[j] = _nearest_int(iscale * sc[j], bits, bits_f) if max_scale > 0 else 0
+                lm[j] = _nearest_int(imin * mn[j], bits, bits_f) if max_min > 0 else 0
+            d_block = max_scale / f32(15) if max_scale > 0 else f32(0)
+            m_block = max_min / f32(15) if max_min > 0 else f32(0)
+        hd = _f16_bits(d_block, bits, bits_f)
+        hm = _f16_bits(m_block, bits, bits_f)
+        if hd & 0x7FFF == 0x7C00:
+            too_big = max(too_big, abs(d_block))
+        if hm & 0x7FFF == 0x7C00:
+            too_big = max(too_big, abs(m_block))
+        dv, mv = _f16_value(hd), _f16_value(hm)
+        for j in range(16):
+            byte = (ls[j] | (lm[j] << 4)) & 0xFF
+            out_row[o + j] = np.uint8(byte)
+            d = dv * f32(byte & 0xF)
+            if d == 0:
+                continue
+            dm = mv * f32(byte >> 4)
+            for i in range(16):
+                Lt[i, 16 * b + j] = min(3, max(0, _nearest_int((x[a + 16 * j + i] + dm) / d, bits, bits_f)))
+        for half in range(2):
+            for i in range(32):
+                q = 0
+                for k in range(4):  # value 128 half + 32 k + i: sub-block 8 half + 2 k + i // 16
+                    v = 128 * half + 32 * k + i
+                    q |= Lt[v % 16, 16 * b + v // 16] << (2 * k)
+                out_row[o + 16 + 32 * half + i] = np.uint8(q)
+        out_row[o + 80] = hd & 0xFF
+        out_row[o + 81] = hd >> 8
+        out_row[o + 82] = hm & 0xFF
+        out_row[o + 83] = hm >> 8
+    return False, too_big
+
+
+@njit(parallel=True, **_KERNEL)
+def encode_q2_k(src, shift, qw, use_qw, out, bad, overflow):
+    for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
+        r0, r1, tile = _load_tile(src, t, shift)
+        for r in range(r0, r1):
+            bad[r], overflow[r] = _q2_k_row(tile[r - r0], out[r], qw, use_qw)

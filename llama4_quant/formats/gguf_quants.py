@@ -1,4 +1,4 @@
-"""GGML block quantizers (Q8_0, Q4_0, Q3_K, Q4_K, Q5_K, Q6_K), vectorized over every block of a matrix.
+"""GGML block quantizers (Q8_0, Q4_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), vectorized over every block of a matrix.
 
 Input is a 2-D float matrix in GGUF row order (rows = output features, cols = the contiguous input
 dim); output is the raw bytes GGUF stores for it, a uint8 array [rows, cols // block * type_size].
@@ -365,8 +365,14 @@ def _round_clip(v: Tensor, lo: int, hi: int, in_range: bool, out: Tensor) -> Ten
 _SAFE = 2.0**21
 
 
-def _make_qkx(x, w, sum_w, sum_x, nmax, rmin, rdelta, nstep):
-    """ggml make_qkx2_quants / make_qkx3_quants (same code when weights are given), per column.
+def _error_(diff: Tensor, mad: bool) -> Tensor:
+    """|diff| (use_mad) or diff^2, in place."""
+    return diff.abs_() if mad else diff.mul_(diff)
+
+
+def _make_qkx(x, w, sum_w, sum_x, nmax, rmin, rdelta, nstep, mad=False):
+    """ggml make_qkx2_quants / make_qkx3_quants (same code when weights are given), per column;
+    `mad`: the error is sum w |diff| (use_mad) instead of sum w diff^2.
 
     x, w: [n, N] float32. Returns (scale [N], the_min [N], L [n, N] int32 in 0..nmax).
     """
@@ -388,7 +394,7 @@ def _make_qkx(x, w, sum_w, sum_x, nmax, rmin, rdelta, nstep):
     torch.mul(l, scale, out=t)
     t += mn
     t -= x
-    t *= t
+    _error_(t, mad)
     t *= w
     best_err = _seqsum0(t)
     best_is, best_off = iscale, mn  # the L kept so far is nearest_int(best_is * (x - best_off)), clamped
@@ -413,7 +419,7 @@ def _make_qkx(x, w, sum_w, sum_x, nmax, rmin, rdelta, nstep):
         torch.mul(l, this_scale, out=t)
         t += this_min
         t -= x
-        t *= t
+        _error_(t, mad)
         t *= w
         err = _seqsum0(t)
         upd = (D > 0) & (err < best_err) & ~flat
@@ -694,6 +700,62 @@ def _q6_k_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Q2_K
+
+
+def _q2_k_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
+    rows = chunk.shape[0]
+    x = _sub_blocks_t(chunk, 16)  # [16, S]; sub-block s = 16 * superblock + j
+    S = x.shape[1]
+    B = S // 16
+    if qw is None:  # quantize_row_q2_K_ref: make_qkx2 on |x| weights, least absolute deviation
+        w = x.abs()
+        scales, mins, L = _make_qkx(x, w, _seqsum1(w), _seqsum1(w * x), 3, -0.5, 0.1, 15, mad=True)
+        scales, mins = scales.reshape(B, 16), mins.reshape(B, 16)
+        max_scale = torch.zeros(B, dtype=torch.float32, device=x.device)
+        max_min = torch.zeros_like(max_scale)
+        for j in range(16):
+            max_scale = torch.where(scales[:, j] > max_scale, scales[:, j], max_scale)
+            max_min = torch.where(mins[:, j] > max_min, mins[:, j], max_min)
+        iscale = torch.where(max_scale > 0, _div(15.0, max_scale), 0.0)
+        imin = torch.where(max_min > 0, _div(15.0, max_min), 0.0)
+        ls = torch.where(max_scale[:, None] > 0, _nearest_int(iscale[:, None] * scales), 0) & 0xFF
+        lm = torch.where(max_min[:, None] > 0, _nearest_int(imin[:, None] * mins), 0)
+        d_block = torch.where(max_scale > 0, _div(max_scale, 15.0), 0.0)
+        m_block = torch.where(max_min > 0, _div(max_min, 15.0), 0.0)
+    else:  # quantize_row_q2_K_impl
+        s2 = torch.zeros(B, dtype=torch.float32, device=x.device)
+        xb = x.reshape(16, B, 16)
+        for j in range(16):  # sum over the 256 values of the super-block in memory order
+            for i in range(16):
+                s2 += xb[i, :, j] * xb[i, :, j]
+        sigma2 = _div(s2, float(QK_K))
+        w = x * x
+        w += torch.repeat_interleave(sigma2, 16)
+        torch.sqrt(w, out=w)
+        w *= _importance_t(qw, rows, 16)
+        scales, mins, L = _make_qkx(x, w, _seqsum1(w), _seqsum1(w * x), 3, -0.9, 0.05, 36)
+        sw = _seqsum0(w).reshape(B, 16)
+        d_block, ls = _make_qp(scales.reshape(B, 16), sw, 15)
+        m_block, lm = _make_qp(mins.reshape(B, 16), sw, 15)
+    sc_bytes = (ls | (lm << 4)) & 0xFF
+    d16 = _to_f16(d_block, "Q2_K")
+    m16 = _to_f16(m_block, "Q2_K")
+    d = (d16.float()[:, None] * (sc_bytes & 0xF).float()).reshape(S)
+    dm = (m16.float()[:, None] * (sc_bytes >> 4).float()).reshape(S)
+    v = x + dm
+    v /= d
+    L = torch.where(d != 0, _nearest_int(v).clamp_(0, 3), L)
+    Lv = L.T.reshape(B, 2, 4, 32).to(torch.uint8)  # [block, 128-half, quarter, 32]
+    out = torch.empty((B, 84), dtype=torch.uint8, device=x.device)
+    out[:, 0:16] = sc_bytes.to(torch.uint8)
+    out[:, 16:80] = (Lv[:, :, 0] | (Lv[:, :, 1] << 2) | (Lv[:, :, 2] << 4) | (Lv[:, :, 3] << 6)).reshape(B, 64)
+    out[:, 80:82] = d16.view(torch.uint8).reshape(B, 2)
+    out[:, 82:84] = m16.view(torch.uint8).reshape(B, 2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Q3_K
 
 
@@ -816,6 +878,17 @@ def _dequant_q4_0(blocks: Tensor) -> Tensor:
     return _f16(blocks, 0) * q.float()
 
 
+def _dequant_q2_k(blocks: Tensor) -> Tensor:
+    B = blocks.shape[0]
+    sc = blocks[:, 0:16]
+    qs = blocks[:, 16:80].reshape(B, 2, 1, 32)
+    shifts = (2 * torch.arange(4, device=blocks.device, dtype=torch.uint8)).reshape(1, 1, 4, 1)
+    q = ((qs >> shifts) & 3).reshape(B, 16, 16).float()
+    d = (_f16(blocks, 80) * (sc & 0xF).float())[:, :, None]
+    dm = (_f16(blocks, 82) * (sc >> 4).float())[:, :, None]
+    return (d * q - dm).reshape(B, QK_K)
+
+
 def _dequant_q3_k(blocks: Tensor) -> Tensor:
     B = blocks.shape[0]
     hm = blocks[:, 0:32].reshape(B, 1, 32)
@@ -870,12 +943,13 @@ def _dequant_q6_k(blocks: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# The registry. llama.cpp's fallbacks (llama-quant.cpp): Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1,
+# The registry. llama.cpp's fallbacks (llama-quant.cpp): Q2_K and Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1,
 # Q6_K -> Q8_0.
 
 BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q8_0", "encode_q8_0", _q8_0_chunk, _dequant_q8_0, uses_importance=False, fallback=None),
     BlockType("Q4_0", "encode_q4_0", _q4_0_chunk, _dequant_q4_0, uses_importance=False, fallback=None),
+    BlockType("Q2_K", "encode_q2_k", _q2_k_chunk, _dequant_q2_k, uses_importance=True, fallback="Q4_0"),
     BlockType("Q3_K", "encode_q3_k", _q3_k_chunk, _dequant_q3_k, uses_importance=True, fallback="Q4_0"),
     BlockType("Q4_K", "encode_q4_k", _q4_k_chunk, _dequant_q4_k, uses_importance=True, fallback="Q5_0"),
     BlockType("Q5_K", "encode_q5_k", _q5_k_chunk, _dequant_q5_k, uses_importance=True, fallback="Q5_1"),
