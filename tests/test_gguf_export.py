@@ -63,11 +63,12 @@ def test_llama_cpp_runs_every_type_close_to_bf16(model, tmp_path):
     for t in ("Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S"):
         assert results[t]["kld"]["mean"] < 0.1, (t, results[t]["kld"])
         assert results[t]["top1_agreement"] > 0.75, t
+    assert results["Q2_K"]["kld"]["mean"] < 0.3 and results["Q2_K"]["top1_agreement"] > 0.6
     # more bits, less divergence
     kld = {t: results[t]["kld"]["mean"] for t in results}
     assert kld["Q6_K"] < kld["Q5_K_M"] < kld["Q4_K_M"] < kld["Q4_0"] * 1.5
     assert kld["Q5_K_S"] < kld["Q4_K_S"] < kld["Q3_K_S"]
-    assert kld["Q3_K_L"] < kld["Q3_K_S"]
+    assert kld["Q3_K_L"] < kld["Q3_K_S"] < kld["Q2_K"]
 
 
 def test_q4_k_m_type_rules(tiny, tmp_path):
@@ -85,6 +86,15 @@ def test_q4_k_m_type_rules(tiny, tmp_path):
             assert types[name] == "Q4_K", name
         assert types[f"blk.{i}.ffn_gate_inp.weight"] == "F32"
         assert types[f"blk.{i}.attn_norm.weight"] == "F32"
+
+
+def test_q2_k_attn_v_follows_grouped_query_attention():
+    """Q2_K gives attn_v Q4_K where 4 or more query heads share a KV head (Scout: 40 / 8), else Q3_K
+    (both tiny models: 4 / 2, which the llama-quantize comparison covers)."""
+    args = ("blk.0.attn_v.weight", 2, 5120, "Q2_K", 0, 48, 0)
+    assert gguf_types.tensor_type(*args, n_gqa=5) == "Q4_K" and gguf_types.tensor_type(*args, n_gqa=2) == "Q3_K"
+    assert gguf_types.tensor_type("blk.3.ffn_down_exps.weight", 3, 8192, "Q2_K", 3, 48, 0, n_gqa=5) == "Q3_K"
+    assert gguf_types.tensor_type("blk.3.ffn_gate_exps.weight", 3, 5120, "Q2_K", 3, 48, 0, n_gqa=5) == "Q2_K"
 
 
 def test_export_warns_about_settings_llama_cpp_ignores(small_model):
@@ -124,7 +134,8 @@ def f16_references(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-maverick"])
-@pytest.mark.parametrize("ftype", ["Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S"])
+@pytest.mark.parametrize("ftype", ["Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S",
+                                   "Q2_K"])
 def test_types_match_llama_quantize(model, ftype, f16_references, tmp_path):
     """Per-tensor types (and shapes) of l4q's file types equal llama-quantize's for the same model."""
     theirs = llama_cpp_reference().llama_quantize(f16_references[model], tmp_path / "theirs.gguf", ftype)

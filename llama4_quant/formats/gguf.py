@@ -139,7 +139,8 @@ def plan(model: Model, ftype: str) -> list[GGUFTensor]:
         else:
             warnings.warn(f"{w.name} has no GGUF counterpart and is left out", stacklevel=2)
             continue
-        qtype = tensor_type(name, len(w.shape), w.shape[-1], ftype, w.layer, spec.num_layers, attn_v_seen)
+        qtype = tensor_type(name, len(w.shape), w.shape[-1], ftype, w.layer, spec.num_layers, attn_v_seen,
+                            spec.num_heads // spec.num_kv_heads)
         attn_v_seen += ".attn_v." in name
         out.append(GGUFTensor(name, w.shape, qtype, w.layer, w.name, w.source_bytes, w.stats_key))
     return out

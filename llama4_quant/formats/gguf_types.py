@@ -16,9 +16,10 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 # Which attn_v / ffn_down / attn_output tensors a file type gives another block type
 # (llama-quant.cpp's llama_tensor_get_type_impl for a MoE model whose expert count is not 8): a
 # rule is a tuple of (selector, block type) clauses, the first whose selector picks the tensor wins.
-# attn_v is selected by its index in file order, ffn_down (routed, shared, dense) by its layer.
-ALL, MORE_BITS, FIRST_2, FIRST_4, FIRST_EIGHTH, FIRST_SIXTEENTH = (
-    "all", "more_bits", "first_2", "first_4", "first_eighth", "first_sixteenth")
+# attn_v is selected by its index in file order, ffn_down (routed, shared, dense) by its layer;
+# GQA_4 picks every such tensor of a model with 4 or more query heads per KV head.
+ALL, MORE_BITS, FIRST_2, FIRST_4, FIRST_EIGHTH, FIRST_SIXTEENTH, GQA_4 = (
+    "all", "more_bits", "first_2", "first_4", "first_eighth", "first_sixteenth", "gqa_4")
 Rule = tuple[tuple[str, str], ...]
 
 
@@ -51,19 +52,23 @@ FILE_TYPES: dict[str, FileType] = {t.name: t for t in (
     FileType("Q3_K_M", "MOSTLY_Q3_K_M", "Q3_K", output="Q6_K", attn_v=((FIRST_2, "Q5_K"), (ALL, "Q4_K")),
              ffn_down=((FIRST_SIXTEENTH, "Q5_K"), (ALL, "Q4_K")), attn_output=((ALL, "Q4_K"),)),
     FileType("Q3_K_S", "MOSTLY_Q3_K_S", "Q3_K", output="Q6_K"),
+    FileType("Q2_K", "MOSTLY_Q2_K", "Q2_K", output="Q6_K", attn_v=((GQA_4, "Q4_K"), (ALL, "Q3_K")),
+             ffn_down=((ALL, "Q3_K"),), attn_output=((ALL, "Q3_K"),)),
 )}
 
 
-def _selects(selector: str, index: int, n_layers: int) -> bool:
+def _selects(selector: str, index: int, n_layers: int, n_gqa: int) -> bool:
     if selector == ALL:
         return True
+    if selector == GQA_4:
+        return n_gqa >= 4
     if selector == MORE_BITS:
         return use_more_bits(index, n_layers)
     return index < {FIRST_2: 2, FIRST_4: 4, FIRST_EIGHTH: n_layers // 8, FIRST_SIXTEENTH: n_layers // 16}[selector]
 
 
-def _apply(rule: Rule, index: int, n_layers: int) -> str | None:
-    return next((qtype for selector, qtype in rule if _selects(selector, index, n_layers)), None)
+def _apply(rule: Rule, index: int, n_layers: int, n_gqa: int) -> str | None:
+    return next((qtype for selector, qtype in rule if _selects(selector, index, n_layers, n_gqa)), None)
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -71,12 +76,14 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
-def tensor_type(name: str, ndim: int, cols: int, ftype: str, layer: int | None, n_layers: int, attn_v_index: int) -> str:
+def tensor_type(name: str, ndim: int, cols: int, ftype: str, layer: int | None, n_layers: int, attn_v_index: int,
+                n_gqa: int = 1) -> str:
     """The GGUF block type of one tensor (by its GGUF name) under file type `ftype`.
 
     Norms, 1-D tensors, rope_freqs and the router (ffn_gate_inp) stay F32 in every file type.
     output.weight takes the row's `output` type; attn_v (counted in file order), every ffn_down
-    (routed, shared and dense) and attn_output take the row's rule for them where it picks them.
+    (routed, shared and dense) and attn_output take the row's rule for them where it picks them;
+    `n_gqa` is the model's query heads per KV head.
     """
     from .gguf_quants import BLOCK_TYPES, block_type
 
@@ -96,9 +103,9 @@ def tensor_type(name: str, ndim: int, cols: int, ftype: str, layer: int | None, 
         return rules.output or rules.default
     chosen = None
     if ".attn_v." in name:
-        chosen = _apply(rules.attn_v, attn_v_index, n_layers)
+        chosen = _apply(rules.attn_v, attn_v_index, n_layers, n_gqa)
     elif ".ffn_down" in name:
-        chosen = _apply(rules.ffn_down, layer, n_layers)
+        chosen = _apply(rules.ffn_down, layer, n_layers, n_gqa)
     elif ".attn_output." in name:
-        chosen = _apply(rules.attn_output, 0, n_layers)
+        chosen = _apply(rules.attn_output, 0, n_layers, n_gqa)
     return chosen or rules.default
