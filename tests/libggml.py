@@ -12,7 +12,7 @@ import numpy as np
 
 from llama4_quant.formats import gguf_quants as gq
 
-TYPES = ("Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+TYPES = ("Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 
 
 def _load_ggml():
@@ -35,7 +35,8 @@ def _load_ggml():
 
 
 def _function(qtype: str) -> str:
-    return "quantize_" + qtype[:2].lower() + qtype[2:]  # quantize_q8_0, quantize_q4_K
+    name = "quantize_" + qtype.lower()  # quantize_q8_0, quantize_iq4_nl, but quantize_q4_K
+    return name[:-2] + "_K" if qtype.endswith("_K") else name
 
 
 GGML = _load_ggml()

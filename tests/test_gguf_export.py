@@ -60,7 +60,7 @@ def test_llama_cpp_runs_every_type_close_to_bf16(model, tmp_path):
     assert results["F16"]["kld"]["mean"] < 1e-3
     assert results["BF16"]["kld"]["mean"] < 1e-3
     assert results["Q8_0"]["kld"]["mean"] < 1e-2
-    for t in ("Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S"):
+    for t in ("Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "IQ4_XS", "IQ4_NL"):
         assert results[t]["kld"]["mean"] < 0.1, (t, results[t]["kld"])
         assert results[t]["top1_agreement"] > 0.75, t
     assert results["Q2_K"]["kld"]["mean"] < 0.3 and results["Q2_K"]["top1_agreement"] > 0.6
@@ -69,6 +69,7 @@ def test_llama_cpp_runs_every_type_close_to_bf16(model, tmp_path):
     assert kld["Q6_K"] < kld["Q5_K_M"] < kld["Q4_K_M"] < kld["Q4_0"] * 1.5
     assert kld["Q5_K_S"] < kld["Q4_K_S"] < kld["Q3_K_S"]
     assert kld["Q3_K_L"] < kld["Q3_K_S"] < kld["Q2_K"]
+    assert kld["IQ4_XS"] < kld["Q3_K_S"] and kld["IQ4_NL"] < kld["Q3_K_S"]
 
 
 def test_q4_k_m_type_rules(tiny, tmp_path):
@@ -95,6 +96,16 @@ def test_q2_k_attn_v_follows_grouped_query_attention():
     assert gguf_types.tensor_type(*args, n_gqa=5) == "Q4_K" and gguf_types.tensor_type(*args, n_gqa=2) == "Q3_K"
     assert gguf_types.tensor_type("blk.3.ffn_down_exps.weight", 3, 8192, "Q2_K", 3, 48, 0, n_gqa=5) == "Q3_K"
     assert gguf_types.tensor_type("blk.3.ffn_gate_exps.weight", 3, 5120, "Q2_K", 3, 48, 0, n_gqa=5) == "Q2_K"
+
+
+def test_iq4_ffn_down_rule_depends_on_the_imatrix():
+    """IQ4_XS / IQ4_NL put the first eighth of the layers' ffn_down in Q5_K only without an imatrix."""
+    for ftype in ("IQ4_XS", "IQ4_NL"):
+        args = ("blk.3.ffn_down_exps.weight", 3, 8192, ftype, 3, 48, 0)
+        assert gguf_types.tensor_type(*args, n_gqa=5) == "Q5_K"
+        assert gguf_types.tensor_type(*args, n_gqa=5, has_imatrix=True) == ftype
+        assert gguf_types.tensor_type("blk.6.ffn_down_exps.weight", 3, 8192, ftype, 6, 48, 0, n_gqa=5) == ftype
+        assert gguf_types.tensor_type("blk.9.attn_v.weight", 2, 5120, ftype, 9, 48, 9, n_gqa=5) == "Q5_K"
 
 
 def test_export_warns_about_settings_llama_cpp_ignores(small_model):
@@ -135,7 +146,7 @@ def f16_references(tmp_path_factory):
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-maverick"])
 @pytest.mark.parametrize("ftype", ["Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S",
-                                   "Q2_K"])
+                                   "Q2_K", "IQ4_XS", "IQ4_NL"])
 def test_types_match_llama_quantize(model, ftype, f16_references, tmp_path):
     """Per-tensor types (and shapes) of l4q's file types equal llama-quantize's for the same model."""
     theirs = llama_cpp_reference().llama_quantize(f16_references[model], tmp_path / "theirs.gguf", ftype)

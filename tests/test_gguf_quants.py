@@ -17,7 +17,9 @@ import gguf.quants as gguf_quants  # noqa: E402
 from gguf.constants import GGMLQuantizationType as T  # noqa: E402
 
 F = np.float32
-GGML_TYPE = {"Q8_0": T.Q8_0, "Q4_0": T.Q4_0, "Q2_K": T.Q2_K, "Q3_K": T.Q3_K, "Q4_K": T.Q4_K, "Q5_K": T.Q5_K, "Q6_K": T.Q6_K}
+ALL_TYPES = ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
+GGML_TYPE = {"Q8_0": T.Q8_0, "Q4_0": T.Q4_0, "Q2_K": T.Q2_K, "Q3_K": T.Q3_K, "Q4_K": T.Q4_K, "Q5_K": T.Q5_K, "Q6_K": T.Q6_K, "IQ4_NL": T.IQ4_NL,
+             "IQ4_XS": T.IQ4_XS}
 
 
 def rng(seed: int = 0) -> np.random.Generator:
@@ -377,10 +379,11 @@ def test_k_quants_with_importance_match_scalar_port_of_ggml(qtype):
 
 
 @needs_ggml
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ALL_TYPES)
 @pytest.mark.parametrize("importance", [None, "uniform", "spiky"])
 def test_bytes_identical_to_ggml(qtype, importance):
-    x = np.concatenate([gaussian(32, 768, 7), awkward(64, 768, 8), gaussian(2, 768, 9) * F(1e-37)], axis=0)
+    x = np.concatenate([gaussian(32, 768, 7), awkward(64, 768, 8), gaussian(2, 768, 9) * F(1e-37),
+                        np.zeros((1, 768), dtype=np.float32)], axis=0)
     qw = None
     if importance == "uniform":
         qw = rng(10).uniform(0.5, 2, 768).astype(np.float32)
@@ -391,11 +394,12 @@ def test_bytes_identical_to_ggml(qtype, importance):
     np.testing.assert_array_equal(gq.quantize(x, qtype, qw), expected)
 
 
-@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
 def test_k_quants_decode_like_gguf_py(qtype):
     x = awkward(32, 1024)
     raw = gq.quantize(x, qtype)
-    assert raw.shape == (32, 4 * gq.block_type(qtype).type_size) and raw.dtype == np.uint8
+    bt = gq.block_type(qtype)
+    assert raw.shape == (32, 1024 // bt.block_size * bt.type_size) and raw.dtype == np.uint8
     ours = gq.dequantize(raw, qtype, 1024)
     np.testing.assert_array_equal(ours, gguf_quants.dequantize(raw, GGML_TYPE[qtype]))
     assert np.isfinite(ours).all()
@@ -423,7 +427,7 @@ def test_k_quant_error_sizes_on_gaussian_data():
         assert np.sqrt(blocks.max()) < 2.5 * err[q]
 
 
-@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
 def test_importance_lowers_weighted_error(qtype):
     x = gaussian(64, 1024, 13)
     imp = np.exp(rng(14).standard_normal(1024) * 2.0).astype(np.float32)  # spans ~e^-6 .. e^6
@@ -450,7 +454,7 @@ def test_importance_accepts_torch_and_checks_length():
 # Edges, inputs, chunking
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ALL_TYPES)
 def test_zero_constant_tiny_and_large_blocks(qtype):
     cols = 512
     x = np.zeros((8, cols), dtype=np.float32)
@@ -468,14 +472,15 @@ def test_zero_constant_tiny_and_large_blocks(qtype):
     np.testing.assert_allclose(y[1], 0.75, rtol=0.02)
     np.testing.assert_allclose(y[2], -0.3, rtol=0.02)
     assert np.abs(y[3:5]).max() <= 1e-29
-    tol = {"Q8_0": 0.01, "Q6_K": 0.04, "Q5_K": 0.07, "Q4_0": 0.15, "Q4_K": 0.12, "Q3_K": 0.25, "Q2_K": 0.45}[qtype]
+    tol = {"Q8_0": 0.01, "Q6_K": 0.04, "Q5_K": 0.07, "Q4_0": 0.15, "Q4_K": 0.12, "Q3_K": 0.25, "Q2_K": 0.45,
+           "IQ4_NL": 0.12, "IQ4_XS": 0.12}[qtype]
     assert rel_rmse(x[5], y[5]) < tol and rel_rmse(x[7], y[7]) < tol
     np.testing.assert_allclose(y[6], x[6], atol=0.02)
-    if gq.block_type(qtype).uses_importance:
-        np.testing.assert_array_equal(raw[0], 0)  # ggml's all-zero block: d = 0 and zero quants
+    if qtype.endswith("_K"):
+        np.testing.assert_array_equal(raw[0], 0)  # ggml's all-zero K block: d = 0 and zero quants
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ALL_TYPES)
 def test_scale_overflow_and_non_finite_are_refused(qtype):
     x = gaussian(2, 256)
     with pytest.raises(gq.ScaleOverflowError, match="float16"):
@@ -500,7 +505,7 @@ def test_inputs_shapes_and_dtypes():
     assert gq.quantize(np.zeros((0, 256), dtype=np.float32), "Q4_K").shape == (0, 144)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ALL_TYPES)
 def test_reference_chunking_does_not_change_bytes(qtype, monkeypatch):
     x = awkward(13, 768)
     imp = np.linspace(0.2, 2, 768, dtype=np.float32)
@@ -523,7 +528,7 @@ def varied_blocks(seed: int) -> np.ndarray:
     return torch.from_numpy(x).to(torch.bfloat16).float().numpy()
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ALL_TYPES)
 def test_transposed_views_encode_like_their_copies(qtype):
     """An expert's [out, in] view of its stored [in, out] slice is read in tiles of 32 rows: 70 rows
     make two whole tiles and a partial one, and the view is of a wider stored matrix (gate of gate_up)."""
@@ -540,7 +545,7 @@ def test_transposed_views_encode_like_their_copies(qtype):
         parallel.set_threads(None)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ALL_TYPES)
 @pytest.mark.parametrize("importance", [None, "random", "sparse"])
 def test_compiled_kernels_equal_torch_encoders(qtype, importance):
     """The compiled encoders and the torch ones are independent implementations: same bytes."""
@@ -564,7 +569,7 @@ def two_threads():
     parallel.set_threads(None)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ALL_TYPES)
 def test_threads_do_not_change_bytes(qtype, two_threads):
     rows = 300
     x = np.concatenate([awkward(rows - 64, 1024, 3), gaussian(64, 1024, 4)], axis=0)

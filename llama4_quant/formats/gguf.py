@@ -106,8 +106,9 @@ def rope_freqs(spec: Llama4Spec) -> torch.Tensor | None:
     return torch.tensor(factors, dtype=torch.float32)
 
 
-def plan(model: Model, ftype: str) -> list[GGUFTensor]:
-    """Every GGUF tensor of the text model, in the walk's order (rope_freqs first)."""
+def plan(model: Model, ftype: str, has_imatrix: bool = False) -> list[GGUFTensor]:
+    """Every GGUF tensor of the text model, in the walk's order (rope_freqs first); `has_imatrix`:
+    importance data is given (some file types then keep fewer tensors at more bits)."""
     if ftype not in FILE_TYPES:
         raise UsageError(f"unknown GGUF type {ftype!r}; choose one of {', '.join(FILE_TYPES)}")
     spec = model.spec
@@ -116,6 +117,7 @@ def plan(model: Model, ftype: str) -> list[GGUFTensor]:
     if freqs is not None:
         out.append(GGUFTensor("rope_freqs.weight", tuple(freqs.shape), "F32", data=freqs))
     attn_v_seen = 0
+    n_gqa = spec.num_heads // spec.num_kv_heads
     p = spec.text_prefix
     for w in walk.weights(model):
         if w.role in (arch.VISION, arch.PROJECTOR):
@@ -125,7 +127,7 @@ def plan(model: Model, ftype: str) -> list[GGUFTensor]:
                 kind = w.module.rsplit(".", 1)[1].removesuffix("_proj")
                 name = f"blk.{w.layer}.ffn_{kind}_exps.weight"
                 shape = (spec.num_experts, *w.shape)
-                qtype = tensor_type(name, 3, shape[-1], ftype, w.layer, spec.num_layers, 0)
+                qtype = tensor_type(name, 3, shape[-1], ftype, w.layer, spec.num_layers, 0, n_gqa, has_imatrix)
                 out.append(GGUFTensor(name, shape, qtype, w.layer, w.name, w.source_bytes * spec.num_experts, w.stats_key))
             continue
         if w.name == f"{p}model.embed_tokens.weight":
@@ -140,7 +142,7 @@ def plan(model: Model, ftype: str) -> list[GGUFTensor]:
             warnings.warn(f"{w.name} has no GGUF counterpart and is left out", stacklevel=2)
             continue
         qtype = tensor_type(name, len(w.shape), w.shape[-1], ftype, w.layer, spec.num_layers, attn_v_seen,
-                            spec.num_heads // spec.num_kv_heads)
+                            n_gqa, has_imatrix)
         attn_v_seen += ".attn_v." in name
         out.append(GGUFTensor(name, w.shape, qtype, w.layer, w.name, w.source_bytes, w.stats_key))
     return out
@@ -303,7 +305,7 @@ class GGUFTarget:
         self.model, self.out, self.ftype, self.importance = model, out, ftype, importance
         self.device = torch.device(device)
         self.importance_digest, self.resume, self.overwrite = importance_digest, resume, overwrite
-        self.tensors = plan(model, ftype)
+        self.tensors = plan(model, ftype, has_imatrix=importance is not None)
         self._by_weight: dict[str, GGUFTensor] = {}
         self._last_weight: dict[str, GGUFTensor] = {}  # the walk's last weight feeding each tensor
         for t in self.tensors:

@@ -922,3 +922,160 @@ def encode_q2_k(src, shift, qw, use_qw, out, bad, overflow):
         r0, r1, tile = _load_tile(src, t, shift)
         for r in range(r0, r1):
             bad[r], overflow[r] = _q2_k_row(tile[r - r0], out[r], qw, use_qw)
+
+
+# ---------------------------------------------------------------------------------------------
+# IQ4_NL and IQ4_XS (quantize_row_iq4_nl_impl with ntry 7)
+
+_KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+@njit(**_KERNEL)
+def _best_index_iq4(x):
+    """ggml best_index_int8 over the IQ4_NL grid."""
+    vals = _KVALUES_IQ4NL
+    if x <= vals[0]:
+        return 0
+    if x >= vals[15]:
+        return 15
+    ml, mu = 0, 15
+    while mu - ml > 1:
+        mav = (ml + mu) // 2
+        if x < vals[mav]:
+            mu = mav
+        else:
+            ml = mav
+    return mu - 1 if x - vals[mu - 1] < vals[mu] - x else mu
+
+
+@njit(**_KERNEL)
+def _iq4_block_scale(x, a, w):
+    """The searched scale of the 32 values x[a:a+32] with weights w (0 for an all-zero block)."""
+    vals = _KVALUES_IQ4NL
+    amax, mx = f32(0), f32(0)
+    for j in range(32):
+        ax = abs(x[a + j])
+        if ax > amax:
+            amax = ax
+            mx = x[a + j]
+    if amax < _EPS:
+        return f32(0)
+    d = -mx / vals[0]
+    iscale = f32(1) / d
+    sumqx, sumq2 = f32(0), f32(0)
+    for j in range(32):
+        q = vals[_best_index_iq4(iscale * x[a + j])]
+        sumqx += w[j] * q * x[a + j]
+        sumq2 += w[j] * q * q
+    d = sumqx / sumq2 if sumq2 > 0 else f32(0)
+    best = d * sumqx
+    for itry in range(-7, 8):
+        iscale = f32(itry + -127) / mx
+        sumqx, sumq2 = f32(0), f32(0)
+        for j in range(32):
+            q = vals[_best_index_iq4(iscale * x[a + j])]
+            sumqx += w[j] * q * x[a + j]
+            sumq2 += w[j] * q * q
+        if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+            d = sumqx / sumq2
+            best = d * sumqx
+    return d
+
+
+@njit(**_KERNEL)
+def _iq4_weights(x, a, qw, use_qw, sigma2, w):
+    for j in range(32):
+        v = x[a + j]
+        w[j] = qw[a + j] * np.sqrt(sigma2 + v * v) if use_qw else v * v
+
+
+@njit(**_KERNEL)
+def _iq4_pack(x, a, inv, out_row, o):
+    for j in range(16):
+        out_row[o + j] = np.uint8(_best_index_iq4(inv * x[a + j]) | (_best_index_iq4(inv * x[a + 16 + j]) << 4))
+
+
+@njit(**_KERNEL)
+def _sigma2(x, a, n):
+    s = f32(0)
+    for j in range(n):
+        s += x[a + j] * x[a + j]
+    return s * (f32(2) / f32(n))
+
+
+@njit(**_KERNEL)
+def _iq4_nl_row(row_bits, out_row, qw, use_qw):
+    bits, bits_f = _bit_cell()
+    if not _finite(row_bits):
+        return True, f32(0)
+    x = row_bits.view(np.float32)
+    w = np.empty(32, np.float32)
+    too_big = f32(0)
+    for b in range(x.shape[0] // 32):
+        a, o = 32 * b, 18 * b
+        _iq4_weights(x, a, qw, use_qw, _sigma2(x, a, 32), w)
+        d = _iq4_block_scale(x, a, w)
+        hd = _f16_bits(d, bits, bits_f)
+        if hd & 0x7FFF == 0x7C00:
+            too_big = max(too_big, abs(d))
+        out_row[o] = hd & 0xFF
+        out_row[o + 1] = hd >> 8
+        _iq4_pack(x, a, f32(1) / d if d != 0 else f32(0), out_row, o + 2)
+    return False, too_big
+
+
+@njit(**_KERNEL)
+def _iq4_xs_row(row_bits, out_row, qw, use_qw):
+    bits, bits_f = _bit_cell()
+    if not _finite(row_bits):
+        return True, f32(0)
+    x = row_bits.view(np.float32)
+    w, scales = np.empty(32, np.float32), np.empty(8, np.float32)
+    too_big = f32(0)
+    for b in range(x.shape[0] // QK_K):
+        a0, o = QK_K * b, 136 * b
+        sigma2 = _sigma2(x, a0, QK_K)
+        amax, max_scale = f32(0), f32(0)
+        for ib in range(8):
+            _iq4_weights(x, a0 + 32 * ib, qw, use_qw, sigma2, w)
+            scales[ib] = _iq4_block_scale(x, a0 + 32 * ib, w)
+            if abs(scales[ib]) > amax:
+                amax = abs(scales[ib])
+                max_scale = scales[ib]
+        d = -max_scale / f32(32)
+        hd = _f16_bits(d, bits, bits_f)
+        if hd & 0x7FFF == 0x7C00:
+            too_big = max(too_big, abs(d))
+        out_row[o] = hd & 0xFF
+        out_row[o + 1] = hd >> 8
+        inv = f32(1) / d if d != 0 else f32(0)
+        high = 0
+        for ib in range(8):
+            l = min(31, max(-32, _nearest_int(inv * scales[ib], bits, bits_f)))
+            dl = d * f32(l)
+            _iq4_pack(x, a0 + 32 * ib, f32(1) / dl if dl != 0 else f32(0), out_row, o + 8 + 16 * ib)
+            l += 32
+            if ib % 2 == 0:
+                out_row[o + 4 + ib // 2] = np.uint8(l & 0xF)
+            else:
+                out_row[o + 4 + ib // 2] |= np.uint8((l & 0xF) << 4)
+            high |= (l >> 4) << (2 * ib)
+        out_row[o + 2] = np.uint8(high & 0xFF)
+        out_row[o + 3] = np.uint8(high >> 8)
+    return False, too_big
+
+
+@njit(parallel=True, **_KERNEL)
+def encode_iq4_nl(src, shift, qw, use_qw, out, bad, overflow):
+    for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
+        r0, r1, tile = _load_tile(src, t, shift)
+        for r in range(r0, r1):
+            bad[r], overflow[r] = _iq4_nl_row(tile[r - r0], out[r], qw, use_qw)
+
+
+@njit(parallel=True, **_KERNEL)
+def encode_iq4_xs(src, shift, qw, use_qw, out, bad, overflow):
+    for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
+        r0, r1, tile = _load_tile(src, t, shift)
+        for r in range(r0, r1):
+            bad[r], overflow[r] = _iq4_xs_row(tile[r - r0], out[r], qw, use_qw)

@@ -861,6 +861,128 @@ def _q3_k_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# IQ4_NL and IQ4_XS: 4-bit indices into a fixed non-uniform grid, blocks of 32 (quantize_row_iq4_nl_impl
+# with ntry 7, the path ggml's quantize_iq4_nl / quantize_iq4_xs take with or without importance)
+
+KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_IQ4_NTRY = 7
+
+
+def _best_index_iq4(x: Tensor) -> Tensor:
+    """ggml best_index_int8 over KVALUES_IQ4NL, elementwise: the nearest value's index, ties upward."""
+    vals = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=x.device)
+    mu = torch.searchsorted(vals, x.contiguous(), right=True).clamp_(1, 15)  # vals[mu - 1] <= x < vals[mu] inside
+    lower = (x - vals[mu - 1]) < (vals[mu] - x)
+    idx = mu - lower.long()
+    idx = torch.where(x <= vals[0], 0, idx)
+    return torch.where(x >= vals[15], 15, idx)
+
+
+def _iq4_block_scales(x: Tensor, w: Tensor) -> Tensor:
+    """Per column (32-value block) of x [32, N]: the least-squares scale of the best of ntry = 7
+    grid fits, as quantize_row_iq4_nl_impl's search; 0 for an all-zero block."""
+    vals = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=x.device)
+    n = x.shape[0]
+    amax = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    mx = torch.zeros_like(amax)
+    for j in range(n):  # the first of equal largest |x|
+        take = x[j].abs() > amax
+        amax = torch.where(take, x[j].abs(), amax)
+        mx = torch.where(take, x[j], mx)
+    zero = amax < GROUP_MAX_EPS
+
+    def sums(iscale):
+        q = vals[_best_index_iq4(iscale * x)]
+        wq = w * q
+        sumqx = torch.zeros_like(amax)
+        sumq2 = torch.zeros_like(amax)
+        for j in range(n):
+            sumqx += wq[j] * x[j]
+            sumq2 += wq[j] * q[j]
+        return sumqx, sumq2
+
+    d = _div(-mx, float(KVALUES_IQ4NL[0]))
+    sumqx, sumq2 = sums(_div(1.0, d))
+    d = torch.where(sumq2 > 0, sumqx / sumq2, 0.0)
+    best = d * sumqx
+    for itry in range(-_IQ4_NTRY, _IQ4_NTRY + 1):
+        sumqx, sumq2 = sums(_div(float(itry + KVALUES_IQ4NL[0]), mx))
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = torch.where(better, sumqx / sumq2, d)
+        best = torch.where(better, d * sumqx, best)
+    return torch.where(zero, 0.0, d)
+
+
+def _iq4_weights(x: Tensor, qw: Tensor | None, rows: int, super_size: int) -> Tensor:
+    """x [32, S] in blocks of 32: x^2, or qw * sqrt(sigma2 + x^2) with sigma2 = 2 mean x^2 over the
+    `super_size` values of each super-block (summed in memory order)."""
+    if qw is None:
+        return x * x
+    per = super_size // 32
+    B = x.shape[1] // per
+    xb = x.reshape(32, B, per)
+    s2 = torch.zeros(B, dtype=torch.float32, device=x.device)
+    for j in range(per):
+        for i in range(32):
+            s2 += xb[i, :, j] * xb[i, :, j]
+    sigma2 = s2 * np.float32(2.0 / super_size)
+    w = x * x
+    w += torch.repeat_interleave(sigma2, per)
+    torch.sqrt(w, out=w)
+    return _importance_t(qw, rows, 32) * w
+
+
+def _pack_iq4(L: Tensor) -> Tensor:
+    """Indices [32, S] -> 16 bytes per block: value j in the low nibble of byte j, value 16 + j high."""
+    Lb = L.T.to(torch.uint8)
+    return Lb[:, :16] | (Lb[:, 16:] << 4)
+
+
+def _iq4_nl_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
+    x = _sub_blocks_t(chunk, 32)  # [32, S]
+    S = x.shape[1]
+    scales = _iq4_block_scales(x, _iq4_weights(x, qw, chunk.shape[0], 32))
+    d16 = _to_f16(scales, "IQ4_NL")
+    inv = torch.where(scales != 0, _div(1.0, scales), 0.0)  # from the float scale, as ggml
+    out = torch.empty((S, 18), dtype=torch.uint8, device=x.device)
+    out[:, 0:2] = d16.view(torch.uint8).reshape(S, 2)
+    out[:, 2:] = _pack_iq4(_best_index_iq4(inv * x))
+    return out
+
+
+def _iq4_xs_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
+    x = _sub_blocks_t(chunk, 32)  # [32, S]; block s = 8 * super-block + ib
+    S = x.shape[1]
+    B = S // 8
+    scales = _iq4_block_scales(x, _iq4_weights(x, qw, chunk.shape[0], QK_K)).reshape(B, 8)
+    amax = torch.zeros(B, dtype=torch.float32, device=x.device)
+    max_scale = torch.zeros_like(amax)
+    for ib in range(8):
+        take = scales[:, ib].abs() > amax
+        amax = torch.where(take, scales[:, ib].abs(), amax)
+        max_scale = torch.where(take, scales[:, ib], max_scale)
+    d = -max_scale / 32  # -0.0 for an all-zero super-block, kept in its f16 bits as in ggml
+    d16 = _to_f16(d, "IQ4_XS")
+    inv = torch.where(d != 0, _div(1.0, d), 0.0)
+    ls = _nearest_int(inv[:, None] * scales).clamp_(-32, 31)
+    dl = (d[:, None] * ls.float()).reshape(S)
+    idl = torch.where(dl != 0, _div(1.0, dl), 0.0)
+    L = _best_index_iq4(idl * x)
+    ls = (ls + 32).to(torch.int32)
+    out = torch.empty((B, 136), dtype=torch.uint8, device=x.device)
+    out[:, 0:2] = d16.view(torch.uint8).reshape(B, 2)
+    high = torch.zeros(B, dtype=torch.int32, device=x.device)
+    for ib in range(8):
+        high |= (ls[:, ib] >> 4) << (2 * ib)
+    out[:, 2] = (high & 0xFF).to(torch.uint8)
+    out[:, 3] = (high >> 8).to(torch.uint8)
+    low = (ls & 0xF).to(torch.uint8)
+    out[:, 4:8] = low[:, 0::2] | (low[:, 1::2] << 4)
+    out[:, 8:] = _pack_iq4(L).reshape(B, 128)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Decoders (same float32 arithmetic as ggml's dequantize_row_* and gguf-py)
 
 
@@ -942,6 +1064,24 @@ def _dequant_q6_k(blocks: Tensor) -> Tensor:
     return (d * q).reshape(B, QK_K)
 
 
+def _dequant_iq4_nl(blocks: Tensor) -> Tensor:
+    vals = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=blocks.device)
+    qs = blocks[:, 2:18].long()
+    return _f16(blocks, 0) * torch.cat([vals[qs & 0xF], vals[qs >> 4]], dim=1)
+
+
+def _dequant_iq4_xs(blocks: Tensor) -> Tensor:
+    B = blocks.shape[0]
+    vals = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=blocks.device)
+    high = blocks[:, 2].long() | (blocks[:, 3].long() << 8)
+    ib = torch.arange(8, device=blocks.device)
+    low = (blocks[:, 4 + ib // 2].long() >> (4 * (ib % 2))) & 0xF
+    ls = (low | (((high[:, None] >> (2 * ib)) & 3) << 4)) - 32
+    dl = (_f16(blocks, 0) * ls.float())[:, :, None]  # [B, 8, 1]
+    qs = blocks[:, 8:].reshape(B, 8, 16).long()
+    return (dl * torch.cat([vals[qs & 0xF], vals[qs >> 4]], dim=2)).reshape(B, QK_K)
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry. llama.cpp's fallbacks (llama-quant.cpp): Q2_K and Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1,
 # Q6_K -> Q8_0.
@@ -954,4 +1094,6 @@ BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q4_K", "encode_q4_k", _q4_k_chunk, _dequant_q4_k, uses_importance=True, fallback="Q5_0"),
     BlockType("Q5_K", "encode_q5_k", _q5_k_chunk, _dequant_q5_k, uses_importance=True, fallback="Q5_1"),
     BlockType("Q6_K", "encode_q6_k", _q6_k_chunk, _dequant_q6_k, uses_importance=True, fallback="Q8_0"),
+    BlockType("IQ4_NL", "encode_iq4_nl", _iq4_nl_chunk, _dequant_iq4_nl, uses_importance=True, fallback=None),
+    BlockType("IQ4_XS", "encode_iq4_xs", _iq4_xs_chunk, _dequant_iq4_xs, uses_importance=True, fallback="IQ4_NL"),
 )}
