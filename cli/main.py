@@ -245,6 +245,9 @@ def export():
 @click.option("--type", "ftype", default="Q4_K_M", show_default=True, type=click.Choice(GGUF_FILE_TYPES), help="GGUF file type.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output file [default: ./<model>-<type>.gguf].")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Calibration statistics from `l4q calibrate`: importance-weighted K-quant search.")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE", help="As llama-quantize: tensors whose GGUF name matches REGEX get TYPE (the first match wins). Repeatable.")
+@click.option("--output-tensor-type", metavar="TYPE", help="Type of output.weight.")
+@click.option("--token-embedding-type", metavar="TYPE", help="Type of token_embd.weight.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished tensor.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--device", default="auto", show_default=True, help="Where the block encoders run: auto, cpu, cuda, cuda:N (the same bytes).")
@@ -252,15 +255,19 @@ def export():
 @hub_options
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def export_gguf(model, ftype, out, imatrix, resume, overwrite, device, threads, prefetch, keep_source, revision, quiet):
+def export_gguf(model, ftype, out, imatrix, tensor_types, output_tensor_type, token_embedding_type, resume, overwrite,
+                device, threads, prefetch, keep_source, revision, quiet):
     """Write a GGUF file for llama.cpp straight from BF16 safetensors, in one streaming pass."""
+    from llama4_quant.formats.gguf_types import parse_overrides
+
+    overrides = parse_overrides(tensor_types, output_tensor_type, token_embedding_type)
     opened = open_model(model, prefetch, keep_source, revision, quiet)
     use_threads(threads)
     out = out or Path(f"{Path(opened.source.label).name}-{ftype}.gguf")
     from llama4_quant.derive import derive
 
     (done,), _, warnings = derive(opened, [], [(ftype, out)], calib=imatrix, resume=resume, overwrite=overwrite,
-                                  device=device, show_progress=not quiet)
+                                  device=device, gguf_overrides=overrides, show_progress=not quiet)
     for warning in warnings:
         click.echo(f"l4q: warning: {warning}", err=True)
     if not quiet:

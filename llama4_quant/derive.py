@@ -38,13 +38,15 @@ def derive(
     resume: bool = False,
     overwrite: bool = False,
     device: str = "auto",
+    gguf_overrides=None,
     show_progress: bool = True,
 ) -> tuple[list[Derived], int, list[str]]:
     """Write every (scheme, out) and (GGUF type, out) from one walk of `model`.
 
     `calib` (the STATS directory of `l4q calibrate`) feeds --method mse / gptq for the schemes and is
     the importance matrix of the GGUF types. Returns what each target wrote, the source bytes read and
-    llama.cpp's warnings for this model (when a GGUF is among the targets).
+    llama.cpp's warnings for this model (when a GGUF is among the targets). `gguf_overrides`
+    (gguf_types.Overrides) applies to every GGUF type.
     """
     if not schemes and not gguf_types:
         raise UsageError("nothing to write: give at least one --to SCHEME or --gguf TYPE")
@@ -70,7 +72,7 @@ def derive(
                for name, out in schemes]
     targets += [GGUFTarget(model, out, ftype, importance=stats.importance if stats else None,
                            importance_digest=stats.digest() if stats else "", resume=resume, overwrite=overwrite,
-                           device=dev)
+                           device=dev, overrides=gguf_overrides)
                 for ftype, out in gguf_types]
     read = walk.run(model, targets, show_progress, desc="read once" if len(targets) > 1 else "quantize")
     done = [_derived(t) for t in targets]

@@ -87,9 +87,11 @@ def quantize_tool(ver: str | None = None) -> Path:
     return binary
 
 
-def llama_quantize(src_gguf: Path, out_gguf: Path, ftype: str, imatrix: Path | None = None) -> Path:
-    """Run llama.cpp's own quantizer, e.g. F16 GGUF -> Q4_K_M."""
-    cmd = [str(quantize_tool())] + (["--imatrix", str(imatrix)] if imatrix else []) + [str(src_gguf), str(out_gguf), ftype]
+def llama_quantize(src_gguf: Path, out_gguf: Path, ftype: str, imatrix: Path | None = None, options: tuple[str, ...] = ()) -> Path:
+    """Run llama.cpp's own quantizer, e.g. F16 GGUF -> Q4_K_M; `options` go before the files
+    (--tensor-type ..., --output-tensor-type ...)."""
+    cmd = ([str(quantize_tool())] + (["--imatrix", str(imatrix)] if imatrix else []) + list(options)
+           + [str(src_gguf), str(out_gguf), ftype])
     subprocess.run(cmd, check=True, capture_output=True)
     return out_gguf
 

@@ -89,6 +89,27 @@ def test_q4_k_m_type_rules(tiny, tmp_path):
         assert types[f"blk.{i}.attn_norm.weight"] == "F32"
 
 
+OVERRIDES = ("--tensor-type", "ffn_(gate|up)_exps=q2_K", "--tensor-type", "blk\\.[01]\\.attn_q=Q8_0",
+             "--tensor-type", "ffn_down_shexp=bf16", "--output-tensor-type", "q5_K", "--token-embedding-type", "Q3_K")
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-maverick"])
+def test_overrides_match_llama_quantize(model, f16_references, tmp_path):
+    """--tensor-type / --output-tensor-type / --token-embedding-type give llama-quantize's types."""
+    theirs = llama_cpp_reference().llama_quantize(f16_references[model], tmp_path / "theirs.gguf", "Q4_K_M",
+                                                  options=OVERRIDES)
+    out = tmp_path / "ours.gguf"
+    result = CliRunner().invoke(main, ["export", "gguf", model, "--type", "Q4_K_M", "--out", str(out), "--quiet", *OVERRIDES])
+    assert result.exit_code == 0, result.stderr
+    their_types = {n: t[:2] for n, t in read_gguf(theirs)[1].items()}
+    our_types = {n: t[:2] for n, t in read_gguf(out)[1].items()}
+    assert our_types == their_types
+    assert our_types["output.weight"][0] == "Q5_K" and our_types["token_embd.weight"][0] == "Q3_K"
+    assert our_types["blk.1.attn_q.weight"][0] == "Q8_0" and our_types["blk.2.attn_q.weight"][0] == "Q4_K"
+    gates = [t for n, (t, _) in our_types.items() if n.endswith("ffn_gate_exps.weight")]
+    assert gates and set(gates) == {"Q2_K"}
+
+
 def test_q2_k_attn_v_follows_grouped_query_attention():
     """Q2_K gives attn_v Q4_K where 4 or more query heads share a KV head (Scout: 40 / 8), else Q3_K
     (both tiny models: 4 / 2, which the llama-quantize comparison covers)."""

@@ -30,7 +30,7 @@ from ..errors import SourceNotFoundError, UsageError
 from ..model import Model, display_name, open_model
 from ..sources import Source
 from . import gguf_quants
-from .gguf_types import FILE_TYPES, tensor_type
+from .gguf_types import FILE_TYPES, Overrides, tensor_type
 
 GGUF_ALIGNMENT = 32
 LLAMA_CPP_CHUNK = 8192
@@ -106,9 +106,10 @@ def rope_freqs(spec: Llama4Spec) -> torch.Tensor | None:
     return torch.tensor(factors, dtype=torch.float32)
 
 
-def plan(model: Model, ftype: str, has_imatrix: bool = False) -> list[GGUFTensor]:
+def plan(model: Model, ftype: str, has_imatrix: bool = False, overrides: Overrides | None = None) -> list[GGUFTensor]:
     """Every GGUF tensor of the text model, in the walk's order (rope_freqs first); `has_imatrix`:
-    importance data is given (some file types then keep fewer tensors at more bits)."""
+    importance data is given (some file types then keep fewer tensors at more bits); `overrides`:
+    llama-quantize's per-tensor choices."""
     if ftype not in FILE_TYPES:
         raise UsageError(f"unknown GGUF type {ftype!r}; choose one of {', '.join(FILE_TYPES)}")
     spec = model.spec
@@ -127,7 +128,7 @@ def plan(model: Model, ftype: str, has_imatrix: bool = False) -> list[GGUFTensor
                 kind = w.module.rsplit(".", 1)[1].removesuffix("_proj")
                 name = f"blk.{w.layer}.ffn_{kind}_exps.weight"
                 shape = (spec.num_experts, *w.shape)
-                qtype = tensor_type(name, 3, shape[-1], ftype, w.layer, spec.num_layers, 0, n_gqa, has_imatrix)
+                qtype = tensor_type(name, 3, shape[-1], ftype, w.layer, spec.num_layers, 0, n_gqa, has_imatrix, overrides)
                 out.append(GGUFTensor(name, shape, qtype, w.layer, w.name, w.source_bytes * spec.num_experts, w.stats_key))
             continue
         if w.name == f"{p}model.embed_tokens.weight":
@@ -142,7 +143,7 @@ def plan(model: Model, ftype: str, has_imatrix: bool = False) -> list[GGUFTensor
             warnings.warn(f"{w.name} has no GGUF counterpart and is left out", stacklevel=2)
             continue
         qtype = tensor_type(name, len(w.shape), w.shape[-1], ftype, w.layer, spec.num_layers, attn_v_seen,
-                            n_gqa, has_imatrix)
+                            n_gqa, has_imatrix, overrides)
         attn_v_seen += ".attn_v." in name
         out.append(GGUFTensor(name, w.shape, qtype, w.layer, w.name, w.source_bytes, w.stats_key))
     return out
@@ -301,11 +302,11 @@ class GGUFTarget:
 
     def __init__(self, model: Model, out: Path, ftype: str, *, importance: Callable[[str], np.ndarray | None] | None = None,
                  importance_digest: str = "", resume: bool = False, overwrite: bool = False,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", overrides: Overrides | None = None):
         self.model, self.out, self.ftype, self.importance = model, out, ftype, importance
         self.device = torch.device(device)
         self.importance_digest, self.resume, self.overwrite = importance_digest, resume, overwrite
-        self.tensors = plan(model, ftype, has_imatrix=importance is not None)
+        self.tensors = plan(model, ftype, has_imatrix=importance is not None, overrides=overrides)
         self._by_weight: dict[str, GGUFTensor] = {}
         self._last_weight: dict[str, GGUFTensor] = {}  # the walk's last weight feeding each tensor
         for t in self.tensors:
@@ -481,17 +482,18 @@ def export_gguf(
     resume: bool = False,
     overwrite: bool = False,
     device: torch.device | str = "cpu",
+    overrides: Overrides | None = None,
     show_progress: bool = True,
 ) -> ExportResult:
     """Write `source`'s text model as a GGUF file of type `ftype`; `out` appears only when complete.
 
     `importance(key)` may return per-input-channel importance weights for a tensor (calibration's
     E[x^2]), by the HF module name, or [experts, in] for expert tensors; the K-quant search uses them.
-    `importance_digest` identifies them for --resume.
+    `importance_digest` identifies them for --resume. `overrides`: llama-quantize's per-tensor types.
     """
     model = source if isinstance(source, Model) else open_model(source)
     target = GGUFTarget(model, out, ftype, importance=importance, importance_digest=importance_digest, resume=resume,
-                        overwrite=overwrite, device=device)
+                        overwrite=overwrite, device=device, overrides=overrides)
     walk.run(model, [target], show_progress, desc=f"gguf {ftype}")
     return ExportResult(target.out, target.tensors, target.source_bytes, target.out.stat().st_size,
                         llama_cpp_warnings(model.spec))

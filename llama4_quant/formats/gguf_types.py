@@ -8,6 +8,7 @@ type is one row in FILE_TYPES plus its tests.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -83,36 +84,87 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
+@dataclass(frozen=True)
+class Overrides:
+    """llama-quantize's per-tensor choices: `--tensor-type REGEX=TYPE` (the first pattern found in a
+    tensor's name wins over the file type's rules), `--output-tensor-type`, `--token-embedding-type`."""
+
+    tensor_types: tuple[tuple[str, str], ...] = ()
+    output: str | None = None
+    token_embedding: str | None = None
+
+
+def parse_overrides(tensor_types: tuple[str, ...] = (), output: str | None = None,
+                    token_embedding: str | None = None) -> Overrides:
+    """Overrides from the command line's strings, read as llama-quantize reads them (the pattern up to
+    the first '=', lower-cased; type names in any case); a bad pattern or type name is a UsageError."""
+    from ..errors import UsageError
+
+    known = list(FLOAT_TYPES) + list(_block_types())
+    output, token_embedding = (q.upper() if q else None for q in (output, token_embedding))
+    pairs = []
+    for spec in tensor_types:
+        pattern, sep, qtype = spec.partition("=")
+        pattern, qtype = pattern.lower(), qtype.upper()
+        if not sep or not pattern or not qtype:
+            raise UsageError(f"--tensor-type {spec!r}: expected REGEX=TYPE, e.g. 'ffn_.*_exps=Q2_K'")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UsageError(f"--tensor-type {spec!r}: bad regular expression ({exc})") from None
+        pairs.append((pattern, qtype))
+    for qtype in [q for _, q in pairs] + [q for q in (output, token_embedding) if q]:
+        if qtype not in known:
+            raise UsageError(f"unknown tensor type {qtype!r}; choose one of {', '.join(known)}")
+    return Overrides(tuple(pairs), output, token_embedding)
+
+
+def _block_types():
+    from .gguf_quants import BLOCK_TYPES
+
+    return BLOCK_TYPES
+
+
+def _fallback(qtype: str, cols: int) -> str:
+    """llama.cpp's tensor_type_fallback for rows that are not whole blocks of `qtype`: Q2_K / Q3_K ->
+    Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, then F16 if that does not fit
+    either. l4q has no Q5_0 / Q5_1 encoder and writes Q8_0 there (larger, more precise). Llama 4's
+    rows (5120, 8192, 16384 wide) are all whole blocks: no real checkpoint reaches this."""
+    blocks = _block_types()
+    if qtype in FLOAT_TYPES or cols % blocks[qtype].block_size == 0:
+        return qtype
+    fallback = blocks[qtype].fallback
+    fallback = fallback if fallback in blocks else "Q8_0"
+    return fallback if cols % blocks[fallback].block_size == 0 else "F16"
+
+
 def tensor_type(name: str, ndim: int, cols: int, ftype: str, layer: int | None, n_layers: int, attn_v_index: int,
-                n_gqa: int = 1, has_imatrix: bool = False) -> str:
+                n_gqa: int = 1, has_imatrix: bool = False, overrides: Overrides | None = None) -> str:
     """The GGUF block type of one tensor (by its GGUF name) under file type `ftype`.
 
     Norms, 1-D tensors, rope_freqs and the router (ffn_gate_inp) stay F32 in every file type.
     output.weight takes the row's `output` type; attn_v (counted in file order), every ffn_down
     (routed, shared and dense) and attn_output take the row's rule for them where it picks them;
     `n_gqa` is the model's query heads per KV head, `has_imatrix` whether importance data is given.
+    `overrides` come first, as in llama-quantize (and --tensor-type only in a quantized file type).
     """
-    from .gguf_quants import BLOCK_TYPES, block_type
-
     if ndim == 1 or name.startswith("rope_freqs") or ".ffn_gate_inp." in name or name.endswith("_norm.weight"):
         return "F32"
+    overrides = overrides or Overrides()
+    if name == "token_embd.weight" and overrides.token_embedding:
+        return overrides.token_embedding
+    if name == "output.weight" and overrides.output:
+        return overrides.output
     rules = FILE_TYPES[ftype]
     if rules.default in FLOAT_TYPES:
         return rules.default
-    block = block_type(rules.default)
-    if cols % block.block_size != 0:
-        # Rows that are not whole blocks: llama.cpp falls back Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K
-        # -> Q5_1, Q6_K -> Q8_0 and IQ4_XS -> IQ4_NL. l4q has no Q5_0 / Q5_1 encoder, so it writes Q8_0 there (larger, more
-        # precise). Llama 4's rows (5120, 8192, 16384 wide) are all whole blocks: no real checkpoint
-        # reaches this.
-        return block.fallback if block.fallback in BLOCK_TYPES else "Q8_0"
-    if name == "output.weight":
-        return rules.output or rules.default
-    chosen = None
-    if ".attn_v." in name:
+    chosen = next((qtype for pattern, qtype in overrides.tensor_types if re.search(pattern, name)), None)
+    if chosen is None and name == "output.weight":
+        chosen = rules.output if cols % _block_types()[rules.default].block_size == 0 else "Q8_0"
+    elif chosen is None and ".attn_v." in name:
         chosen = _apply(rules.attn_v, attn_v_index, n_layers, n_gqa, has_imatrix)
-    elif ".ffn_down" in name:
+    elif chosen is None and ".ffn_down" in name:
         chosen = _apply(rules.ffn_down, layer, n_layers, n_gqa, has_imatrix)
-    elif ".attn_output." in name:
+    elif chosen is None and ".attn_output." in name:
         chosen = _apply(rules.attn_output, 0, n_layers, n_gqa, has_imatrix)
-    return chosen or rules.default
+    return _fallback(chosen or rules.default, cols)
