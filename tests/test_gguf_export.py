@@ -70,6 +70,9 @@ def test_llama_cpp_runs_every_type_close_to_bf16(model, tmp_path):
     assert kld["Q5_K_S"] < kld["Q4_K_S"] < kld["Q3_K_S"]
     assert kld["Q3_K_L"] < kld["Q3_K_S"] < kld["Q2_K"]
     assert kld["IQ4_XS"] < kld["Q3_K_S"] and kld["IQ4_NL"] < kld["Q3_K_S"]
+    # the MoE mix: smaller than the plain type above it, and closer to BF16
+    size = {t: results[t]["size_bytes"] for t in results}
+    assert size["Q2_K_MOE"] < size["Q3_K_S"] and kld["Q2_K_MOE"] < kld["Q3_K_S"] / 1.5
 
 
 def test_q4_k_m_type_rules(tiny, tmp_path):
@@ -108,6 +111,18 @@ def test_overrides_match_llama_quantize(model, f16_references, tmp_path):
     assert our_types["blk.1.attn_q.weight"][0] == "Q8_0" and our_types["blk.2.attn_q.weight"][0] == "Q4_K"
     gates = [t for n, (t, _) in our_types.items() if n.endswith("ffn_gate_exps.weight")]
     assert gates and set(gates) == {"Q2_K"}
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-maverick"])
+@pytest.mark.parametrize("mix, experts", [("Q2_K_MOE", ("q2_K", "q3_K")), ("Q3_K_MOE", ("q3_K", "q4_K"))])
+def test_moe_mixes_are_q4_k_m_with_low_bit_experts(model, mix, experts, f16_references, tmp_path):
+    """A MoE mix is llama-quantize's Q4_K_M with the routed experts overridden to low bits."""
+    gate_up, down = experts
+    options = ("--tensor-type", f"ffn_(gate|up)_exps={gate_up}", "--tensor-type", f"ffn_down_exps={down}")
+    theirs = llama_cpp_reference().llama_quantize(f16_references[model], tmp_path / "theirs.gguf", "Q4_K_M",
+                                                  options=options)
+    ours = l4q_gguf.export_gguf(sources.resolve(model), tmp_path / "ours.gguf", mix, show_progress=False).out
+    assert {n: t[:2] for n, t in read_gguf(ours)[1].items()} == {n: t[:2] for n, t in read_gguf(theirs)[1].items()}
 
 
 def test_q2_k_attn_v_follows_grouped_query_attention():

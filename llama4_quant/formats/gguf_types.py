@@ -34,6 +34,15 @@ class FileType:
     attn_v: Rule = ()
     ffn_down: Rule = ()
     attn_output: Rule = ()
+    tensor_types: tuple[tuple[str, str], ...] = ()  # built-in (regex, block type) choices, as --tensor-type
+
+
+# The MoE-aware mixes: the routed experts (most of the bytes: 16 x 3 or 128 x 3 projections per MoE
+# layer, of which a token uses one) at low bits, everything every token uses (attention, the shared
+# expert, dense layers, embeddings, output) as in Q4_K_M, in the manner of the "dynamic" GGUFs
+# published for Llama 4.
+_EXPERTS_Q2 = (("ffn_(gate|up)_exps", "Q2_K"), ("ffn_down_exps", "Q3_K"))
+_EXPERTS_Q3 = (("ffn_(gate|up)_exps", "Q3_K"), ("ffn_down_exps", "Q4_K"))
 
 
 _M_MIX = ((MORE_BITS, "Q6_K"),)
@@ -60,6 +69,10 @@ FILE_TYPES: dict[str, FileType] = {t.name: t for t in (
              ffn_down=((FIRST_EIGHTH_PLAIN, "Q5_K"),)),
     FileType("IQ4_NL", "MOSTLY_IQ4_NL", "IQ4_NL", output="Q6_K", attn_v=((GQA_4, "Q5_K"),),
              ffn_down=((FIRST_EIGHTH_PLAIN, "Q5_K"),)),
+    FileType("Q3_K_MOE", "MOSTLY_Q3_K_M", "Q4_K", output="Q6_K", attn_v=_M_MIX, ffn_down=_M_MIX,
+             tensor_types=_EXPERTS_Q3),
+    FileType("Q2_K_MOE", "MOSTLY_Q2_K", "Q4_K", output="Q6_K", attn_v=_M_MIX, ffn_down=_M_MIX,
+             tensor_types=_EXPERTS_Q2),
 )}
 
 
@@ -158,7 +171,8 @@ def tensor_type(name: str, ndim: int, cols: int, ftype: str, layer: int | None, 
     rules = FILE_TYPES[ftype]
     if rules.default in FLOAT_TYPES:
         return rules.default
-    chosen = next((qtype for pattern, qtype in overrides.tensor_types if re.search(pattern, name)), None)
+    patterns = overrides.tensor_types + rules.tensor_types  # the user's first
+    chosen = next((qtype for pattern, qtype in patterns if re.search(pattern, name)), None)
     if chosen is None and name == "output.weight":
         chosen = rules.output if cols % _block_types()[rules.default].block_size == 0 else "Q8_0"
     elif chosen is None and ".attn_v." in name:
