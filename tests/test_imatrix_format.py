@@ -13,6 +13,7 @@ from gguf import GGUFReader, GGUFValueType
 from llama4_quant import sources
 from llama4_quant.model import open_model
 from llama4_quant.formats import gguf as l4q_gguf
+from llama4_quant.formats import gguf_quants
 from llama4_quant.formats.imatrix import (
     gguf_imatrix_entries,
     mean_importance,
@@ -136,8 +137,10 @@ def test_rewriting_llama_imatrix_output_is_byte_identical(llama_cpp_bin, f32_ggu
     assert ours.read_bytes() == theirs.read_bytes()
 
 
-def test_llama_quantize_with_our_imatrix_equals_l4q_importance(llama_cpp_bin, f32_gguf, tiny, plan, tmp_path):
-    """llama-quantize Q4_K_M --imatrix (our file) writes the same tensors as l4q's Q4_K_M with the same importance.
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "IQ4_NL"])
+def test_llama_quantize_with_our_imatrix_equals_l4q_importance(ftype, llama_cpp_bin, f32_gguf, tiny, plan, tmp_path):
+    """llama-quantize --imatrix (our file) writes the same tensors as l4q's export of that type with the
+    same importance, for every block type that takes importance.
 
     The source is an F32 GGUF: F16 cannot hold the tiny model's smallest bf16 weights (f16 subnormals),
     and with importance a few super-blocks then quantize differently for that reason alone."""
@@ -147,13 +150,13 @@ def test_llama_quantize_with_our_imatrix_equals_l4q_importance(llama_cpp_bin, f3
     imatrix = tmp_path / "imatrix.gguf"
     write_llama_imatrix(imatrix, entries, datasets=["synthetic"], chunk_size=512, chunk_count=3)
 
-    run = subprocess.run([str(tool), "--imatrix", str(imatrix), str(f32_gguf), str(tmp_path / "theirs.gguf"), "Q4_K_M"],
+    run = subprocess.run([str(tool), "--imatrix", str(imatrix), str(f32_gguf), str(tmp_path / "theirs.gguf"), ftype],
                          check=True, capture_output=True, text=True)
     assert f"loaded {len(entries)} importance matrix entries" in run.stdout
     assert "did not find weights" not in run.stdout + run.stderr
     plain = tmp_path / "plain.gguf"
-    subprocess.run([str(tool), str(f32_gguf), str(plain), "Q4_K_M"], check=True, capture_output=True)
-    ours = l4q_gguf.export_gguf(tiny, tmp_path / "ours.gguf", "Q4_K_M", show_progress=False,
+    subprocess.run([str(tool), str(f32_gguf), str(plain), ftype], check=True, capture_output=True)
+    ours = l4q_gguf.export_gguf(tiny, tmp_path / "ours.gguf", ftype, show_progress=False,
                                 importance=lambda key: mean_importance(*stats[key]) if key in stats else None).out
 
     their_kv, their_t = read_gguf(tmp_path / "theirs.gguf")
@@ -169,7 +172,8 @@ def test_llama_quantize_with_our_imatrix_equals_l4q_importance(llama_cpp_bin, f3
         assert our_t[name][1] == data, name  # byte for byte
 
     plain_t = read_gguf(plain)[1]
-    k_quant = [n for n, (qtype, _) in their_t.items() if qtype in ("Q4_K", "Q6_K") and n in entries]
+    steered = [q for q, bt in gguf_quants.BLOCK_TYPES.items() if bt.uses_importance]
+    k_quant = [n for n, (qtype, _) in their_t.items() if qtype in steered and n in entries]
     assert len(k_quant) >= 40 and any("_exps." in n for n in k_quant)
     changed = [n for n in k_quant if plain_t[n][1] != their_t[n][1]]
     assert changed == k_quant  # the imatrix steered every K-quant tensor it covers
