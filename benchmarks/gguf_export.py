@@ -78,7 +78,7 @@ def quality(models: list[str], windows: int) -> None:
     print("|---|---|---|---|---|---|---|")
     for model, t, base_size, c in rows:
         k = c["kld"]
-        print(f"| {model} | {t} | {c['size_bytes'] / base_size:.0%} | {k['mean']:.5f} | {k['median']:.6f} | "
+        print(f"| {model} | {t} | {c['size_bytes'] / 1e6:.2f} MB ({c['size_bytes'] / base_size:.0%}) | {k['mean']:.5f} | {k['median']:.6f} | "
               f"{k['p99']:.4f} | {c['top1_agreement']:.2%} |")
 
 
