@@ -503,6 +503,9 @@ def _qkx_row(row_bits, out_row, qw, use_qw, nmax):
     return False, too_big
 
 
+# One small parallel kernel per type (the same five lines each) rather than one over every row
+# function: numba compiles a kernel with everything it calls, and a user's first --type should not
+# wait for every type's encoder to compile.
 @njit(parallel=True, **_KERNEL)
 def encode_q4_k(src, shift, qw, use_qw, out, bad, overflow):
     for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):

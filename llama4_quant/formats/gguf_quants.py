@@ -347,6 +347,24 @@ def _importance_t(qw: Tensor, rows: int, n: int) -> Tensor:
 # Q4_K
 
 
+def _sigma_weights(x: Tensor, qw: Tensor, rows: int, super_size: int, factor: float) -> Tensor:
+    """The importance-weighted K-quant weights qw * sqrt(sigma2 + x^2) for x [n, S] in sub-blocks of
+    n, sigma2 = factor * sum(x^2) / super_size over each super-block (summed in memory order)."""
+    n = x.shape[0]
+    per = super_size // n
+    xb = x.reshape(n, -1, per)
+    s2 = torch.zeros(xb.shape[1], dtype=torch.float32, device=x.device)
+    for j in range(per):
+        for i in range(n):
+            s2 += xb[i, :, j] * xb[i, :, j]
+    sigma2 = _div(factor * s2, float(super_size))
+    w = x * x
+    w += torch.repeat_interleave(sigma2, per)
+    torch.sqrt(w, out=w)
+    w *= _importance_t(qw, rows, n)
+    return w
+
+
 def _round_clip(v: Tensor, lo: int, hi: int, in_range: bool, out: Tensor) -> Tensor:
     """out = clamp(nearest_int(v), lo, hi) as float32; `v` is clobbered.
 
@@ -530,25 +548,14 @@ def _qkx_super_blocks(chunk: Tensor, qw: Tensor | None, nmax: int, qtype: str) -
     x = _sub_blocks_t(chunk, 32)  # [32, S]
     S = x.shape[1]
     B = S // 8
-    x2 = x * x
     if qw is None:
-        av_x = torch.sqrt(_div(_seqsum0(x2), 32.0))
+        av_x = torch.sqrt(_div(_seqsum0(x * x), 32.0))
         w = x.abs()
         w += av_x
         rmin, rdelta, nstep = _QKX_REF_SEARCH[nmax]
     else:
-        s2 = torch.zeros(B, dtype=torch.float32, device=x.device)
-        x2b = x2.reshape(32, B, 8)
-        for j in range(8):  # sum over the 256 values of the super-block in memory order
-            for i in range(32):
-                s2 += x2b[i, :, j]
-        sigma2 = _div(2.0 * s2, float(QK_K))
-        w = x2
-        w += torch.repeat_interleave(sigma2, 8)
-        torch.sqrt(w, out=w)
-        w *= _importance_t(qw, rows, 32)
+        w = _sigma_weights(x, qw, rows, QK_K, 2.0)
         rmin, rdelta, nstep = _QKX_IMATRIX_SEARCH
-    del x2
     sum_w = _seqsum1(w)
     sum_x = _seqsum1(w * x)
     scales, mins, L = _make_qkx(x, w, sum_w, sum_x, nmax, rmin, rdelta, nstep)
@@ -724,16 +731,7 @@ def _q2_k_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
         d_block = torch.where(max_scale > 0, _div(max_scale, 15.0), 0.0)
         m_block = torch.where(max_min > 0, _div(max_min, 15.0), 0.0)
     else:  # quantize_row_q2_K_impl
-        s2 = torch.zeros(B, dtype=torch.float32, device=x.device)
-        xb = x.reshape(16, B, 16)
-        for j in range(16):  # sum over the 256 values of the super-block in memory order
-            for i in range(16):
-                s2 += xb[i, :, j] * xb[i, :, j]
-        sigma2 = _div(s2, float(QK_K))
-        w = x * x
-        w += torch.repeat_interleave(sigma2, 16)
-        torch.sqrt(w, out=w)
-        w *= _importance_t(qw, rows, 16)
+        w = _sigma_weights(x, qw, rows, QK_K, 1.0)
         scales, mins, L = _make_qkx(x, w, _seqsum1(w), _seqsum1(w * x), 3, -0.9, 0.05, 36)
         sw = _seqsum0(w).reshape(B, 16)
         d_block, ls = _make_qp(scales.reshape(B, 16), sw, 15)
@@ -827,16 +825,7 @@ def _q3_k_chunk(chunk: Tensor, qw: Tensor | None) -> Tensor:
         ls[~live] = 0
         d_block = torch.where(live, _div(1.0, iscale), 0.0)
     else:  # quantize_row_q3_K_impl
-        s2 = torch.zeros(B, dtype=torch.float32, device=x.device)
-        xb = x.reshape(16, B, 16)
-        for j in range(16):  # sum over the 256 values of the super-block in memory order
-            for i in range(16):
-                s2 += xb[i, :, j] * xb[i, :, j]
-        sigma2 = _div(2.0 * s2, float(QK_K))
-        w = x * x
-        w += torch.repeat_interleave(sigma2, 16)
-        torch.sqrt(w, out=w)
-        w *= _importance_t(qw, rows, 16)
+        w = _sigma_weights(x, qw, rows, QK_K, 2.0)
         scales, L = _make_qx(x, w, 4)
         sw = _seqsum0(w)
         d_block, Ls = _make_qx(scales.reshape(B, 16).T.contiguous(), sw.reshape(B, 16).T.contiguous(), 32)
@@ -914,22 +903,9 @@ def _iq4_block_scales(x: Tensor, w: Tensor) -> Tensor:
 
 
 def _iq4_weights(x: Tensor, qw: Tensor | None, rows: int, super_size: int) -> Tensor:
-    """x [32, S] in blocks of 32: x^2, or qw * sqrt(sigma2 + x^2) with sigma2 = 2 mean x^2 over the
-    `super_size` values of each super-block (summed in memory order)."""
-    if qw is None:
-        return x * x
-    per = super_size // 32
-    B = x.shape[1] // per
-    xb = x.reshape(32, B, per)
-    s2 = torch.zeros(B, dtype=torch.float32, device=x.device)
-    for j in range(per):
-        for i in range(32):
-            s2 += xb[i, :, j] * xb[i, :, j]
-    sigma2 = s2 * np.float32(2.0 / super_size)
-    w = x * x
-    w += torch.repeat_interleave(sigma2, per)
-    torch.sqrt(w, out=w)
-    return _importance_t(qw, rows, 32) * w
+    """x [32, S] in blocks of 32: x^2, or qw * sqrt(sigma2 + x^2) with sigma2 = 2 mean x^2 over each
+    super-block of `super_size` values."""
+    return x * x if qw is None else _sigma_weights(x, qw, rows, super_size, 2.0)
 
 
 def _pack_iq4(L: Tensor) -> Tensor:
