@@ -514,8 +514,23 @@ class Fp8Block(_Fp8Grid, Scheme):
         return self.decode(tensors).to(tensors["weight_scale"].dtype).float()
 
 
+class _Fp4Values:
+    """FP4 e2m1 values (nearest, ties to the even code, clamped to +-6) stored as 4-bit codes, two
+    to a byte (`weight_packed`)."""
+
+    def round_to_grid(self, x: Tensor, lower: Tensor | None = None) -> Tensor:
+        from .. import schemes
+
+        return schemes.round_fp4_(x)
+
+    def to_values(self, grid: Tensor) -> Tensor:
+        from .. import schemes
+
+        return schemes.fp4_codes(grid)
+
+
 @register_scheme
-class NvFp4A16(Scheme):
+class NvFp4A16(_Fp4Values, Scheme):
     """FP4 e2m1 values in groups of 16 input columns, FP8 e4m3 group scales and a float32 global scale
     per tensor, shared by the members of a fused group (gate/up, q/k/v) as vLLM loads them fused.
 
@@ -568,16 +583,6 @@ class NvFp4A16(Scheme):
             raise ValueError("nvfp4 group scales need the tensor's global scale: use scheme.for_weight(w)")
         g = self.global_scale.to(absmax.device)
         return schemes.nvfp4_steps(schemes.nvfp4_scales(absmax, g), g)
-
-    def round_to_grid(self, x: Tensor, lower: Tensor | None = None) -> Tensor:
-        from .. import schemes
-
-        return schemes.round_fp4_(x)
-
-    def to_values(self, grid: Tensor) -> Tensor:
-        from .. import schemes
-
-        return schemes.fp4_codes(grid)
 
     def rtn_scales(self, w: Tensor) -> dict[str, Tensor]:
         from .. import schemes
@@ -696,7 +701,7 @@ class NvFp4(NvFp4A16):
 
 
 @register_scheme
-class MxFp4A16(Scheme):
+class MxFp4A16(_Fp4Values, Scheme):
     """MXFP4: FP4 e2m1 values in groups of 32 input columns, each group's scale a power of two stored
     as its uint8 E8M0 exponent (compressed-tensors' rule, see schemes.py). The group scale that
     `scale_search` and GPTQ work on is the float32 power of two; the search's shrunken candidates
@@ -724,16 +729,6 @@ class MxFp4A16(Scheme):
         from .. import schemes
 
         return schemes.mxfp4_steps(schemes.mxfp4_exponents(absmax))
-
-    def round_to_grid(self, x: Tensor, lower: Tensor | None = None) -> Tensor:
-        from .. import schemes
-
-        return schemes.round_fp4_(x)
-
-    def to_values(self, grid: Tensor) -> Tensor:
-        from .. import schemes
-
-        return schemes.fp4_codes(grid)
 
     def rtn_scales(self, w: Tensor) -> dict[str, Tensor]:
         from .. import schemes
