@@ -10,17 +10,22 @@ CTX, WINDOWS = 256, 3
 # Mean KLD ceilings on held-out text: int8 and fp8 must be near-lossless; int4 is a real loss
 # (the README's table, from benchmarks/quality_tiny.py, has the measured figures).
 MAX_MEAN_KLD = {"int4": 0.05, "int8": 0.01, "fp8": 0.01, "fp8-block": 0.01, "nvfp4a16": 0.05, "mxfp4a16": 0.05,
-                "mxfp4": 0.1}
+                "nvfp4": 0.1, "mxfp4": 0.1}  # the W4A4 schemes scored with their inputs quantized as served
 MIN_TOP1 = {"int4": 0.85, "int8": 0.95, "fp8": 0.95, "fp8-block": 0.95, "nvfp4a16": 0.85, "mxfp4a16": 0.85,
-            "mxfp4": 0.75}
+            "nvfp4": 0.75, "mxfp4": 0.75}
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-maverick"])
 def test_quantized_models_load_and_agree(model, tmp_path):
+    from llama4_quant.calibrate.data import calibration_ids
+    from llama4_quant.calibrate.stats import calibrate
+
     src = sources.resolve(model)
+    stats = tmp_path / "stats"  # nvfp4's static input scales
+    calibrate(src, stats, *calibration_ids(src.path, None, 8, 64), device="cpu", show_progress=False)
     outs = {scheme: tmp_path / scheme for scheme in MAX_MEAN_KLD}
     for scheme, out in outs.items():
-        pipeline.quantize(src, out, scheme, show_progress=False)
+        pipeline.quantize(src, out, scheme, calib=stats if scheme == "nvfp4" else None, show_progress=False)
     # The fused experts become one quantized module per expert, decompressed on load.
     first_moe = arch.spec_from_config(arch.load_config(src.path)).moe_layers[0]
     loaded = evaluate.load_causal_lm(outs["int4"])
