@@ -836,6 +836,58 @@ def encode_q3_k(src, shift, qw, use_qw, out, bad, overflow):
 
 
 @njit(**_KERNEL)
+def _q2_k_block(x, b, out_row, use_qw, Lt, scales, mins, sw, ls, lm, bits, bits_f):
+    """Super-block b of a Q2_K row into out_row[84 b:], from its sub-blocks' searched scales and
+    mins (levels in Lt, recomputed from the 4-bit scales); returns the overflowing f16 scale or 0."""
+    too_big = f32(0)
+    o, a = 84 * b, QK_K * b
+    sc, mn = scales[16 * b:16 * b + 16], mins[16 * b:16 * b + 16]
+    if use_qw:
+        d_block = _make_qp(sc, sw[16 * b:16 * b + 16], ls, 15, bits, bits_f)
+        m_block = _make_qp(mn, sw[16 * b:16 * b + 16], lm, 15, bits, bits_f)
+    else:
+        max_scale, max_min = f32(0), f32(0)
+        for j in range(16):
+            max_scale = sc[j] if sc[j] > max_scale else max_scale
+            max_min = mn[j] if mn[j] > max_min else max_min
+        iscale = f32(15) / max_scale if max_scale > 0 else f32(0)
+        imin = f32(15) / max_min if max_min > 0 else f32(0)
+        for j in range(16):
+            ls[j] = _nearest_int(iscale * sc[j], bits, bits_f) if max_scale > 0 else 0
+            lm[j] = _nearest_int(imin * mn[j], bits, bits_f) if max_min > 0 else 0
+        d_block = max_scale / f32(15) if max_scale > 0 else f32(0)
+        m_block = max_min / f32(15) if max_min > 0 else f32(0)
+    hd = _f16_bits(d_block, bits, bits_f)
+    hm = _f16_bits(m_block, bits, bits_f)
+    if hd & 0x7FFF == 0x7C00:
+        too_big = max(too_big, abs(d_block))
+    if hm & 0x7FFF == 0x7C00:
+        too_big = max(too_big, abs(m_block))
+    dv, mv = _f16_value(hd), _f16_value(hm)
+    for j in range(16):
+        byte = (ls[j] | (lm[j] << 4)) & 0xFF
+        out_row[o + j] = np.uint8(byte)
+        d = dv * f32(byte & 0xF)
+        if d == 0:
+            continue
+        dm = mv * f32(byte >> 4)
+        for i in range(16):
+            Lt[i, 16 * b + j] = min(3, max(0, _nearest_int((x[a + 16 * j + i] + dm) / d, bits, bits_f)))
+    for half in range(2):
+        for i in range(32):
+            q = 0
+            for k in range(4):  # value 128 half + 32 k + i: sub-block 8 half + 2 k + i // 16
+                v = 128 * half + 32 * k + i
+                q |= Lt[v % 16, 16 * b + v // 16] << (2 * k)
+            out_row[o + 16 + 32 * half + i] = np.uint8(q)
+    out_row[o + 80] = hd & 0xFF
+    out_row[o + 81] = hd >> 8
+    out_row[o + 82] = hm & 0xFF
+    out_row[o + 83] = hm >> 8
+    return too_big
+
+
+@njit(**_KERNEL)
 def _q2_k_row(row_bits, out_row, qw, use_qw):
     """One row of Q2_K: quantize_row_q2_K_ref (make_qkx2 with |x| weights and absolute error), or
     with importance quantize_row_q2_K_impl (make_qkx3, make_qp_quants for the 4-bit scales)."""
@@ -872,50 +924,7 @@ def _q2_k_row(row_bits, out_row, qw, use_qw):
         _search_q4_k(xt, wt, 3, f32(-0.5), f32(0.1), 15, Lt, Laux, st, scales, mins, bits, bits_f, True)
     too_big = f32(0)
     for b in range(cols // QK_K):
-        o, a = 84 * b, QK_K * b
-        sc, mn = scales[16 * b:16 * b + 16], mins[16 * b:16 * b + 16]
-        if use_qw:
-            d_block = _make_qp(sc, sw[16 * b:16 * b + 16], ls, 15, bits, bits_f)
-            m_block = _make_qp(mn, sw[16 * b:16 * b + 16], lm, 15, bits, bits_f)
-        else:
-            max_scale, max_min = f32(0), f32(0)
-            for j in range(16):
-                max_scale = sc[j] if sc[j] > max_scale else max_scale
-                max_min = mn[j] if mn[j] > max_min else max_min
-            iscale = f32(15) / max_scale if max_scale > 0 else f32(0)
-            imin = f32(15) / max_min if max_min > 0 else f32(0)
-            for j in range(16):
-                ls[j] = _nearest_int(iscale * sc[j], bits, bits_f) if max_scale > 0 else 0
-                lm[j] = _nearest_int(imin * mn[j], bits, bits_f) if max_min > 0 else 0
-            d_block = max_scale / f32(15) if max_scale > 0 else f32(0)
-            m_block = max_min / f32(15) if max_min > 0 else f32(0)
-        hd = _f16_bits(d_block, bits, bits_f)
-        hm = _f16_bits(m_block, bits, bits_f)
-        if hd & 0x7FFF == 0x7C00:
-            too_big = max(too_big, abs(d_block))
-        if hm & 0x7FFF == 0x7C00:
-            too_big = max(too_big, abs(m_block))
-        dv, mv = _f16_value(hd), _f16_value(hm)
-        for j in range(16):
-            byte = (ls[j] | (lm[j] << 4)) & 0xFF
-            out_row[o + j] = np.uint8(byte)
-            d = dv * f32(byte & 0xF)
-            if d == 0:
-                continue
-            dm = mv * f32(byte >> 4)
-            for i in range(16):
-                Lt[i, 16 * b + j] = min(3, max(0, _nearest_int((x[a + 16 * j + i] + dm) / d, bits, bits_f)))
-        for half in range(2):
-            for i in range(32):
-                q = 0
-                for k in range(4):  # value 128 half + 32 k + i: sub-block 8 half + 2 k + i // 16
-                    v = 128 * half + 32 * k + i
-                    q |= Lt[v % 16, 16 * b + v // 16] << (2 * k)
-                out_row[o + 16 + 32 * half + i] = np.uint8(q)
-        out_row[o + 80] = hd & 0xFF
-        out_row[o + 81] = hd >> 8
-        out_row[o + 82] = hm & 0xFF
-        out_row[o + 83] = hm >> 8
+        too_big = max(too_big, _q2_k_block(x, b, out_row, use_qw, Lt, scales, mins, sw, ls, lm, bits, bits_f))
     return False, too_big
 
 
