@@ -13,7 +13,7 @@ import click
 from llama4_quant import __version__
 from llama4_quant.errors import L4QError
 from llama4_quant.formats.compressed_tensors import scheme_names
-from llama4_quant.formats.gguf_types import FILE_TYPES
+from llama4_quant.formats.gguf_types import FILE_TYPES, MMPROJ_TYPES
 
 # The choices come from the registries, which load without torch.
 SCHEME_NAMES = scheme_names()
@@ -248,6 +248,9 @@ def export():
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE", help="As llama-quantize: tensors whose GGUF name matches REGEX get TYPE (the first match wins). Repeatable.")
 @click.option("--output-tensor-type", metavar="TYPE", help="Type of output.weight.")
 @click.option("--token-embedding-type", metavar="TYPE", help="Type of token_embd.weight.")
+@click.option("--mmproj", is_flag=True, help="Also write the vision tower and projector as llama.cpp's mmproj file, from the same read.")
+@click.option("--mmproj-type", default="F16", show_default=True, type=click.Choice(list(MMPROJ_TYPES)), help="Type of the mmproj's matrices.")
+@click.option("--mmproj-out", type=click.Path(path_type=Path), help="mmproj output file [default: beside --out, mmproj-<model>-<mmproj-type>.gguf].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished tensor.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--device", default="auto", show_default=True, help="Where the block encoders run: auto, cpu, cuda, cuda:N (the same bytes).")
@@ -255,23 +258,28 @@ def export():
 @hub_options
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def export_gguf(model, ftype, out, imatrix, tensor_types, output_tensor_type, token_embedding_type, resume, overwrite,
-                device, threads, prefetch, keep_source, revision, quiet):
+def export_gguf(model, ftype, out, imatrix, tensor_types, output_tensor_type, token_embedding_type, mmproj, mmproj_type,
+                mmproj_out, resume, overwrite, device, threads, prefetch, keep_source, revision, quiet):
     """Write a GGUF file for llama.cpp straight from BF16 safetensors, in one streaming pass."""
     from llama4_quant.formats.gguf_types import parse_overrides
 
     overrides = parse_overrides(tensor_types, output_tensor_type, token_embedding_type)
     opened = open_model(model, prefetch, keep_source, revision, quiet)
     use_threads(threads)
-    out = out or Path(f"{Path(opened.source.label).name}-{ftype}.gguf")
+    name = Path(opened.source.label).name
+    out = out or Path(f"{name}-{ftype}.gguf")
+    if mmproj_out is not None and not mmproj:
+        raise click.UsageError("--mmproj-out applies with --mmproj")
+    vision = (mmproj_type, mmproj_out or out.parent / f"mmproj-{name}-{mmproj_type}.gguf") if mmproj else None
     from llama4_quant.derive import derive
 
-    (done,), _, warnings = derive(opened, [], [(ftype, out)], calib=imatrix, resume=resume, overwrite=overwrite,
-                                  device=device, gguf_overrides=overrides, show_progress=not quiet)
+    done, _, warnings = derive(opened, [], [(ftype, out)], calib=imatrix, resume=resume, overwrite=overwrite,
+                               device=device, gguf_overrides=overrides, mmproj=vision, show_progress=not quiet)
     for warning in warnings:
         click.echo(f"l4q: warning: {warning}", err=True)
     if not quiet:
-        click.echo(f"wrote {done.out}: {done.what}, {human_bytes(done.source_bytes)} -> {human_bytes(done.output_bytes)}")
+        for d in done:
+            click.echo(f"wrote {d.out}: {d.what}, {human_bytes(d.source_bytes)} -> {human_bytes(d.output_bytes)}")
         report_download(opened)
 
 

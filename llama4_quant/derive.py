@@ -11,6 +11,7 @@ from .devices import resolve_device
 from .errors import UsageError
 from .formats import compressed_tensors as ct
 from .formats.gguf import GGUFTarget, llama_cpp_warnings
+from .formats.gguf_mmproj import MmprojTarget
 from .model import Model
 from .pipeline import DEFAULT_MAX_SHARD_SIZE, CompressedTensorsTarget, check_scheme_method, ignore_patterns, load_stats
 
@@ -39,6 +40,7 @@ def derive(
     overwrite: bool = False,
     device: str = "auto",
     gguf_overrides=None,
+    mmproj: tuple[str, Path] | None = None,
     show_progress: bool = True,
 ) -> tuple[list[Derived], int, list[str]]:
     """Write every (scheme, out) and (GGUF type, out) from one walk of `model`.
@@ -46,11 +48,12 @@ def derive(
     `calib` (the STATS directory of `l4q calibrate`) feeds --method mse / gptq for the schemes and is
     the importance matrix of the GGUF types. Returns what each target wrote, the source bytes read and
     llama.cpp's warnings for this model (when a GGUF is among the targets). `gguf_overrides`
-    (gguf_types.Overrides) applies to every GGUF type.
+    (gguf_types.Overrides) applies to every GGUF type. `mmproj` (type, out): also the vision tower and
+    projector as llama.cpp's mmproj file.
     """
     if not schemes and not gguf_types:
         raise UsageError("nothing to write: give at least one --to SCHEME or --gguf TYPE")
-    outs = [out for _, out in schemes + gguf_types]
+    outs = [out for _, out in schemes + gguf_types + ([mmproj] if mmproj else [])]
     if len(set(outs)) != len(outs):
         raise UsageError("two targets would write the same output; give each its own name")
     static_inputs = [name for name, _ in schemes if ct.get_scheme(name).activations]
@@ -74,6 +77,8 @@ def derive(
                            importance_digest=stats.digest() if stats else "", resume=resume, overwrite=overwrite,
                            device=dev, overrides=gguf_overrides)
                 for ftype, out in gguf_types]
+    if mmproj:
+        targets.append(MmprojTarget(model, mmproj[1], mmproj[0], resume=resume, overwrite=overwrite, device=dev))
     read = walk.run(model, targets, show_progress, desc="read once" if len(targets) > 1 else "quantize")
     done = [_derived(t) for t in targets]
     return done, read, llama_cpp_warnings(model.spec) if gguf_types else []
@@ -81,7 +86,8 @@ def derive(
 
 def _derived(t) -> Derived:
     if isinstance(t, GGUFTarget):
-        return Derived(t.out, f"{len(t.tensors)} tensors", t.source_bytes, t.out.stat().st_size)
+        what = f"{len(t.tensors)} tensors" + (" of the vision tower and projector" if isinstance(t, MmprojTarget) else "")
+        return Derived(t.out, what, t.source_bytes, t.out.stat().st_size)
     plan = t.plan
     resumed = len(plan.shards) - t.shards_written
     what = (f"{len(plan.quantized_modules())} modules quantized to {plan.scheme.name} in {len(plan.shards)} shards"

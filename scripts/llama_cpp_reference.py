@@ -5,9 +5,11 @@ converter llama.cpp users run. This module fetches that sdist (the same version 
 llama-cpp-python) from the package registry once, keeps the converter under the l4q cache, and runs
 it. The only change: llama.cpp identifies a BPE pre-tokenizer by hashing a test string's token ids,
 which no list can know for the tiny models' own vocabulary, so the detection is told "llama4", the
-pre-tokenizer those vocabularies are built for.
+pre-tokenizer those vocabularies are built for. And the converter names Llama 4's vision adapter
+layers `fc1` / `fc2` through its table of block numbers, which for a vision tower of fewer than 3
+layers (the tiny models have 2; Scout has 34) stops before `fc2`: the table is built for 3 at least.
 
-    python scripts/llama_cpp_reference.py convert MODEL_DIR OUT.gguf [--outtype f16]
+    python scripts/llama_cpp_reference.py convert MODEL_DIR OUT.gguf [--outtype f16] [--mmproj]
     python scripts/llama_cpp_reference.py build-quantize      # builds llama-quantize
 """
 
@@ -31,6 +33,8 @@ sys.path.insert(0, root)
 sys.argv = [root + "/convert_hf_to_gguf.py"] + sys.argv[2:]
 import conversion.base
 conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "llama4"
+name_map = conversion.base.gguf.get_tensor_name_map
+conversion.base.gguf.get_tensor_name_map = lambda arch, n_blocks: name_map(arch, max(n_blocks, 3))
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
@@ -96,11 +100,12 @@ def llama_quantize(src_gguf: Path, out_gguf: Path, ftype: str, imatrix: Path | N
     return out_gguf
 
 
-def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> Path:
-    """Run llama.cpp's own HF -> GGUF converter on `model_dir`."""
+def convert(model_dir: Path, outfile: Path, outtype: str = "f16", mmproj: bool = False) -> Path:
+    """Run llama.cpp's own HF -> GGUF converter on `model_dir` (`mmproj`: the vision tower and projector
+    file instead of the text model)."""
     subprocess.run(
         [sys.executable, "-c", RUN_CONVERTER, str(converter_dir()), str(model_dir), "--outfile", str(outfile),
-         "--outtype", outtype],
+         "--outtype", outtype] + (["--mmproj"] if mmproj else []),
         check=True, capture_output=True, text=True,
     )
     return outfile
@@ -113,10 +118,11 @@ def main() -> None:
     c.add_argument("model_dir", type=Path)
     c.add_argument("outfile", type=Path)
     c.add_argument("--outtype", default="f16")
+    c.add_argument("--mmproj", action="store_true", help="write the vision mmproj file")
     sub.add_parser("build-quantize")
     args = parser.parse_args()
     if args.command == "convert":
-        print(convert(args.model_dir, args.outfile, args.outtype))
+        print(convert(args.model_dir, args.outfile, args.outtype, args.mmproj))
     else:
         print(quantize_tool())
 

@@ -153,8 +153,9 @@ def plan(model: Model, ftype: str, has_imatrix: bool = False, overrides: Overrid
 # Metadata
 
 
-def add_metadata(writer, model_dir: Path, config: dict, spec: Llama4Spec, ftype: str, source: Source) -> None:
-    """general.*, llama4.* and tokenizer.* keys as llama.cpp's converter writes them, plus l4q's own."""
+def add_general(writer, model_dir: Path, source: Source, file_type: str, gguf_type: str) -> None:
+    """general.* keys as llama.cpp's converter writes them (name, size label, sampling defaults, ...;
+    `file_type`: a gguf.LlamaFileType name, `gguf_type`: "model" or "mmproj"), plus l4q's own."""
     import gguf
 
     total, shared, expert, count = writer.get_total_parameter_count()
@@ -163,9 +164,9 @@ def add_metadata(writer, model_dir: Path, config: dict, spec: Llama4Spec, ftype:
         meta.name = model_dir.name
     if meta.size_label is None and total > 0:
         meta.size_label = gguf.size_label(total, shared, expert, count)
-    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_type(gguf_type)
     meta.set_gguf_meta_model(writer)
-    writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[ftype].llama_name])
+    writer.add_file_type(gguf.LlamaFileType[file_type])
     # Beyond the converter's keys: what this file derives from, and that l4q made it.
     writer.add_base_model_count(1)
     writer.add_base_model_name(0, display_name(source))  # never a local path
@@ -173,6 +174,12 @@ def add_metadata(writer, model_dir: Path, config: dict, spec: Llama4Spec, ftype:
         writer.add_base_model_repo_url(0, f"https://huggingface.co/{source.repo_id}")
     writer.add_string("general.quantized_by", f"l4q {__version__}")
 
+
+def add_metadata(writer, model_dir: Path, config: dict, spec: Llama4Spec, ftype: str, source: Source) -> None:
+    """general.*, llama4.* and tokenizer.* keys as llama.cpp's converter writes them, plus l4q's own."""
+    import gguf
+
+    add_general(writer, model_dir, source, FILE_TYPES[ftype].llama_name, gguf.GGUFType.MODEL)
     text = config.get("text_config", config)
     writer.add_block_count(spec.num_layers)
     writer.add_context_length(spec.max_position_embeddings)
@@ -306,7 +313,7 @@ class GGUFTarget:
         self.model, self.out, self.ftype, self.importance = model, out, ftype, importance
         self.device = torch.device(device)
         self.importance_digest, self.resume, self.overwrite = importance_digest, resume, overwrite
-        self.tensors = plan(model, ftype, has_imatrix=importance is not None, overrides=overrides)
+        self.tensors = self.plan_tensors(overrides)
         self._by_weight: dict[str, GGUFTensor] = {}
         self._last_weight: dict[str, GGUFTensor] = {}  # the walk's last weight feeding each tensor
         for t in self.tensors:
@@ -323,6 +330,21 @@ class GGUFTarget:
         self._writer: outputs.FileWriter | None = None
         self._importance_of: dict[str, np.ndarray | None] = {}
 
+    # What differs between GGUF files of one model (the text model here, the mmproj in gguf_mmproj):
+    # the architecture, the tensors, the metadata, and what the source must hold.
+    arch_name = "llama4"
+
+    def plan_tensors(self, overrides: Overrides | None) -> list[GGUFTensor]:
+        return plan(self.model, self.ftype, has_imatrix=self.importance is not None, overrides=overrides)
+
+    def add_metadata(self, writer) -> None:
+        add_metadata(writer, self.model.dir, self.model.config, self.model.spec, self.ftype, self.model.source)
+
+    def check_source(self) -> None:
+        if not (self.model.dir / "tokenizer.json").is_file():
+            raise SourceNotFoundError(f"{self.model.dir}: no tokenizer.json; a GGUF file carries the model's tokenizer, "
+                                      "so the source needs its tokenizer files")
+
     @property
     def source_bytes(self) -> int:
         return sum(t.source_bytes for t in self.tensors)
@@ -334,9 +356,7 @@ class GGUFTarget:
     def check(self) -> None:
         self.out = outputs.check_output(self.out, self.model.paths, resume=self.resume, overwrite=self.overwrite,
                                         is_file=True)
-        if not (self.model.dir / "tokenizer.json").is_file():
-            raise SourceNotFoundError(f"{self.model.dir}: no tokenizer.json; a GGUF file carries the model's tokenizer, "
-                                      "so the source needs its tokenizer files")
+        self.check_source()
         # The header (metadata, tokenizer, tensor infos) fixes every tensor's offset: resuming trusts the
         # finished tensors only under the same header.
         self._header_bytes = self._header()
@@ -374,13 +394,13 @@ class GGUFTarget:
 
         scratch = tempfile.TemporaryDirectory(prefix="l4q-gguf-header-")
         tmp = Path(scratch.name) / "header.gguf"
-        writer = gguf.GGUFWriter(tmp, "llama4")
+        writer = gguf.GGUFWriter(tmp, self.arch_name)
         for t in self.tensors:
             # Declared as bytes: GGUFWriter turns the byte shape back into the element shape for any type.
             byte_shape = (*t.shape[:-1], t.nbytes // math.prod(t.shape[:-1]))
             writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes,
                                    raw_dtype=gguf.GGMLQuantizationType[t.qtype])
-        add_metadata(writer, self.model.dir, self.model.config, self.model.spec, self.ftype, self.model.source)
+        self.add_metadata(writer)
         try:
             writer.write_header_to_file()
             writer.write_kv_data_to_file()

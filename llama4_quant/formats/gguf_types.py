@@ -75,6 +75,10 @@ FILE_TYPES: dict[str, FileType] = {t.name: t for t in (
              tensor_types=_EXPERTS_Q2),
 )}
 
+# The mmproj (vision tower and projector) file's types, as llama.cpp's converter offers them for it:
+# type -> gguf-py's LlamaFileType member.
+MMPROJ_TYPES = {"F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0", "F32": "ALL_F32"}
+
 
 def _selects(selector: str, index: int, n_layers: int, n_gqa: int, has_imatrix: bool) -> bool:
     if selector == ALL:
