@@ -70,8 +70,8 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _size_option(_ctx, _param, value: str) -> int:
-    return parse_size(value)
+def _size_option(_ctx, _param, value: str | None) -> int | None:
+    return None if value is None else parse_size(value)
 
 
 threads_option = click.option(
@@ -248,6 +248,8 @@ def export():
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE", help="As llama-quantize: tensors whose GGUF name matches REGEX get TYPE (the first match wins). Repeatable.")
 @click.option("--output-tensor-type", metavar="TYPE", help="Type of output.weight.")
 @click.option("--token-embedding-type", metavar="TYPE", help="Type of token_embd.weight.")
+@click.option("--target-size", callback=_size_option, help="Choose each tensor's block type to make the file this size (e.g. 40GB) with the least expected error; needs --imatrix.")
+@click.option("--target-bpw", type=click.FloatRange(min=1.0, max=16.0), help="As --target-size, in bits per weight over all tensors.")
 @click.option("--mmproj", is_flag=True, help="Also write the vision tower and projector as llama.cpp's mmproj file, from the same read.")
 @click.option("--mmproj-type", default="F16", show_default=True, type=click.Choice(list(MMPROJ_TYPES)), help="Type of the mmproj's matrices.")
 @click.option("--mmproj-out", type=click.Path(path_type=Path), help="mmproj output file [default: beside --out, mmproj-<model>-<mmproj-type>.gguf].")
@@ -258,8 +260,8 @@ def export():
 @hub_options
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def export_gguf(model, ftype, out, imatrix, tensor_types, output_tensor_type, token_embedding_type, mmproj, mmproj_type,
-                mmproj_out, resume, overwrite, device, threads, prefetch, keep_source, revision, quiet):
+def export_gguf(model, ftype, out, imatrix, tensor_types, output_tensor_type, token_embedding_type, target_size,
+                target_bpw, mmproj, mmproj_type, mmproj_out, resume, overwrite, device, threads, prefetch, keep_source, revision, quiet):
     """Write a GGUF file for llama.cpp straight from BF16 safetensors, in one streaming pass."""
     from llama4_quant.formats.gguf_types import parse_overrides
 
@@ -270,11 +272,17 @@ def export_gguf(model, ftype, out, imatrix, tensor_types, output_tensor_type, to
     out = out or Path(f"{name}-{ftype}.gguf")
     if mmproj_out is not None and not mmproj:
         raise click.UsageError("--mmproj-out applies with --mmproj")
+    if target_size is not None and target_bpw is not None:
+        raise click.UsageError("give --target-size or --target-bpw, not both")
+    from llama4_quant.formats.gguf_budget import Budget
+
+    budget = Budget(target_size, target_bpw) if target_size is not None or target_bpw is not None else None
     vision = (mmproj_type, mmproj_out or out.parent / f"mmproj-{name}-{mmproj_type}.gguf") if mmproj else None
     from llama4_quant.derive import derive
 
     done, _, warnings = derive(opened, [], [(ftype, out)], calib=imatrix, resume=resume, overwrite=overwrite,
-                               device=device, gguf_overrides=overrides, mmproj=vision, show_progress=not quiet)
+                               device=device, gguf_overrides=overrides, mmproj=vision, gguf_budget=budget,
+                               show_progress=not quiet)
     for warning in warnings:
         click.echo(f"l4q: warning: {warning}", err=True)
     if not quiet:

@@ -320,6 +320,16 @@ def read_rows(info: TensorInfo, start: int, stop: int):
     return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(stop - start, *info.shape[1:])
 
 
+def read_expert_rows(info: TensorInfo, expert: int, start: int, stop: int):
+    """`tensor[expert, start:stop]` of a fused [E, rows, cols] tensor, reading only those bytes."""
+    import torch
+
+    per_row = info.nbytes // (info.shape[0] * info.shape[1])
+    offset = info.offset + (expert * info.shape[1] + start) * per_row
+    buf = _pread_exact(info.file, offset, (stop - start) * per_row)
+    return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(stop - start, *info.shape[2:])
+
+
 ROW_BLOCK_BYTES = 64 * 1024 * 1024
 
 

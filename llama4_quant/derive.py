@@ -11,6 +11,7 @@ from .devices import resolve_device
 from .errors import UsageError
 from .formats import compressed_tensors as ct
 from .formats.gguf import GGUFTarget, llama_cpp_warnings
+from .formats.gguf_budget import Budget
 from .formats.gguf_mmproj import MmprojTarget
 from .model import Model
 from .pipeline import DEFAULT_MAX_SHARD_SIZE, CompressedTensorsTarget, check_scheme_method, ignore_patterns, load_stats
@@ -41,6 +42,7 @@ def derive(
     device: str = "auto",
     gguf_overrides=None,
     mmproj: tuple[str, Path] | None = None,
+    gguf_budget: Budget | None = None,
     show_progress: bool = True,
 ) -> tuple[list[Derived], int, list[str]]:
     """Write every (scheme, out) and (GGUF type, out) from one walk of `model`.
@@ -49,7 +51,8 @@ def derive(
     the importance matrix of the GGUF types. Returns what each target wrote, the source bytes read and
     llama.cpp's warnings for this model (when a GGUF is among the targets). `gguf_overrides`
     (gguf_types.Overrides) applies to every GGUF type. `mmproj` (type, out): also the vision tower and
-    projector as llama.cpp's mmproj file.
+    projector as llama.cpp's mmproj file. `gguf_budget`: the GGUF types' per-tensor block types are
+    chosen to fit it (needs `calib`).
     """
     if not schemes and not gguf_types:
         raise UsageError("nothing to write: give at least one --to SCHEME or --gguf TYPE")
@@ -64,6 +67,11 @@ def derive(
             raise UsageError("--max-shard-size must be positive")
     elif method != "rtn":
         raise UsageError("--method applies to --to targets; GGUF types choose their own rounding")
+    if gguf_budget is not None:
+        if calib is None:
+            raise UsageError(f"{gguf_budget.describe().split()[0]} chooses types by importance-weighted error: "
+                             "give --imatrix STATS from l4q calibrate")
+        model.fetch_all()  # the error estimates read samples from every shard before the walk
     stats = load_stats(model, calib) if calib is not None else None
     dev = resolve_device(device)
     ignore_list = ignore_patterns(ignore, quantize_attention)
@@ -75,7 +83,8 @@ def derive(
                for name, out in schemes]
     targets += [GGUFTarget(model, out, ftype, importance=stats.importance if stats else None,
                            importance_digest=stats.digest() if stats else "", resume=resume, overwrite=overwrite,
-                           device=dev, overrides=gguf_overrides)
+                           device=dev, overrides=gguf_overrides, budget=gguf_budget,
+                           stats=stats)
                 for ftype, out in gguf_types]
     if mmproj:
         targets.append(MmprojTarget(model, mmproj[1], mmproj[0], resume=resume, overwrite=overwrite, device=dev))

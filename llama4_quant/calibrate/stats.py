@@ -293,6 +293,15 @@ class Stats:
         s, c = self._imatrix.get(f"{key}.in_sum2"), self._imatrix.get(f"{key}.counts")
         return None if s is None else mean_importance(s.numpy(), c.numpy())
 
+    def routing_shares(self, layer: int) -> np.ndarray | None:
+        """Each routed expert's share of the calibration tokens in MoE layer `layer` (None for a dense
+        layer): how much of the model's work an expert's weights do."""
+        for entry in self.meta.get("moe_layers", []):
+            if entry["layer"] == layer:
+                counts = np.array([e["tokens"] for e in sorted(entry["experts"], key=lambda e: e["expert"])], float)
+                return counts / max(counts.sum(), 1.0)
+        return None
+
     def require_activation_ranges(self) -> None:
         if not (self.dir / ACTIVATIONS).is_file():
             raise UsageError(f"{self.dir} holds no activation ranges (made by an older l4q); rerun l4q calibrate")

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from ..checkpoint import rows_per_block
 from ..errors import SourceNotFoundError, UsageError
 from ..model import Model, display_name, open_model
 from ..sources import Source
-from . import gguf_quants
+from . import gguf_budget, gguf_quants
 from .gguf_types import FILE_TYPES, Overrides, tensor_type
 
 GGUF_ALIGNMENT = 32
@@ -309,8 +310,11 @@ class GGUFTarget:
 
     def __init__(self, model: Model, out: Path, ftype: str, *, importance: Callable[[str], np.ndarray | None] | None = None,
                  importance_digest: str = "", resume: bool = False, overwrite: bool = False,
-                 device: torch.device | str = "cpu", overrides: Overrides | None = None):
+                 device: torch.device | str = "cpu", overrides: Overrides | None = None,
+                 budget: gguf_budget.Budget | None = None, stats=None):
         self.model, self.out, self.ftype, self.importance = model, out, ftype, importance
+        self.budget, self.stats = budget, stats  # stats: calibrate.stats.Stats, for the budget
+        self.pinned = {p for p, _ in overrides.tensor_types} if overrides else set()
         self.device = torch.device(device)
         self.importance_digest, self.resume, self.overwrite = importance_digest, resume, overwrite
         self.tensors = self.plan_tensors(overrides)
@@ -357,6 +361,9 @@ class GGUFTarget:
         self.out = outputs.check_output(self.out, self.model.paths, resume=self.resume, overwrite=self.overwrite,
                                         is_file=True)
         self.check_source()
+        if self.budget is not None:
+            pinned = {t.name for t in self.tensors if any(re.search(p, t.name) for p in self.pinned)}
+            gguf_budget.apply(self.model, self.tensors, self.budget, len(self._header()), self.stats, pinned)
         # The header (metadata, tokenizer, tensor infos) fixes every tensor's offset: resuming trusts the
         # finished tensors only under the same header.
         self._header_bytes = self._header()
