@@ -26,8 +26,10 @@ sys.path.insert(0, str(REPO))
 from benchmarks.quantize_memory import ensure_checkpoint, run_child  # noqa: E402
 
 from llama4_quant import evaluate, sources  # noqa: E402
+from llama4_quant.calibrate.stats import Stats  # noqa: E402
 from llama4_quant.checkpoint import Checkpoint  # noqa: E402
 from llama4_quant.formats import gguf as l4q_gguf  # noqa: E402
+from llama4_quant.formats.gguf_types import FILE_TYPES  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -70,10 +72,14 @@ def quality(models: list[str], windows: int) -> None:
         for model in models:
             src = sources.resolve(model)
             types = list(l4q_gguf.FILE_TYPES)
-            files = [l4q_gguf.export_gguf(src, Path(tmp) / f"{model}-{t}.gguf", t, show_progress=False).out for t in types]
+            stats = Stats(REPO / "tests" / "data" / "stats" / model)  # for the types that need an imatrix
+            files = [l4q_gguf.export_gguf(src, Path(tmp) / f"{model}-{t}.gguf", t, show_progress=False,
+                                          importance=stats.importance if FILE_TYPES[t].needs_imatrix else None).out
+                     for t in types]
             report = evaluate.evaluate(src, files, ctx=256, max_tokens=windows * 256, progress=False)
             rows += [(model, t, report["base"]["size_bytes"], c) for t, c in zip(types, report["candidates"])]
-    print(f"\nl4q GGUF exports in llama.cpp vs BF16 transformers, {windows} held-out windows, positions 0-127 scored")
+    print(f"\nl4q GGUF exports in llama.cpp vs BF16 transformers, {windows} held-out windows, positions 0-127 scored"
+          " (Q2_K_S, which needs an imatrix, with the tests' statistics: tests/data/stats)")
     print("| model | type | size | mean KLD | median KLD | p99 KLD | top-1 agree |")
     print("|---|---|---|---|---|---|---|")
     for model, t, base_size, c in rows:

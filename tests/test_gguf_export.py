@@ -11,9 +11,12 @@ from gguf import GGUFReader
 
 from cli.main import main
 from llama4_quant import arch, evaluate, sources
+from llama4_quant.calibrate.stats import Stats
 from llama4_quant.formats import gguf as l4q_gguf
 from llama4_quant.formats import gguf_types
+from llama4_quant.formats.gguf_types import FILE_TYPES
 
+STATS = Path(__file__).parent / "data" / "stats"
 L4Q_ONLY_KEYS = {"general.base_model.count", "general.base_model.0.name", "general.quantized_by"}
 CTX, TOKENS = 256, 4 * 256
 
@@ -55,15 +58,18 @@ def test_llama_cpp_runs_every_type_close_to_bf16(model, tmp_path):
     """Each exported type loads in llama.cpp and agrees with BF16 transformers on the same ids."""
     src = sources.resolve(model)
     types = list(l4q_gguf.FILE_TYPES) if model == "tiny" else EVERY_BLOCK_TYPE
-    files = [l4q_gguf.export_gguf(src, tmp_path / f"{model}-{t}.gguf", t, show_progress=False).out for t in types]
+    stats = Stats(STATS / model)  # for the types llama.cpp makes only with an importance matrix
+    files = [l4q_gguf.export_gguf(src, tmp_path / f"{model}-{t}.gguf", t, show_progress=False,
+                                  importance=stats.importance if FILE_TYPES[t].needs_imatrix else None).out
+             for t in types]
     report = evaluate.evaluate(src, files, ctx=CTX, max_tokens=TOKENS, progress=False)
     results = {t: c for t, c in zip(types, report["candidates"])}
     for t, c in results.items():
         assert c["kind"] == "gguf" and c["windows"]["scored_positions_per_window"] == 128
-    ceiling = {"F32": 1e-3, "F16": 1e-3, "BF16": 1e-3, "Q8_0": 1e-2, "Q2_K": 0.3}
+    ceiling = {"F32": 1e-3, "F16": 1e-3, "BF16": 1e-3, "Q8_0": 1e-2, "Q2_K": 0.3, "Q2_K_S": 0.3}
     for t, c in results.items():
         assert c["kld"]["mean"] < ceiling.get(t, 0.1), (t, c["kld"])
-        assert c["top1_agreement"] > (0.6 if t == "Q2_K" else 0.75), t
+        assert c["top1_agreement"] > (0.6 if t.startswith("Q2_K") and "MOE" not in t else 0.75), t
     kld = {t: results[t]["kld"]["mean"] for t in results}
     # more bits, less divergence, along each chain (over the types this model exports)
     for chain in (("Q6_K", "Q5_K_M", "Q4_K_M"), ("Q6_K", "Q5_K_S", "Q4_K_S", "Q3_K_S", "Q2_K"),
@@ -181,20 +187,37 @@ def f16_references(tmp_path_factory):
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-maverick"])
 @pytest.mark.parametrize("ftype", ["Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S",
-                                   "Q2_K", "IQ4_XS", "IQ4_NL"])
+                                   "Q2_K", "Q2_K_S", "IQ4_XS", "IQ4_NL"])
 def test_types_match_llama_quantize(model, ftype, f16_references, tmp_path):
     """Per-tensor types (and shapes) that l4q plans for its file types equal llama-quantize's output
     for the same model (the plan is what the export writes: test_overrides_match_llama_quantize and
-    the runs below check written files)."""
-    theirs = llama_cpp_reference().llama_quantize(f16_references[model], tmp_path / "theirs.gguf", ftype)
-    assert planned_types(model, ftype) == {n: t[:2] for n, t in read_gguf(theirs)[1].items()}
+    the runs below check written files); with the tests' importance matrix where the type needs one."""
+    imatrix = llama_imatrix(model, tmp_path / "imatrix.gguf") if FILE_TYPES[ftype].needs_imatrix else None
+    theirs = llama_cpp_reference().llama_quantize(f16_references[model], tmp_path / "theirs.gguf", ftype, imatrix)
+    assert planned_types(model, ftype, imatrix is not None) == {n: t[:2] for n, t in read_gguf(theirs)[1].items()}
 
 
-def planned_types(model: str, ftype: str) -> dict:
+def llama_imatrix(model: str, out: Path) -> Path:
+    """The tests' calibration statistics of `model` as llama.cpp's imatrix file."""
+    from safetensors.numpy import load_file
+
+    from llama4_quant.formats import imatrix
+    from llama4_quant.model import open_model
+
+    sums = load_file(str(STATS / model / "imatrix.safetensors"))
+    entries = imatrix.gguf_imatrix_entries(
+        l4q_gguf.plan(open_model(sources.resolve(model)), "F16"),
+        lambda key: (sums[f"{key}.in_sum2"], sums[f"{key}.counts"]) if f"{key}.in_sum2" in sums else None)
+    imatrix.write_llama_imatrix(out, entries, datasets=["tests"], chunk_size=64, chunk_count=8)
+    return out
+
+
+def planned_types(model: str, ftype: str, has_imatrix: bool = False) -> dict:
     """name -> (block type, GGUF-order shape) of every tensor l4q plans for `model` at `ftype`."""
     from llama4_quant.model import open_model
 
-    return {t.name: (t.qtype, tuple(reversed(t.shape))) for t in l4q_gguf.plan(open_model(sources.resolve(model)), ftype)}
+    plan = l4q_gguf.plan(open_model(sources.resolve(model)), ftype, has_imatrix=has_imatrix)
+    return {t.name: (t.qtype, tuple(reversed(t.shape))) for t in plan}
 
 
 @pytest.mark.parametrize("ftype, qtype", [("Q8_0", "Q8_0"), ("Q4_0", "Q4_0")])
@@ -215,3 +238,10 @@ def test_exported_blocks_equal_gguf_py_quantize(tiny, tmp_path, ftype, qtype):
         assert ours[name][0] == qtype
         reference = quants.quantize(src, GGMLQuantizationType[qtype])
         assert ours[name][2] == np.ascontiguousarray(reference).tobytes(), name
+
+
+def test_types_that_need_an_imatrix_refuse_to_run_without(tmp_path):
+    out = tmp_path / "q.gguf"
+    result = CliRunner().invoke(main, ["export", "gguf", "tiny", "--type", "Q2_K_S", "--out", str(out), "--quiet"])
+    assert result.exit_code == 1 and "Q2_K_S needs an importance matrix" in result.stderr
+    assert result.stderr.count("\n") == 1 and not list(tmp_path.iterdir())

@@ -345,6 +345,9 @@ class GGUFTarget:
         add_metadata(writer, self.model.dir, self.model.config, self.model.spec, self.ftype, self.model.source)
 
     def check_source(self) -> None:
+        if FILE_TYPES[self.ftype].needs_imatrix and self.importance is None:
+            raise UsageError(f"{self.ftype} needs an importance matrix, as llama-quantize does: give --imatrix STATS "
+                             "(from l4q calibrate)")
         if not (self.model.dir / "tokenizer.json").is_file():
             raise SourceNotFoundError(f"{self.model.dir}: no tokenizer.json; a GGUF file carries the model's tokenizer, "
                                       "so the source needs its tokenizer files")

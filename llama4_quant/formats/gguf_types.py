@@ -35,6 +35,7 @@ class FileType:
     ffn_down: Rule = ()
     attn_output: Rule = ()
     tensor_types: tuple[tuple[str, str], ...] = ()  # built-in (regex, block type) choices, as --tensor-type
+    needs_imatrix: bool = False  # llama-quantize refuses the type without an importance matrix
 
 
 # The MoE-aware mixes: the routed experts (most of the bytes: 16 x 3 or 128 x 3 projections per MoE
@@ -65,6 +66,8 @@ FILE_TYPES: dict[str, FileType] = {t.name: t for t in (
     FileType("Q3_K_S", "MOSTLY_Q3_K_S", "Q3_K", output="Q6_K"),
     FileType("Q2_K", "MOSTLY_Q2_K", "Q2_K", output="Q6_K", attn_v=((GQA_4, "Q4_K"), (ALL, "Q3_K")),
              ffn_down=((ALL, "Q3_K"),), attn_output=((ALL, "Q3_K"),)),
+    FileType("Q2_K_S", "MOSTLY_Q2_K_S", "Q2_K", output="Q6_K", attn_v=((GQA_4, "Q4_K"),),
+             ffn_down=((FIRST_EIGHTH, "Q4_K"),), needs_imatrix=True),
     FileType("IQ4_XS", "MOSTLY_IQ4_XS", "IQ4_XS", output="Q6_K", attn_v=((GQA_4, "Q5_K"),),
              ffn_down=((FIRST_EIGHTH_PLAIN, "Q5_K"),)),
     FileType("IQ4_NL", "MOSTLY_IQ4_NL", "IQ4_NL", output="Q6_K", attn_v=((GQA_4, "Q5_K"),),
