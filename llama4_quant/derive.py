@@ -69,7 +69,7 @@ def derive(
         raise UsageError("--method applies to --to targets; GGUF types choose their own rounding")
     if gguf_budget is not None:
         if calib is None:
-            raise UsageError(f"{gguf_budget.describe().split()[0]} chooses types by importance-weighted error: "
+            raise UsageError(f"{gguf_budget.option} chooses types by importance-weighted error: "
                              "give --imatrix STATS from l4q calibrate")
         model.fetch_all()  # the error estimates read samples from every shard before the walk
     stats = load_stats(model, calib) if calib is not None else None

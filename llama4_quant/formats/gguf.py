@@ -314,7 +314,7 @@ class GGUFTarget:
                  budget: gguf_budget.Budget | None = None, stats=None):
         self.model, self.out, self.ftype, self.importance = model, out, ftype, importance
         self.budget, self.stats = budget, stats  # stats: calibrate.stats.Stats, for the budget
-        self.pinned = {p for p, _ in overrides.tensor_types} if overrides else set()
+        self._override_patterns = [p for p, _ in overrides.tensor_types] if overrides else []
         self.device = torch.device(device)
         self.importance_digest, self.resume, self.overwrite = importance_digest, resume, overwrite
         self.tensors = self.plan_tensors(overrides)
@@ -365,7 +365,7 @@ class GGUFTarget:
                                         is_file=True)
         self.check_source()
         if self.budget is not None:
-            pinned = {t.name for t in self.tensors if any(re.search(p, t.name) for p in self.pinned)}
+            pinned = {t.name for t in self.tensors if any(re.search(p, t.name) for p in self._override_patterns)}
             gguf_budget.apply(self.model, self.tensors, self.budget, len(self._header()), self.stats, pinned)
         # The header (metadata, tokenizer, tensor infos) fixes every tensor's offset: resuming trusts the
         # finished tensors only under the same header.

@@ -55,8 +55,9 @@ class Budget:
             return int(self.bpw * sum(int(np.prod(t.shape)) for t in tensors) / 8)
         return self.size - header_bytes - 32 * len(tensors)  # each tensor's data is aligned to 32 bytes
 
-    def describe(self) -> str:
-        return f"--target-bpw {self.bpw}" if self.bpw is not None else f"--target-size {self.size} bytes"
+    @property
+    def option(self) -> str:
+        return "--target-bpw" if self.bpw is not None else "--target-size"
 
 
 def nbytes(shape: tuple[int, ...], qtype: str) -> int:
@@ -120,7 +121,7 @@ def estimate(model: Model, tensors, importance: Callable[[str], np.ndarray | Non
     options = {}
     for t in tensors:
         types = [q for q in CANDIDATES if t.shape[-1] % gguf_quants.block_type(q).block_size == 0]
-        if t.name in pinned or t.source is None or len(t.shape) < 2 or not types:
+        if t.name in pinned or t.source is None or len(t.shape) < 2 or not types or (len(t.shape) == 3 and t.shape[-1] % WINDOW):
             continue
         weights = by_source[t.source]
         imp = importance(t.importance_key) if t.importance_key else None
