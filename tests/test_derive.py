@@ -88,14 +88,16 @@ def test_the_cli_writes_several_targets_by_default_names(single_runs, tmp_path):
 
 
 KILLER = textwrap.dedent("""
-    import os, sys
+    import json, os, sys
     from pathlib import Path
     from llama4_quant import derive, walk
+    from llama4_quant.formats.gguf_budget import Budget
     from llama4_quant.formats.gguf_types import FILE_TYPES
     from llama4_quant.model import open_model
     from llama4_quant.sources import resolve
 
     source, out, kill_after, targets = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
+    extra = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}  # --target-bpw, --imatrix, --mmproj
     real_walk, seen = walk.walk, [0]
 
     def dying_walk(model, targets, progress=lambda n: None):
@@ -111,13 +113,20 @@ KILLER = textwrap.dedent("""
     name = Path(model.source.label).name
     schemes = [(t, out / f"{name}-{t}") for t in targets if t not in FILE_TYPES]
     ggufs = [(t, out / f"{name}-{t}.gguf") for t in targets if t in FILE_TYPES]
-    derive.derive(model, schemes, ggufs, max_shard_size=1_000_000, show_progress=False)
+    options = {}
+    if "bpw" in extra:
+        options["gguf_budget"] = Budget(bpw=extra["bpw"])
+    if "calib" in extra:
+        options["calib"] = Path(extra["calib"])
+    if "mmproj" in extra:
+        options["mmproj"] = ("F16", out / extra["mmproj"])
+    derive.derive(model, schemes, ggufs, max_shard_size=1_000_000, show_progress=False, **options)
 """)
 
 
-def killed_run(source: str, out_dir: Path, kill_after: int, targets: list[str]) -> None:
-    proc = subprocess.run([sys.executable, "-c", KILLER, source, str(out_dir), str(kill_after), ",".join(targets)],
-                          cwd=ROOT)
+def killed_run(source: str, out_dir: Path, kill_after: int, targets: list[str], extra: dict | None = None) -> None:
+    proc = subprocess.run([sys.executable, "-c", KILLER, source, str(out_dir), str(kill_after), ",".join(targets),
+                           json.dumps(extra or {})], cwd=ROOT)
     assert proc.returncode == 9
 
 
@@ -178,3 +187,22 @@ def test_a_gguf_resumes_only_under_the_same_header(tmp_path):
     assert result.exit_code == 1 and "started from another source or with other options" in result.stderr
     result = l4q("export", "gguf", str(src), "--type", "Q8_0", "--out", str(out), "--resume", "--overwrite")
     assert result.exit_code == 0 and out.is_file() and not outputs.partial_path(out).exists()
+
+
+def test_target_bpw_and_mmproj_resume_after_kill_9_to_the_same_bytes(tmp_path):
+    """The size-targeted choice is the same on the rerun (so the partial's fingerprint holds), and the
+    mmproj resumes as the text GGUF does."""
+    stats = ROOT / "tests" / "data" / "stats" / "tiny"
+    options = ["--imatrix", str(stats), "--target-bpw", "4", "--mmproj", "--quiet"]
+    whole = tmp_path / "whole"
+    result = l4q("export", "gguf", "tiny", "--out", str(whole / "tiny-Q4_K_M.gguf"), *options)
+    assert result.exit_code == 0, result.stderr
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    killed_run("tiny", killed, 40, ["Q4_K_M"], {"bpw": 4, "calib": str(stats), "mmproj": "mmproj-tiny-F16.gguf"})
+    assert not (killed / "tiny-Q4_K_M.gguf").exists()
+    assert json.loads((outputs.partial_path(killed / "tiny-Q4_K_M.gguf") / outputs.PROGRESS_NAME).read_text())["done"]
+    result = l4q("export", "gguf", "tiny", "--out", str(killed / "tiny-Q4_K_M.gguf"), "--resume", *options)
+    assert result.exit_code == 0, result.stderr
+    for name in ("tiny-Q4_K_M.gguf", "mmproj-tiny-F16.gguf"):
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
