@@ -96,6 +96,12 @@ def hub_options(fn):
     return click.option("--prefetch", default=1, show_default=True, type=click.IntRange(min=0), help="For a Hub model: shards downloaded ahead of the one being read (source on disk: prefetch + 1 shards).")(fn)
 
 
+def mmproj_options(fn):
+    """--mmproj and --mmproj-type: the vision tower and projector as llama.cpp's mmproj file too."""
+    fn = click.option("--mmproj-type", default="F16", show_default=True, type=click.Choice(list(MMPROJ_TYPES)), help="Type of the mmproj's matrices.")(fn)
+    return click.option("--mmproj", is_flag=True, help="Also write the vision tower and projector as llama.cpp's mmproj file (mmproj-<model>-<mmproj-type>.gguf), from the same read.")(fn)
+
+
 def open_model(name: str, prefetch: int = 1, keep_source: bool = False, revision: str | None = None,
                quiet: bool = False):
     """Resolve and validate a model before anything heavy is imported: bad input fails in well under a second."""
@@ -140,6 +146,7 @@ def main() -> None:
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=_size_option, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--ignore", multiple=True, metavar="REGEX", help="Also keep matching Linear modules BF16 (regex matched from the start of the module name, e.g. '.*shared_expert.*'). Repeatable.")
 @click.option("--quantize-attention", is_flag=True, help="Quantize self_attn too (kept BF16 by default: vLLM before 0.17.0 loads quantized Llama 4 attention wrong).")
+@mmproj_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted run: every target from its first unfinished shard or tensor.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (or discard interrupted ones).")
 @click.option("--device", default="auto", show_default=True, help="Where the kernels run: auto, cpu, cuda, cuda:N.")
@@ -147,8 +154,8 @@ def main() -> None:
 @hub_options
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @one_line_errors
-def quantize(model, schemes, gguf_types, out, out_dir, method, calib, max_shard_size, ignore, quantize_attention, resume,
-             overwrite, device, threads, prefetch, keep_source, revision, quiet):
+def quantize(model, schemes, gguf_types, out, out_dir, method, calib, max_shard_size, ignore, quantize_attention, mmproj,
+             mmproj_type, resume, overwrite, device, threads, prefetch, keep_source, revision, quiet):
     """Stream a BF16 Llama 4 checkpoint into compressed-tensors checkpoints (int4 / int8 / FP8) and GGUF
     files, all from one read."""
     schemes, gguf_types = list(dict.fromkeys(schemes)), list(dict.fromkeys(gguf_types))
@@ -159,11 +166,13 @@ def quantize(model, schemes, gguf_types, out, out_dir, method, calib, max_shard_
     name = Path(opened.source.label).name
     scheme_outs = [(s, out or out_dir / f"{name}-{s}") for s in schemes]
     gguf_outs = [(t, out or out_dir / f"{name}-{t}.gguf") for t in gguf_types]
+    vision = (mmproj_type, out_dir / f"mmproj-{name}-{mmproj_type}.gguf") if mmproj else None
     from llama4_quant.derive import derive
 
     done, read, warnings = derive(
         opened, scheme_outs, gguf_outs, method=method, calib=calib, ignore=ignore, quantize_attention=quantize_attention,
-        max_shard_size=max_shard_size, resume=resume, overwrite=overwrite, device=device, show_progress=not quiet)
+        max_shard_size=max_shard_size, resume=resume, overwrite=overwrite, device=device, mmproj=vision,
+        show_progress=not quiet)
     for warning in warnings:
         click.echo(f"l4q: warning: {warning}", err=True)
     if not quiet:
@@ -250,9 +259,8 @@ def export():
 @click.option("--token-embedding-type", metavar="TYPE", help="Type of token_embd.weight.")
 @click.option("--target-size", callback=_size_option, help="Choose each tensor's block type to make the file this size (e.g. 40GB) with the least expected error; needs --imatrix.")
 @click.option("--target-bpw", type=click.FloatRange(min=1.0, max=16.0), help="As --target-size, in bits per weight over all tensors.")
-@click.option("--mmproj", is_flag=True, help="Also write the vision tower and projector as llama.cpp's mmproj file, from the same read.")
-@click.option("--mmproj-type", default="F16", show_default=True, type=click.Choice(list(MMPROJ_TYPES)), help="Type of the mmproj's matrices.")
-@click.option("--mmproj-out", type=click.Path(path_type=Path), help="mmproj output file [default: beside --out, mmproj-<model>-<mmproj-type>.gguf].")
+@mmproj_options
+@click.option("--mmproj-out", type=click.Path(path_type=Path), help="mmproj output file [default: beside --out].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished tensor.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--device", default="auto", show_default=True, help="Where the block encoders run: auto, cpu, cuda, cuda:N (the same bytes).")

@@ -54,8 +54,8 @@ def derive(
     projector as llama.cpp's mmproj file. `gguf_budget`: the GGUF types' per-tensor block types are
     chosen to fit it (needs `calib`).
     """
-    if not schemes and not gguf_types:
-        raise UsageError("nothing to write: give at least one --to SCHEME or --gguf TYPE")
+    if not schemes and not gguf_types and not mmproj:
+        raise UsageError("nothing to write: give at least one --to SCHEME, --gguf TYPE or --mmproj")
     outs = [out for _, out in schemes + gguf_types + ([mmproj] if mmproj else [])]
     if len(set(outs)) != len(outs):
         raise UsageError("two targets would write the same output; give each its own name")

@@ -113,3 +113,13 @@ def test_mmproj_types_and_model_without_vision(small_model, tmp_path):
         MmprojTarget(open_model(sources.resolve("tiny")), tmp_path / "m.gguf", "Q4_K_M")
     result = CliRunner().invoke(main, ["export", "gguf", "tiny", "--mmproj-out", str(tmp_path / "m.gguf"), "--quiet"])
     assert result.exit_code != 0 and "--mmproj-out applies with --mmproj" in result.output
+
+
+def test_quantize_writes_the_same_mmproj_beside_its_other_targets(tmp_path):
+    alone, beside = tmp_path / "alone", tmp_path / "beside"
+    for out, targets in ((alone, []), (beside, ["--to", "int4", "--gguf", "Q8_0"])):
+        result = CliRunner().invoke(main, ["quantize", "--model", "tiny", *targets, "--mmproj", "--mmproj-type", "Q8_0",
+                                           "--out-dir", str(out), "--quiet"])
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in beside.iterdir()) == ["mmproj-tiny-Q8_0.gguf", "tiny-Q8_0.gguf", "tiny-int4"]
+    assert (alone / "mmproj-tiny-Q8_0.gguf").read_bytes() == (beside / "mmproj-tiny-Q8_0.gguf").read_bytes()
