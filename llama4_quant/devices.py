@@ -10,9 +10,12 @@ from .errors import UsageError
 
 
 def resolve_device(device: str) -> torch.device:
-    """auto, cpu, cuda or cuda:N, checked against what torch sees."""
+    """auto, cpu, cuda or cuda:N, checked against what torch sees. auto and cuda name the current GPU
+    (in a torchrun job, the one of the rank's local rank) by its number."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
     m = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
     if not m:
         raise UsageError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")

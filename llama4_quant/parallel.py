@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-_threads = 0  # 0: not set, use every core this process may run on
+_threads = 0  # 0: not set, use every core this process may run on (its share, with other ranks beside it)
 
 
 def available_cores() -> int:
@@ -21,11 +21,14 @@ def available_cores() -> int:
 
 
 def threads() -> int:
-    return _threads or available_cores()
+    from .distributed import local_world_size
+
+    return _threads or max(1, available_cores() // local_world_size())
 
 
 def set_threads(n: int | None) -> None:
-    """Use `n` cores for the kernels (None or 0: every available core)."""
+    """Use `n` cores for the kernels (None or 0: every available core, divided among the ranks of a job
+    that run on this machine)."""
     global _threads
     if n is not None and n < 0:
         raise ValueError(f"--threads must be positive, got {n}")
