@@ -129,10 +129,35 @@ def human_bytes(n: float) -> str:
     return str(n)
 
 
+# The commands that run as a job of several processes under torchrun (see llama4_quant.distributed).
+JOB_COMMANDS = ("calibrate", "quantize", "export")
+
+
 @click.group(cls=L4QGroup)
 @click.version_option(__version__, prog_name="l4q")
-def main() -> None:
+@click.pass_context
+def main(ctx) -> None:
     """l4q: turn BF16 Llama 4 checkpoints into quantized derivatives."""
+    from llama4_quant import distributed
+
+    if distributed.is_distributed() and ctx.invoked_subcommand not in JOB_COMMANDS:
+        raise click.UsageError(f"l4q {ctx.invoked_subcommand} runs in one process; only {', '.join(JOB_COMMANDS)} "
+                               "run under torchrun")
+
+
+def print_warnings(warnings: list[str]) -> None:
+    from llama4_quant import distributed
+
+    for warning in warnings if distributed.is_main() else []:  # once per job
+        click.echo(f"l4q: warning: {warning}", err=True)
+
+
+def join_job(quiet: bool) -> bool:
+    """Under torchrun: join the job; only rank 0 prints. Returns whether this process stays quiet."""
+    from llama4_quant import distributed
+
+    distributed.init()
+    return quiet or not distributed.is_main()
 
 
 @main.command()
@@ -159,6 +184,7 @@ def quantize(model, schemes, gguf_types, out, out_dir, method, calib, max_shard_
     """Stream a BF16 Llama 4 checkpoint into compressed-tensors checkpoints (int4 / int8 / FP8) and GGUF
     files, all from one read."""
     schemes, gguf_types = list(dict.fromkeys(schemes)), list(dict.fromkeys(gguf_types))
+    quiet = join_job(quiet)
     if out is not None and len(schemes) + len(gguf_types) > 1:
         raise click.UsageError("--out names one output; with several targets, use --out-dir")
     opened = open_model(model, prefetch, keep_source, revision, quiet)
@@ -173,8 +199,7 @@ def quantize(model, schemes, gguf_types, out, out_dir, method, calib, max_shard_
         opened, scheme_outs, gguf_outs, method=method, calib=calib, ignore=ignore, quantize_attention=quantize_attention,
         max_shard_size=max_shard_size, resume=resume, overwrite=overwrite, device=device, mmproj=vision,
         show_progress=not quiet)
-    for warning in warnings:
-        click.echo(f"l4q: warning: {warning}", err=True)
+    print_warnings(warnings)
     if not quiet:
         for d in done:
             click.echo(f"wrote {d.out}: {d.what}, {human_bytes(d.source_bytes)} -> {human_bytes(d.output_bytes)}")
@@ -184,7 +209,7 @@ def quantize(model, schemes, gguf_types, out, out_dir, method, calib, max_shard_
     if quantize_attention and schemes:
         from llama4_quant.pipeline import QUANTIZED_ATTENTION_VLLM
 
-        click.echo(f"l4q: warning: quantized attention loads correctly only in {QUANTIZED_ATTENTION_VLLM}", err=True)
+        print_warnings([f"quantized attention loads correctly only in {QUANTIZED_ATTENTION_VLLM}"])
 
 
 @main.command()
@@ -203,11 +228,14 @@ def quantize(model, schemes, gguf_types, out, out_dir, method, calib, max_shard_
 @one_line_errors
 def calibrate(model, out, data, samples, seq_len, device, resume, overwrite, as_json, threads, revision, quiet):
     """Collect per-expert routing and importance statistics, one decoder layer at a time."""
-    from llama4_quant import outputs
+    from llama4_quant import distributed, outputs
 
+    quiet = join_job(quiet)
+    as_json = as_json and distributed.is_main()
     opened = open_model(model, revision=revision, quiet=quiet or as_json)
     use_threads(threads)
     outputs.check_output(out, opened.paths, resume=resume, overwrite=overwrite)  # before the minutes of tokenizing
+    distributed.require_on_disk(opened)
     opened.fetch_all()
     from llama4_quant.calibrate.data import calibration_ids
     from llama4_quant.calibrate.stats import calibrate as run_calibration
@@ -274,6 +302,7 @@ def export_gguf(model, ftype, out, imatrix, tensor_types, output_tensor_type, to
     from llama4_quant.formats.gguf_types import parse_overrides
 
     overrides = parse_overrides(tensor_types, output_tensor_type, token_embedding_type)
+    quiet = join_job(quiet)
     opened = open_model(model, prefetch, keep_source, revision, quiet)
     use_threads(threads)
     name = Path(opened.source.label).name
@@ -291,8 +320,7 @@ def export_gguf(model, ftype, out, imatrix, tensor_types, output_tensor_type, to
     done, _, warnings = derive(opened, [], [(ftype, out)], calib=imatrix, resume=resume, overwrite=overwrite,
                                device=device, gguf_overrides=overrides, mmproj=vision, gguf_budget=budget,
                                show_progress=not quiet)
-    for warning in warnings:
-        click.echo(f"l4q: warning: {warning}", err=True)
+    print_warnings(warnings)
     if not quiet:
         for d in done:
             click.echo(f"wrote {d.out}: {d.what}, {human_bytes(d.source_bytes)} -> {human_bytes(d.output_bytes)}")

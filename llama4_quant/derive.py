@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import walk
+from . import distributed, walk
 from .devices import resolve_device
 from .errors import UsageError
 from .formats import compressed_tensors as ct
@@ -54,6 +54,7 @@ def derive(
     projector as llama.cpp's mmproj file. `gguf_budget`: the GGUF types' per-tensor block types are
     chosen to fit it (needs `calib`).
     """
+    distributed.require_on_disk(model)
     if not schemes and not gguf_types and not mmproj:
         raise UsageError("nothing to write: give at least one --to SCHEME, --gguf TYPE or --mmproj")
     outs = [out for _, out in schemes + gguf_types + ([mmproj] if mmproj else [])]
@@ -98,7 +99,7 @@ def _derived(t) -> Derived:
         what = f"{len(t.tensors)} tensors" + (" of the vision tower and projector" if isinstance(t, MmprojTarget) else "")
         return Derived(t.out, what, t.source_bytes, t.out.stat().st_size)
     plan = t.plan
-    resumed = len(plan.shards) - t.shards_written
+    resumed = t.shards_resumed
     what = (f"{len(plan.quantized_modules())} modules quantized to {plan.scheme.name} in {len(plan.shards)} shards"
             + (f" ({resumed} resumed)" if resumed else ""))
     return Derived(t.out, what, plan.source_bytes, plan.output_bytes)

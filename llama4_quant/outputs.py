@@ -10,6 +10,10 @@ so `--resume` continues only what the same inputs started.
 GGUF metadata, or an l4q partial), and never a directory that is or contains the source, the current
 directory or a home directory. OS errors while writing become one line (`OutputWriteError`).
 
+In a job of several processes (see `distributed`), rank 0 does all of this; the other ranks join its
+partial once it is started, write their shares into it and record what they finished in progress
+files of their own, which every rank reads back on --resume.
+
 Nothing here imports torch, so the checks run before the heavy imports.
 """
 
@@ -25,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import distributed
 from .errors import (
     L4QError,
     OutputBusyError,
@@ -36,6 +41,7 @@ from .errors import (
 
 PARTIAL_SUFFIX = ".l4q-partial"
 PROGRESS_NAME = ".l4q-progress.json"
+RANK_PROGRESS = ".l4q-progress.rank{}.json"  # what rank N > 0 of a job finished
 LOCK_NAME = ".l4q-lock"
 OLD_SUFFIX = ".l4q-old"
 # Files whose presence (with l4q's marker inside) shows that l4q wrote a directory.
@@ -270,7 +276,8 @@ class Partial:
         self.save_progress()
 
     def save_progress(self) -> None:
-        atomic_write_json(self.dir / PROGRESS_NAME, self.progress)
+        rank = distributed.rank()
+        atomic_write_json(self.dir / (RANK_PROGRESS.format(rank) if rank else PROGRESS_NAME), self.progress)
 
     def commit(self, file_name: str | None = None) -> None:
         """Move the finished output into place (the whole directory, or `file_name` inside it)."""
@@ -279,7 +286,8 @@ class Partial:
                 raise OutputExistsError(f"{self.out} appeared while l4q was writing it; the finished output "
                                         f"stays in {self.dir}")
             check_replaceable(self.out, self.sources, is_file=self.is_file)
-        (self.dir / PROGRESS_NAME).unlink(missing_ok=True)
+        for name in [PROGRESS_NAME, *(p.name for p in self.dir.glob(RANK_PROGRESS.format("*")))]:
+            (self.dir / name).unlink(missing_ok=True)
         if self.is_file:
             os.replace(self.dir / file_name, self.out)  # atomic, whether or not an old file was there
             shutil.rmtree(self.dir)
@@ -298,8 +306,8 @@ class Partial:
     def fail(self, exc: BaseException) -> None:
         """After an error: bad input (an L4QError that is not `resumable`) leaves nothing behind, since
         a resume would hit the same error; anything else (a write error, a failed download, an
-        interruption) keeps the partial for --resume, where the command has one."""
-        if not self.resumable or (isinstance(exc, L4QError) and not exc.resumable):
+        interruption) keeps the partial for --resume, where the command has one. Only rank 0 discards."""
+        if distributed.is_main() and (not self.resumable or (isinstance(exc, L4QError) and not exc.resumable)):
             self.discard()
         self.release()
 
@@ -317,8 +325,11 @@ class Partial:
 def check_output(out: Path, sources: Iterable[Path], *, resume: bool, overwrite: bool, is_file: bool = False,
                  resumable: bool = True, fingerprint: str | None = None) -> Path:
     """The early checks (before any heavy work): returns `out` made absolute. With `fingerprint`, a
-    partial that --resume would continue must have been started with it."""
+    partial that --resume would continue must have been started with it. Ranks other than 0 rely on
+    rank 0's checks (whose lock they would otherwise take for another process's)."""
     out = absolute(out)
+    if not distributed.is_main():
+        return out
     sources = tuple(sources)
     if out.exists() or out.is_symlink():
         if not overwrite:
@@ -373,8 +384,16 @@ def _is_partial(path: Path) -> bool:
 
 def start(out: Path, sources: Iterable[Path], fingerprint: str, *, resume: bool, overwrite: bool,
           is_file: bool = False, resumable: bool = True) -> Partial:
-    """Create (or, with --resume and the same fingerprint, reopen) the locked partial of `out`."""
+    """Create (or, with --resume and the same fingerprint, reopen) the locked partial of `out`. On the
+    other ranks of a job, once rank 0 has started it (`distributed.main_first`): join it."""
     sources = tuple(sources)
+    if distributed.is_main():
+        return _start(out, sources, fingerprint, resume, overwrite, is_file, resumable)
+    return _join(absolute(out), fingerprint, overwrite, sources, is_file, resumable)
+
+
+def _start(out: Path, sources: tuple[Path, ...], fingerprint: str, resume: bool, overwrite: bool, is_file: bool,
+           resumable: bool) -> Partial:
     out = check_output(out, sources, resume=resume, overwrite=overwrite, is_file=is_file, resumable=resumable)
     part = Partial(out, partial_path(out), fingerprint, overwrite, sources, is_file, resumable)
     with writing(part.dir):
@@ -391,7 +410,7 @@ def start(out: Path, sources: Iterable[Path], fingerprint: str, *, resume: bool,
                         raise _mismatch(part.dir)
                     for stray in part.dir.glob("*.tmp"):
                         stray.unlink()
-                    part.progress, part.resumed = progress, True
+                    part.progress, part.resumed = _with_ranks_done(part.dir, progress), True
                     return part
                 _empty(part.dir)
             part.progress = {"fingerprint": fingerprint, "done": []}
@@ -400,6 +419,31 @@ def start(out: Path, sources: Iterable[Path], fingerprint: str, *, resume: bool,
             part.release()
             raise
     return part
+
+
+def _join(out: Path, fingerprint: str, overwrite: bool, sources: tuple[Path, ...], is_file: bool,
+          resumable: bool) -> Partial:
+    part = Partial(out, partial_path(out), fingerprint, overwrite, sources, is_file, resumable)
+    progress = _load_progress(part.dir)
+    if progress.get("fingerprint") != fingerprint:
+        raise ResumeMismatchError(f"{part.dir}: rank 0 started it with other inputs than rank {distributed.rank()} "
+                                  "has; every rank must run the same command on the same files")
+    part.progress = _with_ranks_done(part.dir, progress)
+    part.resumed = bool(part.progress["done"])
+    return part
+
+
+def _with_ranks_done(partial: Path, progress: dict) -> dict:
+    """`progress` with what every rank of an earlier job recorded as done (under the same fingerprint)."""
+    done = list(progress.get("done", []))
+    for path in sorted(partial.glob(RANK_PROGRESS.format("*"))):
+        try:
+            theirs = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(theirs, dict) and theirs.get("fingerprint") == progress.get("fingerprint"):
+            done += [d for d in theirs.get("done", []) if d not in done]
+    return {**progress, "done": done}
 
 
 def _lock(partial: Path, out: Path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, arch, outputs, walk
+from . import __version__, arch, distributed, outputs, walk
 from .arch import Llama4Spec
 from .checkpoint import ShardWriter, TensorEntry, split_in_order, tensor_bytes, write_index
 from .errors import UsageError
@@ -253,6 +253,8 @@ class CompressedTensorsTarget:
 
     Shards are written in the walk's order, header first, and each finished shard is recorded in the
     partial's progress, so --resume skips it (and the walk skips reading what no target still needs).
+    In a job of several ranks each rank writes the shards `distributed.assign` gives it, and rank 0
+    the index, config and recipe.
     """
 
     def __init__(self, model: Model, out: Path, scheme: ct.Scheme, *, method: str = "rtn", stats=None,
@@ -270,10 +272,11 @@ class CompressedTensorsTarget:
         self.encoder = Encoder(scheme, method, stats)
         self._unit_of = {w.name: (i, u) for i, shard in enumerate(self.plan.shards) for u in shard for w in u.weights}
         self._last_of_shard = {shard[-1].weights[-1].name for shard in self.plan.shards}
+        self._owner = distributed.assign([sum(u.source_bytes for u in shard) for shard in self.plan.shards])
         self.partial: outputs.Partial | None = None
         self._writer: ShardWriter | None = None
         self._held: list[tuple[Weight, torch.Tensor]] = []  # fused-group members waiting for the last
-        self.shards_written = 0
+        self.shards_resumed = 0
 
     @property
     def expected_bytes(self) -> int:
@@ -288,6 +291,7 @@ class CompressedTensorsTarget:
         self.partial = outputs.start(self.out, self.model.paths, self.fingerprint, resume=self.resume,
                                      overwrite=self.overwrite)
         self._done = {name for name in self.partial.done if self.partial.path(name).is_file()}
+        self.shards_resumed = len(self._done)
 
     def prepare(self, show_progress: bool) -> None:
         if self.plan.method == "gptq" and not all(map(self._shard_done, range(len(self.plan.shards)))):
@@ -306,14 +310,18 @@ class CompressedTensorsTarget:
         handler = GPTQPass(self.plan.spec, self.plan.scheme, set(self.plan.quantized_modules()), self.stats)
         run_pass(WeightSource(self.model, self.device), self.stats.ids, handler, work, self.fingerprint, show_progress,
                  desc="gptq")
-        return GPTQResults(work, self.plan.spec.num_layers)
+        return GPTQResults(work)
 
     def _shard_done(self, i: int) -> bool:
         return self.plan.shard_names[i] in self._done
 
+    def _not_mine(self, i: int) -> bool:
+        """Shard i is written already, or by another rank."""
+        return self._shard_done(i) or self._owner[i] != distributed.rank()
+
     def wants(self, w: Weight) -> str | None:
         i, unit = self._unit_of[w.name]
-        if self._shard_done(i) or self.encoder.precomputed(unit):
+        if self._not_mine(i) or self.encoder.precomputed(unit):
             return None
         return walk.WHOLE if unit.kind == "linear" else walk.ROWS
 
@@ -345,7 +353,7 @@ class CompressedTensorsTarget:
 
     def weight_done(self, w: Weight) -> None:
         i, unit = self._unit_of[w.name]
-        if self._shard_done(i):
+        if self._not_mine(i):
             return
         with outputs.writing(self.partial.dir, resume_hint=True):
             if self.encoder.precomputed(unit) and w.name == unit.weights[-1].name:
@@ -357,7 +365,6 @@ class CompressedTensorsTarget:
                 self._writer = None
                 self.partial.mark_done(self.plan.shard_names[i])
                 self._done.add(self.plan.shard_names[i])
-                self.shards_written += 1
 
     def _shard_writer(self, i: int) -> ShardWriter:
         if self._writer is None:
@@ -366,12 +373,15 @@ class CompressedTensorsTarget:
         return self._writer
 
     def finish(self) -> None:
+        if not distributed.is_main():
+            return
         with outputs.writing(self.partial.dir, resume_hint=True):
             recipe = _recipe(self.plan, self.model.source, self.stats, self.partial.dir, self.quantize_attention)
             _finish(self.plan, self.model.dir, self.partial.dir, recipe)
 
     def commit(self) -> None:
         with outputs.writing(self.partial.out, resume_hint=True):
+            shutil.rmtree(self.partial.path(GPTQ_DIR), ignore_errors=True)  # every rank is past its results
             self.partial.commit()
 
     def fail(self, exc: BaseException) -> None:
@@ -414,7 +424,7 @@ def check_method(method: str, calib: Path | None) -> None:
 class QuantizeResult:
     out: Path
     plan: Plan
-    shards_written: int
+    shards_written: int  # by this run (all ranks)
     shards_resumed: int
     source_bytes: int
     output_bytes: int
@@ -452,7 +462,7 @@ def quantize(
         stats=load_stats(model, calib) if calib is not None else None, device=resolve_device(device))
     walk.run(model, [target], show_progress, desc="quantize")
     plan = target.plan
-    return QuantizeResult(target.out, plan, target.shards_written, len(plan.shards) - target.shards_written,
+    return QuantizeResult(target.out, plan, len(plan.shards) - target.shards_resumed, target.shards_resumed,
                           plan.source_bytes, plan.output_bytes)
 
 
@@ -468,9 +478,9 @@ def _recipe(plan: Plan, source: Source, stats, partial: Path, quantize_attention
         recipe["calibration"] = {"stats_digest": plan.calib_digest, "source": stats.meta["source"]["label"],
                                  "data": stats.meta["data"]}
     if plan.method == "gptq":
-        from .calibrate.methods import GPTQ_BLOCK, GPTQ_DAMP
+        from .calibrate.methods import GPTQ_BLOCK, GPTQ_DAMP, gptq_logs
 
-        logs = [e for p in sorted((partial / GPTQ_DIR).glob("gptq-layer-*.json")) for e in json.loads(p.read_text())]
+        logs = gptq_logs(partial / GPTQ_DIR)
         routing = [r for p in sorted((partial / GPTQ_DIR).glob("routing-layer-*.json")) for r in json.loads(p.read_text())]
         recipe["gptq"] = {
             "damp": GPTQ_DAMP, "block_size": GPTQ_BLOCK, "act_order": "static", "scales": "mse search weighted by diag(H)",
@@ -490,4 +500,3 @@ def _finish(plan: Plan, source_dir: Path, partial: Path, recipe: dict) -> None:
     (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_extra_files(source_dir, partial)
     (partial / RECIPE_NAME).write_text(json.dumps(recipe, indent=1) + "\n")
-    shutil.rmtree(partial / GPTQ_DIR, ignore_errors=True)

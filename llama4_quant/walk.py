@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from . import arch, outputs
+from . import arch, distributed, outputs
 from .checkpoint import TensorInfo, iter_row_blocks, read_slice, read_tensor
 from .model import EXPERT_PROJECTIONS, Model, unfuse_gate_up
 
@@ -309,20 +309,25 @@ def _read(r: Read, wanted: list) -> Iterator[_Piece]:
 
 def run(model: Model, targets: list, show_progress: bool = True, desc: str = "") -> int:
     """Write every target from one walk of `model`: each output is checked before any is started,
-    and each appears only when complete. Returns the source bytes read."""
+    and each appears only when complete. Returns the source bytes read (by this rank, in a job of
+    several: each reads what its share of the outputs needs, and rank 0 moves them into place)."""
     from tqdm import tqdm
 
     for t in targets:
         t.check()
+    distributed.require_on_disk(model)
     if model.source.remote is not None:  # before anything is written or downloaded
         model.source.remote.check_space([r.info.file.name for r in reads(model)],
                                         [(t.out, t.expected_bytes - outputs.bytes_under(outputs.partial_path(t.out)))
                                          for t in targets])
     started = []
     try:
-        for t in targets:
-            started.append(t)
-            t.start()
+        def start_all() -> None:  # rank 0 first: it creates the partials and their files
+            for t in targets:
+                started.append(t)
+                t.start()
+
+        distributed.main_first(start_all)
         for t in targets:
             t.prepare(show_progress)
         total = sum(w.source_bytes for w in weights(model) if any(t.wants(w) for t in targets))
@@ -331,15 +336,18 @@ def run(model: Model, targets: list, show_progress: bool = True, desc: str = "")
             read_bytes = walk(model, targets, bar.update)
         for t in targets:
             t.finish()
+        distributed.barrier()  # every rank's share is written
     except BaseException as exc:
         for t in started:
             t.fail(exc)
         raise
-    for i, t in enumerate(targets):
-        try:
-            t.commit()
-        except BaseException:
-            for rest in targets[i + 1:]:  # complete, kept in their partials for a rerun with --resume
-                rest.partial.release()
-            raise
+    if distributed.is_main():
+        for i, t in enumerate(targets):
+            try:
+                t.commit()
+            except BaseException:
+                for rest in targets[i + 1:]:  # complete, kept in their partials for a rerun with --resume
+                    rest.partial.release()
+                raise
+    distributed.barrier()  # the outputs are in place
     return read_bytes

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import distributed
 from ..checkpoint import iter_row_blocks
 from ..errors import UsageError
 from .weights import WeightSource
@@ -226,8 +227,10 @@ class Engine:
 
         out = self._mlp(layer, ff + "shared_expert.", x)
         experts = ff + "experts"
-        for e in range(spec.num_experts):
-            rows = (top == e).nonzero().squeeze(1)
+        rows_of = [(top == e).nonzero().squeeze(1) for e in range(spec.num_experts)]
+        mine = []  # this rank's experts' outputs for their routed rows, in expert order
+        for e in distributed.owned_range(spec.num_experts):
+            rows = rows_of[e]
             if len(rows) == 0 and not fallback[e]:
                 continue
             if fallback[e]:  # statistics from every token, scaled by this expert's own score
@@ -250,9 +253,34 @@ class Engine:
             del gate, up
             (down,) = self.handler.weights(LinearCall(layer, (names[2],), (f"{experts}.down",), e, load_down), a)
             if len(rows):
-                out.index_add_(0, rows, (a[rows] if fallback[e] else a) @ down.T)
+                mine.append((a[rows] if fallback[e] else a) @ down.T)
             del a, down, xe
+        routed = _exchange(mine, [len(r) for r in rows_of], x.shape[1], x.device)
+        for e, rows in enumerate(rows_of):  # each token gets its one expert's output, added as one process adds it
+            if len(rows):
+                out.index_add_(0, rows, routed[e])
         return out
+
+
+def _exchange(mine: list[Tensor], counts: list[int], width: int, device) -> list[Tensor | None]:
+    """Every expert's output for its routed rows ([count, width]; None for an expert without tokens),
+    by expert, on every rank: `mine` holds this rank's, for its owned experts with routed tokens in
+    order; each rank sends its own to the others in one piece (sizes known to all from the routing)."""
+    by_expert: list[Tensor | None] = [None] * len(counts)
+    for r in range(distributed.world_size()):
+        owned = [e for e in distributed.owned_range(len(counts), r) if counts[e]]
+        if r == distributed.rank():
+            parts = mine
+            if distributed.is_distributed() and mine:
+                distributed.broadcast_(torch.cat(mine), r)
+        else:
+            buffer = torch.empty(sum(counts[e] for e in owned), width, device=device)
+            if len(buffer):
+                distributed.broadcast_(buffer, r)
+            parts = buffer.split([counts[e] for e in owned])
+        for e, part in zip(owned, parts, strict=True):
+            by_expert[e] = part
+    return by_expert
 
 
 # ------------------------------------------------------------------------------------------ math

@@ -10,18 +10,20 @@
           and the dequantized weights carry the activations on. Experts with too few routed tokens
           take the all-token statistics (`engine.expert_token_threshold`); none is skipped.
 
-The GPTQ pass writes each layer's encoded tensors to the quantizer's work directory; the streaming
-writer then copies them into the planned shards in the base's order.
+The GPTQ pass writes each layer's encoded tensors to the quantizer's work directory, one file per
+rank of the job (rank 0: attention, shared expert, dense layers and its experts; the others: their
+experts); the streaming writer then copies them into the planned shards in the base's order.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from .. import arch
+from .. import arch, distributed
 from ..formats import compressed_tensors as ct
 from ..scale_search import search_scales
 from ..schemes import check_finite
@@ -101,16 +103,35 @@ class GPTQPass(StatsCollector):
         return bound
 
     def save_layer(self, layer: int, work_dir: Path) -> None:
-        self.save_routing(layer, work_dir)
-        atomic_save(self.encoded, work_dir / f"gptq-layer-{layer:03d}.safetensors")
-        atomic_write_json(self.log, work_dir / f"gptq-layer-{layer:03d}.json")
+        """This rank's share: every rank quantized the modules outside the routed experts the same way,
+        and rank 0 keeps them."""
+        if distributed.is_main():
+            self.save_routing(layer, work_dir)
+        else:
+            kept = {log["module"] for log in self.log if ".experts." in log["module"]}
+            self.encoded = {k: v for k, v in self.encoded.items() if k.rsplit(".", 1)[0] in kept}
+            self.log = [log for log in self.log if log["module"] in kept]
+        name = f"gptq-layer-{layer:03d}-rank-{distributed.rank():04d}"
+        atomic_save(self.encoded, work_dir / f"{name}.safetensors")
+        atomic_write_json(self.log, work_dir / f"{name}.json")
+
+    def discard_from(self, layer: int, work_dir: Path) -> None:
+        for path in work_dir.glob("gptq-layer-*-rank-*"):
+            if int(path.name.split("-")[2]) >= layer:
+                path.unlink()
+
+
+def gptq_logs(work_dir: Path) -> list[dict]:
+    """What the pass logged per quantized module, in the order one process quantizes them (by layer,
+    then by rank: ranks own contiguous ranges of experts)."""
+    return [e for p in sorted(work_dir.glob("gptq-layer-*-rank-*.json")) for e in json.loads(p.read_text())]
 
 
 class GPTQResults:
     """Reads the encoded tensors a finished GPTQ pass left in its work directory, by name."""
 
-    def __init__(self, work_dir: Path, num_layers: int):
-        self.files = [work_dir / f"gptq-layer-{i:03d}.safetensors" for i in range(num_layers)]
+    def __init__(self, work_dir: Path):
+        self.files = sorted(work_dir.glob("gptq-layer-*-rank-*.safetensors"))
         self._where: dict[str, Path] = {}
         for path in self.files:
             with safe_open(str(path), "pt") as f:

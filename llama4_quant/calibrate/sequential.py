@@ -4,6 +4,11 @@ A pass runs the calibration ids through the model one decoder layer at a time (s
 each layer the hidden states entering the next one are saved in the work directory, the handler saves
 what it produced for that layer, and a progress file records the layer as done; a rerun with the same
 fingerprint continues at the first unfinished layer with the same numbers.
+
+In a job of several processes (see `distributed`) every rank runs every layer on its share of the
+experts; each saves its own results for the layer, and only when all have does rank 0 save the
+hidden states and move the progress on. A rerun starts every rank at rank 0's first unfinished layer,
+with the hidden states rank 0 saved.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .. import distributed
 from .engine import Engine, Forward
 from .weights import WeightSource
 
@@ -35,7 +41,10 @@ class LayerHandler(Forward):
         """Called before layer `layer` runs."""
 
     def save_layer(self, layer: int, work_dir: Path) -> None:
-        """Write what this handler produced for `layer` into `work_dir` (atomically)."""
+        """Write what this handler produced for `layer` into `work_dir` (atomically; this rank's share)."""
+
+    def discard_from(self, layer: int, work_dir: Path) -> None:
+        """Remove what an interrupted run left for `layer` and later ones (rank 0, before a pass starts)."""
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -79,20 +88,30 @@ def run_pass(source: WeightSource, ids: torch.Tensor, handler: LayerHandler, wor
     """
     engine = Engine(source, handler)
     n_layers = source.spec.num_layers
-    start = layers_done(work_dir, fingerprint)
+    main = distributed.is_main()
+    start = distributed.broadcast_int(layers_done(work_dir, fingerprint) if main else 0)
     if start:
-        h = load_file(str(_hidden(work_dir, start)))["hidden"].to(source.device)
+        n, t = ids.shape
+        h = (load_file(str(_hidden(work_dir, start)))["hidden"].to(source.device) if main
+             else torch.empty(n, t, source.spec.hidden_size, device=source.device))
+        distributed.broadcast_(h)
     else:
-        atomic_write_json({"fingerprint": fingerprint, "layers_done": 0}, work_dir / PROGRESS)
+        if main:
+            atomic_write_json({"fingerprint": fingerprint, "layers_done": 0}, work_dir / PROGRESS)
         h = engine.embed(ids.to(source.device))
+    if main:
+        handler.discard_from(start, work_dir)
+    distributed.barrier()
     for layer in tqdm(range(start, n_layers), desc=desc, unit="layer", initial=start, total=n_layers,
-                      disable=not show_progress, dynamic_ncols=True):
+                      disable=not show_progress or not main, dynamic_ncols=True):
         handler.begin_layer(layer)
         h = engine.layer(layer, h)
         handler.save_layer(layer, work_dir)
-        atomic_save({"hidden": h}, _hidden(work_dir, layer + 1))
-        atomic_write_json({"fingerprint": fingerprint, "layers_done": layer + 1}, work_dir / PROGRESS)
-        _hidden(work_dir, layer).unlink(missing_ok=True)
+        distributed.barrier()  # every rank's share of the layer is saved
+        if main:
+            atomic_save({"hidden": h}, _hidden(work_dir, layer + 1))
+            atomic_write_json({"fingerprint": fingerprint, "layers_done": layer + 1}, work_dir / PROGRESS)
+            _hidden(work_dir, layer).unlink(missing_ok=True)
     return start
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .. import __version__, arch, outputs
+from .. import __version__, arch, distributed, outputs
 from ..errors import CorruptCheckpointError, SourceNotFoundError, UsageError
 from ..devices import resolve_device
 from ..model import Model, display_name, open_model
@@ -106,8 +106,27 @@ class StatsCollector(LayerHandler):
         self.routing_log.append(routing)
 
     def save_layer(self, layer: int, work_dir: Path) -> None:
-        self.save_imatrix(layer, work_dir)
-        self.save_routing(layer, work_dir)
+        self.share_expert_stats(layer)
+        if distributed.is_main():
+            self.save_imatrix(layer, work_dir)
+            self.save_routing(layer, work_dir)
+
+    def share_expert_stats(self, layer: int) -> None:
+        """In a job of several ranks: every expert's statistics on every rank. Each rank holds its own
+        experts' rows and zeros elsewhere, so the sums across ranks are exact."""
+        if not distributed.is_distributed() or not self.spec.is_moe(layer):
+            return
+        base = f"{self.spec.layer_prefix}{layer}.feed_forward.experts"
+        device = next((s.device for s in self.sums.values()), None)
+        for key, width in ((f"{base}.gate", self.spec.hidden_size), (f"{base}.up", self.spec.hidden_size),
+                           (f"{base}.down", self.spec.intermediate_size)):
+            if key not in self.sums:  # a rank that owns no expert of the layer
+                self.sums[key] = torch.zeros(self.spec.num_experts, width, dtype=torch.float64, device=device)
+                self.counts[key] = torch.zeros(self.spec.num_experts, dtype=torch.float64)
+                self.absmax[key] = torch.zeros(self.spec.num_experts, dtype=torch.float32)
+            distributed.sum_(self.sums[key])
+            distributed.sum_(self.counts[key])
+            distributed.max_(self.absmax[key])
 
     def save_imatrix(self, layer: int, work_dir: Path) -> None:
         tensors = {}
@@ -146,23 +165,29 @@ def calibrate(source: Source | Model, out: Path, ids: torch.Tensor, data_descrip
               resume: bool = False, overwrite: bool = False, show_progress: bool = True) -> CalibrateResult:
     """Run the calibration ids through `source` layer by layer and write a STATS directory at `out`."""
     model = source if isinstance(source, Model) else open_model(source)
+    distributed.require_on_disk(model)
     # The layers' weights are checked as they load; the embedding (of which only the calibration ids'
     # rows are read) and lm_head (never read) are checked whole, so no broken weight goes unnoticed.
     p = model.spec.text_prefix
     model.ckpt.check_finite([f"{p}model.embed_tokens.weight", f"{p}lm_head.weight"])
     src = WeightSource(model, resolve_device(device))
     fingerprint = _fingerprint(model, ids, f"calibrate on {src.device}")
-    partial = outputs.start(out, model.paths, fingerprint, resume=resume, overwrite=overwrite)
+    partial = distributed.main_first(
+        lambda: outputs.start(out, model.paths, fingerprint, resume=resume, overwrite=overwrite))
+    stats = {}
     try:
         with outputs.writing(partial.dir, resume_hint=True):
             resumed = run_pass(src, ids, StatsCollector(src.spec), partial.dir, fingerprint, show_progress,
                                desc="calibrate")
-            stats = _finish(src, model, partial.dir, ids, data_description, str(src.device))
+            if distributed.is_main():
+                stats = _finish(src, model, partial.dir, ids, data_description, str(src.device))
     except BaseException as exc:
         partial.fail(exc)
         raise
-    with outputs.writing(partial.out, resume_hint=True):
-        partial.commit()
+    if distributed.is_main():
+        with outputs.writing(partial.out, resume_hint=True):
+            partial.commit()
+    distributed.barrier()  # the output is in place
     return CalibrateResult(partial.out, resumed, stats)
 
 

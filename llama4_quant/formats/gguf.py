@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__, arch, outputs, walk
+from .. import __version__, arch, distributed, outputs, walk
 from ..arch import Llama4Spec
 from ..checkpoint import rows_per_block
 from ..errors import SourceNotFoundError, UsageError
@@ -306,6 +306,8 @@ class GGUFTarget:
     follows from the planned sizes, so each piece of data is written where it belongs as the walk
     brings it (an expert tensor one expert at a time, others in blocks of rows). A tensor whose bytes
     are all written and synced is recorded in the partial's progress, so --resume rewrites only the rest.
+    In a job of several ranks, each rank encodes and writes the tensors `owners` gives it into rank 0's
+    file (which rank 0 created with the header); tensors read together stay with one rank.
     """
 
     def __init__(self, model: Model, out: Path, ftype: str, *, importance: Callable[[str], np.ndarray | None] | None = None,
@@ -372,8 +374,20 @@ class GGUFTarget:
         self._header_bytes = self._header()
         self.fingerprint = fingerprint(self.tensors, self.ftype, self.model.fingerprint(), self.importance_digest,
                                        hashlib.sha256(self._header_bytes).hexdigest())
+        self._mine = {t.name for t, r in zip(self.tensors, self.owners()) if r == distributed.rank()}
         outputs.check_output(self.out, self.model.paths, resume=self.resume, overwrite=self.overwrite, is_file=True,
                              fingerprint=self.fingerprint)
+
+    def owners(self) -> list[int]:
+        """The rank that writes each tensor: tensors that come from one stored tensor (an expert's gate
+        and up) together, balanced by the bytes read; tensors made here (t.data) by rank 0."""
+        read_of = {w.name: r.info.name for r in walk.reads(self.model) for w in r.weights}
+        groups: dict[str, int] = {}
+        for t in self.tensors:
+            if t.source is not None:
+                groups[read_of[t.source]] = groups.get(read_of[t.source], 0) + t.source_bytes
+        owner = dict(zip(groups, distributed.assign(list(groups.values()))))
+        return [owner[read_of[t.source]] if t.source is not None else 0 for t in self.tensors]
 
     def start(self) -> None:
         self.partial = outputs.start(self.out, self.model.paths, self.fingerprint, resume=self.resume,
@@ -383,18 +397,21 @@ class GGUFTarget:
         with outputs.writing(self.partial.dir, resume_hint=True):
             header = self._header_bytes
             data_start = len(header) + (-len(header) % GGUF_ALIGNMENT)
-            self._file = open(path, "r+b" if self.partial.resumed and path.is_file() else "wb")
-            self._file.write(header)
-            self._file.flush()
+            main = distributed.is_main()
+            self._file = open(path, "r+b" if not main or (self.partial.resumed and path.is_file()) else "wb")
+            if main:
+                self._file.write(header)
+                self._file.flush()
             self._writer = outputs.FileWriter(self._file.fileno(), self.partial.dir)
             offset = data_start
             self._offset = {}
             for t in self.tensors:
                 self._offset[t.name] = offset
                 offset += t.nbytes + (-t.nbytes % GGUF_ALIGNMENT)
-            self._file.truncate(offset)  # the padding between and after tensors is zeros
+            if main:
+                self._file.truncate(offset)  # the padding between and after tensors is zeros
             for t in self.tensors:
-                if t.data is not None and t.name not in self._done:
+                if t.data is not None and t.name not in self._done and t.name in self._mine:
                     self._write(t, 0, t.data)
                     self._tensor_done(t)
 
@@ -426,7 +443,7 @@ class GGUFTarget:
 
     def wants(self, w: walk.Weight) -> str | None:
         t = self._by_weight.get(w.name)
-        return walk.ROWS if t is not None and t.name not in self._done else None
+        return walk.ROWS if t is not None and t.name not in self._done and t.name in self._mine else None
 
     def take(self, w: walk.Weight, start_row: int, data: torch.Tensor) -> None:
         t = self._by_weight[w.name]
@@ -455,7 +472,7 @@ class GGUFTarget:
 
     def weight_done(self, w: walk.Weight) -> None:
         t = self._last_weight.get(w.name)
-        if t is not None and t.name not in self._done:
+        if t is not None and t.name not in self._done and t.name in self._mine:
             self._tensor_done(t)
 
     def _tensor_done(self, t: GGUFTensor) -> None:
