@@ -17,6 +17,11 @@
    with transformers' on the same ids (l4q's loader: W4A4 inputs quantized as vLLM's kernels do),
    and the BF16 model as the control row. A scheme vLLM refuses is reported, not fatal.
 
+5. Several GPUs (run first, being short; skipped with fewer than two): `l4q calibrate` and `l4q quantize --to int4 --method
+   gptq --gguf Q4_K_M` on `tiny-maverick` (128 experts), once in one process on one GPU and once as a
+   torchrun job of one rank per GPU (NCCL); wall time of each and whether the job's files are
+   byte-identical to the one-process run's (`--ranks-on cpu` rehearses it with gloo on the CPU).
+
     python scripts/gpu_check.py                      # what a lent device runs
     python scripts/gpu_check.py --devices cpu cpu --skip-scout   # the same code paths, CPU only
 """
@@ -25,7 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -231,6 +239,44 @@ def compare_in_vllm(work: Path, seqs: int = 4, seq_len: int = 128) -> list[dict]
     return rows
 
 
+def multi_gpu(work: Path, ranks_on: str, samples: int, seq_len: int) -> dict:
+    """tiny-maverick's calibration and GPTQ + GGUF export: one process against one rank per GPU."""
+    ranks = 2 if ranks_on == "cpu" else torch.cuda.device_count()
+    row = {"model": "tiny-maverick", "ranks": ranks, "on": ranks_on}
+    if ranks < 2:
+        return {**row, "skipped": f"{ranks} GPU(s): a job needs two"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
+           "127.0.0.1", "--master-port", str(port)]
+    device = "cpu" if ranks_on == "cpu" else "cuda"
+    for launcher, run in (([sys.executable], "one"), (job, "job")):
+        stats, out = work / f"mav-{run}-stats", work / f"mav-{run}-out"
+        commands = {
+            "calibrate": ["calibrate", "tiny-maverick", "--out", str(stats), "--samples", str(samples),
+                          "--seq-len", str(seq_len), "--device", device, "--quiet"],
+            # both from the one-process statistics, so the comparison is of the quantization alone
+            "gptq int4 + Q4_K_M": ["quantize", "--model", "tiny-maverick", "--to", "int4", "--method", "gptq",
+                                   "--gguf", "Q4_K_M", "--calib", str(work / "mav-one-stats"), "--out-dir", str(out),
+                                   "--device", device, "--quiet"],
+        }
+        for name, args in commands.items():
+            t0 = time.perf_counter()
+            done = subprocess.run([*launcher, "-m", "cli.main", *args], cwd=REPO, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(REPO)})
+            row[f"{name} {run} s"] = f"{time.perf_counter() - t0:.1f}"
+            if done.returncode != 0:
+                row[f"{name} {run} failed"] = done.stderr.strip().splitlines()[-1:]
+    for name, path in (("calibrate", "stats"), ("gptq int4 + Q4_K_M", "out")):
+        one, job_files = (sorted(p for p in (work / f"mav-{run}-{path}").rglob("*") if p.is_file())
+                          for run in ("one", "job"))
+        row[f"{name} identical"] = ([p.relative_to(work / f"mav-one-{path}") for p in one]
+                                    == [p.relative_to(work / f"mav-job-{path}") for p in job_files]
+                                    and all(a.read_bytes() == b.read_bytes() for a, b in zip(one, job_files)))
+    return row
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--vllm-child"]:
         vllm_child(*sys.argv[2:5])
@@ -241,12 +287,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--models", nargs="+", default=["tiny", "tiny-maverick"])
     parser.add_argument("--skip-scout", action="store_true")
+    parser.add_argument("--ranks-on", choices=["cuda", "cpu"], default="cuda",
+                        help="the multi-GPU job's ranks (cpu: 2 ranks with gloo, to rehearse without GPUs)")
+    parser.add_argument("--only-multi", action="store_true", help="run only the several-GPU job")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""), flush=True)
     work = Path(tempfile.mkdtemp(prefix="l4q-gpu-check-"))
     rows = []
     try:
+        rows.append(multi_gpu(work, args.ranks_on, args.samples, args.seq_len))
+        print(json.dumps(rows[-1], indent=1), flush=True)
+        if args.only_multi:
+            return
         for name in args.models:
             rows += compare_tiny(name, args.devices, work, args.samples, args.seq_len)
             print(json.dumps(rows[-1], indent=1), flush=True)
