@@ -74,10 +74,10 @@ def test_no_import_cycle():
 
 
 def test_the_foundation_imports_nothing_above_it():
-    """outputs, model, checkpoint, arch, sources and hub stay below every command."""
+    """outputs, model, checkpoint, arch, sources, hub and distributed stay below every command."""
     graph = import_graph()
     foundation = {"llama4_quant.outputs", "llama4_quant.model", "llama4_quant.checkpoint", "llama4_quant.arch",
-                  "llama4_quant.sources", "llama4_quant.hub", "llama4_quant.errors"}
+                  "llama4_quant.sources", "llama4_quant.hub", "llama4_quant.errors", "llama4_quant.distributed"}
     for module in foundation:
         above = graph[module] - foundation - {"llama4_quant.tiny_models"}
         assert not above, f"{module} imports {sorted(above)}"
