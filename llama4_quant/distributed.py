@@ -2,7 +2,8 @@
 
 Launched by torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK` and the rendezvous in the environment), every
 rank runs the same command. The work is split so that every output byte is computed exactly as in one
-process, whatever the number of ranks:
+process with the same threads (on CPUs, BLAS results depend on the thread count), whatever the number
+of ranks:
 
 - the layer-streaming passes (calibrate, GPTQ) divide each MoE layer's routed experts among the ranks in
   contiguous ranges; every rank runs attention, the shared expert and dense layers itself (the same
