@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.distributed import launcher  # noqa: E402
 from benchmarks.multi_target import digest  # noqa: E402
 from llama4_quant import sources, synthetic  # noqa: E402
 from llama4_quant.calibrate.data import calibration_ids  # noqa: E402
@@ -245,13 +245,9 @@ def multi_gpu(work: Path, ranks_on: str, samples: int, seq_len: int) -> dict:
     row = {"model": "tiny-maverick", "ranks": ranks, "on": ranks_on}
     if ranks < 2:
         return {**row, "skipped": f"{ranks} GPU(s): a job needs two"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    job = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
-           "127.0.0.1", "--master-port", str(port)]
     device = "cpu" if ranks_on == "cpu" else "cuda"
-    for launcher, run in (([sys.executable], "one"), (job, "job")):
+    for run_ranks, run in ((1, "one"), (ranks, "job")):
+        command = launcher(run_ranks)  # a free port just before the job starts
         stats, out = work / f"mav-{run}-stats", work / f"mav-{run}-out"
         commands = {
             "calibrate": ["calibrate", "tiny-maverick", "--out", str(stats), "--samples", str(samples),
@@ -263,7 +259,7 @@ def multi_gpu(work: Path, ranks_on: str, samples: int, seq_len: int) -> dict:
         }
         for name, args in commands.items():
             t0 = time.perf_counter()
-            done = subprocess.run([*launcher, "-m", "cli.main", *args], cwd=REPO, capture_output=True, text=True,
+            done = subprocess.run([*command, "-m", "cli.main", *args], cwd=REPO, capture_output=True, text=True,
                                   env={**os.environ, "PYTHONPATH": str(REPO)})
             row[f"{name} {run} s"] = f"{time.perf_counter() - t0:.1f}"
             if done.returncode != 0:
