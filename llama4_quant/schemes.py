@@ -106,12 +106,9 @@ def _group_absmax(w: Tensor, group_size: int) -> Tensor:
 
         if cpu_kernels.supports_rows(w.T) and w.dtype in (torch.bfloat16, torch.float16, torch.float32):
             return cpu_kernels.group_absmax_of_rows(w.T, group_size).float().T.contiguous()
-        # a running maximum over the group's rows: torch reduces over a middle axis 6x slower
         rows = w.T.unflatten(0, (w.shape[1] // group_size, group_size))  # [groups, group_size, out]
-        m, tmp = rows[:, 0].abs(), torch.empty_like(rows[:, 0])
-        for i in range(1, group_size):
-            torch.maximum(m, torch.abs(rows[:, i], out=tmp), out=m)
-        return m.float().T.contiguous()
+        lo, hi = torch.aminmax(rows, dim=1)
+        return torch.maximum(hi.float(), lo.float().neg_()).T.contiguous()
     lo, hi = torch.aminmax(w.unflatten(-1, (w.shape[-1] // group_size, group_size)), dim=-1)
     return torch.maximum(hi.float(), lo.float().neg_())
 
@@ -120,6 +117,17 @@ def _step(s: Tensor, mask: Tensor, direction: int) -> Tensor:
     """Move the positive finite entries of `s` selected by `mask` one representable value up (+1) or down (-1)."""
     bits = s.view(_BITS_VIEW[s.dtype])
     return torch.where(mask, bits + direction, bits).view(s.dtype)
+
+
+def true_div(a: Tensor | float, b: Tensor | float) -> Tensor:
+    """a / b correctly rounded in float32, as C divides, on every device. Written out because torch
+    turns `number / tensor` into a reciprocal times the number, and on CUDA `tensor / number` too."""
+    like = a if isinstance(a, Tensor) else b
+    if not isinstance(a, Tensor):
+        a = torch.tensor(a, dtype=torch.float32, device=like.device)
+    if not isinstance(b, Tensor):
+        b = torch.tensor(b, dtype=torch.float32, device=like.device)
+    return torch.div(a, b)
 
 
 def _symmetric_scale(absmax: Tensor, half_range: float, scale_dtype: torch.dtype) -> Tensor:
@@ -133,7 +141,7 @@ def _symmetric_scale(absmax: Tensor, half_range: float, scale_dtype: torch.dtype
     if not bool(torch.isfinite(absmax).all()):
         raise NonFiniteWeightError("the weight holds NaN/Inf values; check it with check_finite() first")
     finfo = torch.finfo(scale_dtype)
-    s = (absmax / half_range).clamp_(min=finfo.tiny).to(scale_dtype)
+    s = true_div(absmax, half_range).clamp_(min=finfo.tiny).to(scale_dtype)
     s = _step(s, s.double() * half_range < absmax.double(), +1)
     if not bool(torch.isfinite(s).all()):
         raise ValueError(
@@ -432,7 +440,7 @@ def nvfp4_global_scale(absmax: Tensor) -> Tensor:
 
 def nvfp4_scales(absmax: Tensor, global_scale: Tensor) -> Tensor:
     """FP8 e4m3 group scales for float32 group absmax values under `global_scale`."""
-    s = global_scale * (absmax.to(torch.float32) / FP4_MAX)
+    s = global_scale * true_div(absmax.to(torch.float32), FP4_MAX)
     s = s.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return torch.where(s.float() == 0, torch.tensor(0.125, device=s.device), s.float()).to(torch.float8_e4m3fn)
 

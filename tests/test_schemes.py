@@ -396,6 +396,29 @@ def test_group_absmax_of_rows_equals_torch(dtype) -> None:
     assert group_absmax_of_rows(w, 128)[1, 3].isnan() and not group_absmax_of_rows(w, 128)[0, 3].isnan()
 
 
+def test_transposed_group_absmax_is_the_same_with_and_without_the_compiled_kernel() -> None:
+    """A stored expert's transposed view: bf16 through the compiled kernel, and the same values as
+    float64 (which the kernel does not take: torch's reduction, as on a GPU), give the plain absmax."""
+    g = torch.Generator().manual_seed(2)
+    stored = (torch.randn(2, 256, 96, generator=g) * torch.logspace(-20, 4, 96)).to(BF16)  # [E, in, out]
+    w = stored[1].T
+    assert S.stored_transposed(w) and S.stored_transposed(w.double())
+    expected = w.float().abs().unflatten(1, (2, 128)).amax(dim=2)
+    assert torch.equal(S._group_absmax(w, 128), expected)
+    assert torch.equal(S._group_absmax(w.double(), 128), expected)
+    assert torch.equal(S._group_absmax(w.double(), 256), expected.amax(dim=1, keepdim=True))
+
+
+def test_true_div_rounds_the_exact_quotient() -> None:
+    """a / b correctly rounded to float32 whichever side is a number (the reference: float64 division,
+    exact enough that rounding it to float32 gives the correctly rounded float32 quotient)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1 << 16, generator=g) * 1e3 + 1e-3
+    for a, b in ((x, 6.0), (x, 7.5), (2688.0, x), (x, x.flip(0))):
+        exact = (a.double() if isinstance(a, torch.Tensor) else a) / (b.double() if isinstance(b, torch.Tensor) else b)
+        assert torch.equal(S.true_div(a, b), exact.float())
+
+
 @pytest.mark.parametrize("group_rows, qmin, qmax", [(128, -8, 7), (256, -128, 127)])
 def test_compiled_int_quantize_equals_float32_torch(group_rows, qmin, qmax) -> None:
     from llama4_quant.cpu_kernels import quantize_bf16_rows

@@ -51,6 +51,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor
 
 from ..errors import L4QError, NonFiniteWeightError
+from ..schemes import true_div as _div
 
 QK_K = 256
 GROUP_MAX_EPS = float(np.float32(1e-15))
@@ -288,17 +289,6 @@ def _c_int(v: Tensor) -> Tensor:
     """C's float -> int conversion (truncation) as int32; a NaN or Inf becomes 0, which is what the
     x86 conversion (INT_MIN) leaves in the int8 / uint8 the C code stores it in."""
     return torch.where(torch.isfinite(v), v, 0.0).trunc_().to(torch.int32)
-
-
-def _div(a: Tensor | float, b: Tensor | float) -> Tensor:
-    """a / b correctly rounded in float32, as C divides. Written out because torch turns
-    `number / tensor` into a reciprocal times the number, and on CUDA `tensor / number` too."""
-    like = a if isinstance(a, Tensor) else b
-    if not isinstance(a, Tensor):
-        a = torch.tensor(a, dtype=torch.float32, device=like.device)
-    if not isinstance(b, Tensor):
-        b = torch.tensor(b, dtype=torch.float32, device=like.device)
-    return torch.div(a, b)
 
 
 def _round_half_away(v: Tensor) -> Tensor:
