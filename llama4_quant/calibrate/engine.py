@@ -220,7 +220,8 @@ class Engine:
         if self.record_routes:
             self.routes[layer] = top.view(-1).cpu()
         counts = torch.bincount(top, minlength=spec.num_experts)
-        mass = torch.zeros(spec.num_experts, device=x.device, dtype=torch.float64).index_add_(0, top, score[:, 0].double())
+        # summed on the CPU, in token order: CUDA's index_add_ adds in a varying order
+        mass = torch.zeros(spec.num_experts, dtype=torch.float64).index_add_(0, top.cpu(), score[:, 0].double().cpu())
         threshold = expert_token_threshold(len(x), spec.num_experts)
         fallback = [self.handler.all_token_fallback and int(c) < threshold for c in counts.tolist()]
         self.handler.routing(Routing(layer, len(x), counts.tolist(), mass.tolist(), fallback, threshold))

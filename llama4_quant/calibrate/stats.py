@@ -150,7 +150,7 @@ def source_digest(source_dir: Path) -> str:
 
 def _fingerprint(model: Model, ids: torch.Tensor, kind: str) -> str:
     h = hashlib.sha256(f"{__version__}:{kind}:{model.fingerprint()}".encode())
-    h.update(ids.numpy().tobytes())
+    h.update(ids.cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -171,7 +171,7 @@ def calibrate(source: Source | Model, out: Path, ids: torch.Tensor, data_descrip
     p = model.spec.text_prefix
     model.ckpt.check_finite([f"{p}model.embed_tokens.weight", f"{p}lm_head.weight"])
     src = WeightSource(model, resolve_device(device))
-    fingerprint = _fingerprint(model, ids, f"calibrate on {src.device}")
+    fingerprint = _fingerprint(model, ids, f"calibrate on {src.device.type}")  # cuda:N of any rank: one job
     partial = distributed.main_first(
         lambda: outputs.start(out, model.paths, fingerprint, resume=resume, overwrite=overwrite))
     stats = {}

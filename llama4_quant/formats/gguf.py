@@ -27,6 +27,7 @@ import torch
 from .. import __version__, arch, distributed, outputs, walk
 from ..arch import Llama4Spec
 from ..checkpoint import rows_per_block
+from ..devices import resolve_device
 from ..errors import SourceNotFoundError, UsageError
 from ..model import Model, display_name, open_model
 from ..sources import Source
@@ -317,7 +318,7 @@ class GGUFTarget:
         self.model, self.out, self.ftype, self.importance = model, out, ftype, importance
         self.budget, self.stats = budget, stats  # stats: calibrate.stats.Stats, for the budget
         self._override_patterns = [p for p, _ in overrides.tensor_types] if overrides else []
-        self.device = torch.device(device)
+        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self.importance_digest, self.resume, self.overwrite = importance_digest, resume, overwrite
         self.tensors = self.plan_tensors(overrides)
         self._by_weight: dict[str, GGUFTensor] = {}
