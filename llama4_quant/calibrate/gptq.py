@@ -50,36 +50,20 @@ def _prepare_hessian(hessian: Tensor, in_features: int, device: torch.device) ->
     h = hessian.to(device=device, dtype=torch.float64)
     if not bool(torch.isfinite(h).all()):
         return None, "the Hessian holds NaN/Inf values"
-    h = (h + h.T) / 2
+    h = h.add(h.T).div_(2)  # a new tensor: the caller's Hessian is never written
     diag = h.diagonal()
     if bool((diag < 0).any()):
         return None, "the Hessian has negative diagonal entries"
     dead = diag == 0
     live = ~dead
     if bool(live.any()):
-        h = h / diag[live].mean()
+        h.div_(diag[live].mean())
     # A PSD matrix with a zero diagonal entry has that whole row and column zero; make it exactly so
     # and give the channel a unit diagonal: its column then quantizes as RTN and spreads no error.
     h[dead, :] = 0
     h[:, dead] = 0
     h.diagonal()[dead] = 1
     return h, ""
-
-
-def _inverse_cholesky_upper(h: Tensor) -> Tensor | None:
-    """Upper-triangular U with U^T U = h^-1 (the factor GPTQ propagates errors with), or None.
-
-    With J the reversal permutation and J h J = L L^T: h^-1 = (J L^-T J)(J L^-1 J), and J L^-1 J is
-    upper triangular. One Cholesky and one triangular solve, no explicit inverse.
-    """
-    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
-    if int(info) != 0:
-        return None
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    u = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
-    if not bool(torch.isfinite(u).all()) or not bool((u.diagonal() > 0).all()):
-        return None
-    return u
 
 
 def _check_scale(w: Tensor, scale: Tensor, scheme: Scheme) -> None:
@@ -90,13 +74,27 @@ def _check_scale(w: Tensor, scale: Tensor, scheme: Scheme) -> None:
 
 
 def _damped_inverse_cholesky(h: Tensor, damp: float) -> tuple[Tensor | None, float]:
-    """Upper Cholesky factor of (H + d * mean(diag H) * I)^-1 in float32, raising d until it exists;
-    returns (factor or None, the last d tried)."""
+    """Upper-triangular U with U^T U = (H + d * mean(diag H) * I)^-1 (the factor GPTQ propagates
+    errors with) in float32, raising d until it exists; returns (U or None, the last d tried).
+
+    With J the reversal permutation and J H J = L L^T: H^-1 = (J L^-T J)(J L^-1 J), and J L^-1 J is
+    upper triangular. One Cholesky and one triangular solve, no explicit inverse, and at most four
+    matrices of H's size alive at once (an 8192-wide float64 H is 0.5 GB).
+    """
     mean_diag = float(h.diagonal().mean())
     dampings = [damp] + [max(damp, 0.01) * 10**k for k in range(1, _DAMP_RETRIES + 1)]
     for d in dampings:
-        u = _inverse_cholesky_upper(h + torch.diag(h.new_full((h.shape[0],), d * mean_diag)))
-        if u is not None:
+        reversed_h = h.flip(0, 1)  # J H J, a copy; its diagonal is H's reversed, so damping it in place is alike
+        reversed_h.diagonal().add_(d * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(reversed_h)
+        del reversed_h
+        if int(info) != 0:
+            continue
+        eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        u = torch.linalg.solve_triangular(lower, eye, upper=False)
+        del lower, eye
+        u = u.flip(0, 1)
+        if bool(torch.isfinite(u).all()) and bool((u.diagonal() > 0).all()):
             return u.to(torch.float32), d
     return None, dampings[-1]
 
@@ -167,9 +165,10 @@ def gptq_quantize(
     perm = None
     if act_order:
         perm = torch.argsort(hessian.diagonal().to(device), descending=True, stable=True)
-        h = h[perm][:, perm]
+        h = h[perm[:, None], perm]
 
     u, tried = _damped_inverse_cholesky(h, damp)
+    del h
     if u is None:
         return fallback(f"Cholesky failed even with dampening {tried:g} * mean(diag H)")
 
