@@ -4,7 +4,8 @@ Rows: `cp -r` of the source, and `cp -r` then `sync` (l4q fsyncs every output be
 complete, `cp` leaves its bytes to the page cache); `l4q quantize` to int4, int8, fp8 and `l4q export gguf` Q8_0 and Q4_K_M
 with --threads N; llama.cpp's own route to Q4_K_M (its converter to a BF16 GGUF, then `llama-quantize`
 with N threads, built from the llama-cpp-python source distribution) and the two together; then int4
-and Q4_K_M with one thread, for the scaling. Each row: wall time, the ratio to `cp -r`, cores busy
+and Q4_K_M with one thread, and with one thread and the whole process on one core (`taskset`: the
+one-thread job still reads and writes on other cores), for the scaling. Each row: wall time, the ratio to `cp -r`, cores busy
 (user + sys CPU time of the whole machine over the row's wall time: worker processes included, and
 anything else running then), the peak RSS of the job's process tree, and bytes written. The
 one-thread outputs are checked byte-identical to the N-thread ones.
@@ -117,10 +118,14 @@ def main() -> None:
                            ("Q4_K_M", lambda out: [*l4q, "export", "gguf", str(src), "--type", "Q4_K_M", "--out", str(out)])):
         out = work / f"one-thread-{scheme}"
         r = job(f"l4q {scheme}, 1 thread", [*cmd_of(out), "--threads", "1", "--quiet"], out)
-        scaling[scheme] = (r["wall"], digest(out) == digests[scheme])
+        scaling[scheme] = [r["wall"], digest(out) == digests[scheme]]
+        remove(out)
+        # --threads 1 still reads, checks and writes on other cores: the whole job on one core too
+        r = job(f"l4q {scheme}, 1 thread, on one core", ["taskset", "-c", "0", *cmd_of(out), "--threads", "1", "--quiet"], out)
+        scaling[scheme] += [r["wall"], digest(out) == digests[scheme]]
         remove(out)
     print_table(rows, source_size, args, scaling)
-    if not all(same for _, same in scaling.values()):
+    if not all(r[1] and r[3] for r in scaling.values()):
         sys.exit("the one-thread outputs differ from the N-thread ones")
 
 
@@ -137,10 +142,11 @@ def print_table(rows: list, source_size: int, args, scaling: dict) -> None:
     theirs = walls.get("llama.cpp's two programs together")
     if theirs:
         print(f"l4q Q4_K_M / llama.cpp's two programs: {walls['l4q export gguf Q4_K_M'] / theirs:.2f}x")
-    for scheme, (one, same) in scaling.items():
+    for scheme, (one, same, one_core, same_on_one_core) in scaling.items():
         many = walls[f"l4q quantize {scheme}" if scheme == "int4" else f"l4q export gguf {scheme}"]
-        print(f"{scheme}: {args.threads} threads give {one / many:.2f}x the throughput of 1 thread; "
-              f"bytes identical: {'yes' if same else 'NO'}")
+        print(f"{scheme}: {args.threads} threads give {one / many:.2f}x the throughput of 1 thread and "
+              f"{one_core / many:.2f}x that of the whole job on one core; bytes identical: "
+              f"{'yes' if same and same_on_one_core else 'NO'}")
 
 
 if __name__ == "__main__":
