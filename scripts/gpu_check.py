@@ -20,8 +20,8 @@ what was measured:
 4. On each of --models: the calibration pass (routing counts and importance matrix) and a GPTQ int4
    quantization on each device with the same token ids; how far the CUDA results are from the CPU
    ones and the time per layer of each. GPTQ is not expected to be bit-identical across devices:
-   its error feedback turns last-bit differences of the float64 Cholesky factor into different
-   rounding decisions.
+   the GPU sums matrix products in another order, each rounding decision feeds the next columns, and
+   the differences grow layer by layer through the sequential pass.
 5. The Scout-shaped layer's calibration and GPTQ passes on CUDA, time and peak GPU memory, and GPTQ
    of one Scout-sized expert projection on both devices compared value by value.
 6. vLLM (skipped where vLLM or a GPU is missing): each compressed-tensors scheme's `tiny` derivative
@@ -213,7 +213,6 @@ def vllm_child(model_dir: str, ids_file: str, out_file: str) -> None:
 def compare_in_vllm(work: Path, seqs: int = 4, seq_len: int = 128) -> list[dict]:
     """Section 4: every scheme's tiny derivative in vLLM against transformers on the same ids."""
     import importlib.util
-    import subprocess
 
     if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
         print("vLLM section skipped: " + ("vLLM is not installed" if torch.cuda.is_available() else "no CUDA GPU"))
@@ -244,7 +243,6 @@ def compare_in_vllm(work: Path, seqs: int = 4, seq_len: int = 128) -> list[dict]
         if r.returncode != 0:
             row["error"] = (r.stderr.strip().splitlines() or ["exit status %d" % r.returncode])[-1][:300]
             rows.append(row)
-            print(json.dumps(row), flush=True)
             continue
         served = json.loads(out.read_text())
         model = evaluate.load_causal_lm(path, "cuda")
@@ -260,7 +258,6 @@ def compare_in_vllm(work: Path, seqs: int = 4, seq_len: int = 128) -> list[dict]
         del model
         torch.cuda.empty_cache()
         rows.append(row)
-        print(json.dumps(row), flush=True)
     return rows
 
 
