@@ -40,13 +40,36 @@ def _count_exponent_all_ones(bits, mask):
     return n
 
 
+# The largest magnitude (bits with the sign cleared) of 16- and 32-bit floats: one SIMD max pass, about
+# twice as fast as counting. The casts keep the loop in the input's width; numba would widen to int64.
+@njit(nogil=True, cache=True)
+def _max_magnitude_16(bits):
+    m = np.uint16(0)
+    for i in range(bits.shape[0]):
+        m = max(m, np.uint16(bits[i] & np.uint16(0x7FFF)))
+    return m
+
+
+@njit(nogil=True, cache=True)
+def _max_magnitude_32(bits):
+    m = np.uint32(0)
+    for i in range(bits.shape[0]):
+        m = max(m, np.uint32(bits[i] & np.uint32(0x7FFFFFFF)))
+    return m
+
+
 def count_non_finite(w: torch.Tensor) -> int:
     """How many values of floating-point tensor `w` are NaN or +-Inf."""
     if w.numel() == 0:
         return 0
     if w.device.type == "cpu" and w.dtype in _BITS and w.is_contiguous():
         _, np_dtype, exponent, _ = _BITS[w.dtype]
-        return int(_count_exponent_all_ones(_bits(w.reshape(-1)), np_dtype(exponent)))
+        bits = _bits(w.reshape(-1))
+        # NaN/Inf are the magnitudes at or above the exponent mask: count them only where there are any
+        largest = _max_magnitude_16(bits) if bits.itemsize == 2 else _max_magnitude_32(bits)
+        if largest < exponent:
+            return 0
+        return int(_count_exponent_all_ones(bits, np_dtype(exponent)))
     return int((~torch.isfinite(w)).sum())
 
 

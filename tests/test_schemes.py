@@ -382,6 +382,22 @@ def test_count_non_finite_agrees_with_torch_on_every_bit_pattern_class(dtype) ->
 
 
 @pytest.mark.parametrize("dtype", [BF16, torch.float16, torch.float32])
+def test_count_non_finite_finds_one_among_the_largest_finite_values(dtype) -> None:
+    """The fast path (no NaN/Inf when the largest magnitude is below the exponent mask) at its edge:
+    +-max finite gives 0, and a single NaN or Inf of either sign anywhere is found."""
+    from llama4_quant.cpu_kernels import count_non_finite
+
+    big = torch.finfo(dtype).max
+    w = torch.tensor([big, -big] * 500, dtype=dtype)
+    assert count_non_finite(w) == 0
+    for bad in (float("inf"), -float("inf"), float("nan"), -float("nan")):
+        for at in (0, 517, 999):
+            v = w.clone()
+            v[at] = bad
+            assert count_non_finite(v) == 1
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float16, torch.float32])
 def test_group_absmax_of_rows_equals_torch(dtype) -> None:
     from llama4_quant.cpu_kernels import group_absmax_of_rows
 
