@@ -4,8 +4,8 @@ Counting NaN/Inf and the largest |w| per group only need the bits: a float is Na
 when its exponent bits are all ones, and for floats of one sign the order of the values is the
 order of their bits, so max |w| is an integer max of the bits with the sign cleared. The int and
 FP8 quantizers of a routed expert (an [out, in] view of its stored [in, out] slice) run here in one
-pass over the stored rows, where torch makes several passes of small ops, and int4 packing writes
-the transposed bytes directly. Every loop gives the bytes of the torch code it replaces (tests
+pass over the stored rows, where torch makes several passes of small ops; int4 quantizes and packs
+in that pass, writing the transposed bytes directly. Every loop gives the bytes of the torch code it replaces (tests
 compare them, FP8 on every bf16 value); the walk's reader thread runs the NaN count beside the
 kernels, which spread rows over `--threads` numba threads.
 """
@@ -155,6 +155,59 @@ def pack_int4_transposed(qt: torch.Tensor) -> torch.Tensor:
     parallel.use_kernel_threads()
     out = torch.empty((qt.shape[1], qt.shape[0] // 2), dtype=torch.uint8)
     _pack_int4_rows_transposed(qt.numpy(), out.numpy())
+    return out
+
+
+_ROUNDER = np.float32(1.5 * 2**23)  # x + this - this is x rounded half to even, for float32 |x| < 2**22
+_ROW_PAIRS = 64  # pairs of input rows packed together: each output row gets a 64-byte run of them
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _quantize_pack_int4_bf16_rows_transposed(bits, group_rows, scale, low, out):
+    """`_quantize_bf16_rows` into [-8, 7] then `_pack_int4_rows_transposed`, in one pass: each thread
+    streams whole rows of a block of row pairs (2k, 2k + 1 share a group: group_rows is even) into a
+    buffer of packed bytes, then writes its block transposed. Clamping before rounding gives what
+    rounding then clamping gives, and lets the rounding be an add and a subtract that vectorize."""
+    cols = bits.shape[1]
+    pairs = bits.shape[0] // 2
+    for block in prange((pairs + _ROW_PAIRS - 1) // _ROW_PAIRS):
+        first = block * _ROW_PAIRS
+        n = min(_ROW_PAIRS, pairs - first)
+        wide = np.empty(2 * cols, np.uint32)  # the pair's bf16 rows as float32 bits
+        x = wide.view(np.float32)
+        q = np.empty(2 * cols, np.float32)
+        packed = np.empty((_ROW_PAIRS, cols), np.uint8)
+        for p in range(n):
+            k = first + p
+            g = 2 * k // group_rows
+            even, odd, s = bits[2 * k], bits[2 * k + 1], scale[g]
+            for o in range(cols):
+                wide[o] = np.uint32(even[o]) << np.uint32(16)
+                wide[cols + o] = np.uint32(odd[o]) << np.uint32(16)
+            for o in range(cols):
+                q[o] = (min(max(x[o] / s[o], np.float32(-8)), np.float32(7)) + _ROUNDER) - _ROUNDER
+                q[cols + o] = (min(max(x[cols + o] / s[o], np.float32(-8)), np.float32(7)) + _ROUNDER) - _ROUNDER
+            if low.shape[0] > 0:
+                for o in range(cols):
+                    q[o] = max(q[o], low[g, o])
+                    q[cols + o] = max(q[cols + o], low[g, o])
+            row = packed[p]
+            for o in range(cols):
+                row[o] = np.uint8(np.int32(q[o]) + 8) | (np.uint8(np.int32(q[cols + o]) + 8) << np.uint8(4))
+        for o in range(cols):
+            for p in range(n):
+                out[o, first + p] = packed[p, o]
+
+
+def quantize_pack_int4_transposed(w: torch.Tensor, group_rows: int, scale: torch.Tensor,
+                                  low: torch.Tensor | None) -> torch.Tensor:
+    """`pack_int4_transposed(quantize_bf16_rows(w, group_rows, scale, low, -8, 7))` in one pass, for
+    bf16 [rows, cols] `w` (rows contiguous, group_rows even): uint8 [cols, rows / 2]."""
+    parallel.use_kernel_threads()
+    out = torch.empty((w.shape[1], w.shape[0] // 2), dtype=torch.uint8)
+    no_low = np.empty((0, 0), np.float32)
+    _quantize_pack_int4_bf16_rows_transposed(_bits(w), group_rows, scale.numpy(),
+                                             no_low if low is None else low.numpy(), out.numpy())
     return out
 
 

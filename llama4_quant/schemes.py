@@ -252,6 +252,23 @@ def int4_quantize(w: Tensor, scale: Tensor, group_size: int = INT4_GROUP_SIZE) -
     return _quantize_int(w, scale, group_size, INT4_MIN, INT4_MAX)
 
 
+def int4_quantize_packed(w: Tensor, scale: Tensor, group_size: int = INT4_GROUP_SIZE) -> Tensor | None:
+    """`pack_int4(int4_quantize(w, scale, group_size))` in one compiled pass, where that applies: a
+    bf16 routed expert's projection (stored transposed) on the CPU of a little-endian machine. None
+    elsewhere: use the two steps."""
+    from . import cpu_kernels
+
+    if not (w.dtype == torch.bfloat16 and stored_transposed(w) and cpu_kernels.supports_rows(w.T)
+            and group_size % 2 == 0 and sys.byteorder == "little"):
+        return None
+    rows, cols = w.shape
+    _check_scale(scale, (rows, _check_groups(cols, group_size)))
+    low = int_lower_clamp(scale, INT4_MIN, INT4_MAX)
+    packed = cpu_kernels.quantize_pack_int4_transposed(w.T, group_size, scale.to(torch.float32).T.contiguous(),
+                                                       None if low is None else low.T.contiguous())
+    return packed.view(torch.int32)
+
+
 def int4_dequantize(q: Tensor, scale: Tensor, group_size: int = INT4_GROUP_SIZE) -> Tensor:
     """Float32 [out, in] weight q * scale, as vLLM and transformers decode pack-quantized int4."""
     return _dequantize(q, scale, group_size)

@@ -454,6 +454,35 @@ def test_compiled_int_quantize_equals_float32_torch(group_rows, qmin, qmax) -> N
     assert torch.equal(quantize_bf16_rows(w, group_rows, scale, low, qmin, qmax), expected)
 
 
+def test_fused_int4_quantize_and_pack_equals_the_two_steps() -> None:
+    """A routed expert's projection (a strided transposed view of bf16 [in, out], 100 output columns:
+    a tile and a part) packed in one pass gives the bytes of float32 torch rounding then packing,
+    with scales that tie on half steps and ones whose -8 * scale overflows bf16 (the -7 clamp)."""
+    from llama4_quant.formats.compressed_tensors import get_scheme
+
+    g = torch.Generator().manual_seed(4)
+    scale = (torch.rand(100, 2, generator=g) + 0.01).to(BF16)  # [out, in / 128]
+    scale[:5] = torch.finfo(BF16).max
+    steps = torch.randint(-16, 16, (100, 256), generator=g) / 2
+    stored = torch.zeros(256, 120, dtype=BF16)  # [in, out] with 20 more columns beside
+    big = torch.finfo(BF16).max
+    stored[:, 10:110] = (steps * scale.float().repeat_interleave(128, 1)).clamp(-big, big).to(BF16).T
+    stored[:7, 12] = -big
+    w = stored[:, 10:110].T
+    assert S.stored_transposed(w)
+    low = S.int_lower_clamp(scale, -8, 7)
+    assert low is not None and int(low.max()) == -7
+    x = torch.maximum(S.true_div(w.float(), scale.float().repeat_interleave(128, 1)).round().clamp(-8, 7),
+                      low.repeat_interleave(128, 1))
+    expected = S.pack_int4(x.to(torch.int8))
+    assert torch.equal(S.int4_quantize_packed(w, scale), expected)
+    assert torch.equal(S.int4_quantize_packed(w, scale), S.pack_int4(S.int4_quantize(w, scale)))
+    assert S.int4_quantize_packed(w.contiguous(), scale) is None  # not stored transposed: the two steps
+    int4 = get_scheme("int4")
+    for (name, ours), (_, general) in zip(int4.encode_weight("m", w), int4.encode_weight("m", w.contiguous())):
+        assert torch.equal(ours, general), name
+
+
 def test_compiled_fp8_quantize_equals_torch_on_every_bf16_value() -> None:
     from llama4_quant.cpu_kernels import quantize_fp8_bf16_rows
 

@@ -165,16 +165,24 @@ class Scheme(ABC):
         layout = self.layout(out_features, in_features)
         return [TensorEntry(f"{module}.{s}", *layout[s]) for s in self.suffixes]
 
+    def stored_from_weight(self, w: Tensor, scales: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """`stored(quantize(w, scales), scales)` in one pass where the scheme has a kernel for that
+        (for w's layout and device), else None."""
+        return None
+
     def encode(self, module: str, q: Tensor, scales: Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
         """(name, tensor) on the CPU in `entries` order, for values and their scales."""
-        tensors = self.stored(q, scales)
-        return [(f"{module}.{s}", tensors[s].cpu()) for s in self.suffixes]
+        return self._named(module, self.stored(q, scales))
 
     def encode_weight(self, module: str, w: Tensor, group_scale: Tensor | None = None) -> list[tuple[str, Tensor]]:
         """Quantize one [out, in] weight (RTN scales unless `group_scale` is given) and encode it."""
         bound = self.for_weight(w)
         scales = bound.rtn_scales(w) if group_scale is None else bound.scales_with(w, group_scale)
-        return bound.encode(module, bound.quantize(w, scales), scales)
+        tensors = bound.stored_from_weight(w, scales)
+        return self._named(module, bound.stored(bound.quantize(w, scales), scales) if tensors is None else tensors)
+
+    def _named(self, module: str, tensors: Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
+        return [(f"{module}.{s}", tensors[s].cpu()) for s in self.suffixes]
 
     def config_group(self):
         """This scheme's `config_groups` entry: compressed-tensors' preset, with our format."""
@@ -363,14 +371,24 @@ class Int4(_IntScheme):
         }
 
     def stored(self, q: Tensor, scales: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        import torch
-
         from .. import schemes
 
+        return self._stored_packed(schemes.pack_int4(q), scales, q.shape)
+
+    def stored_from_weight(self, w: Tensor, scales: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        from .. import schemes
+
+        packed = schemes.int4_quantize_packed(w, scales["weight_scale"], self.group)
+        return None if packed is None else self._stored_packed(packed, scales, w.shape)
+
+    @staticmethod
+    def _stored_packed(packed: Tensor, scales: Mapping[str, Tensor], shape) -> dict[str, Tensor]:
+        import torch
+
         return {
-            "weight_packed": schemes.pack_int4(q),
+            "weight_packed": packed,
             "weight_scale": scales["weight_scale"],
-            "weight_shape": torch.tensor(list(q.shape), dtype=torch.int64),
+            "weight_shape": torch.tensor(list(shape), dtype=torch.int64),
         }
 
     def decode(self, tensors: Mapping[str, Tensor]) -> Tensor:
