@@ -1,13 +1,13 @@
 """Compiled CPU loops (numba) over the raw bits of a weight, where torch's kernels are slow.
 
 Counting NaN/Inf and the largest |w| per group only need the bits: a float is NaN or Inf exactly
-when its exponent bits are all ones, and for floats of one sign the order of the values is the
-order of their bits, so max |w| is an integer max of the bits with the sign cleared. The int and
-FP8 quantizers of a routed expert (an [out, in] view of its stored [in, out] slice) run here in one
-pass over the stored rows, where torch makes several passes of small ops; int4 quantizes and packs
-in that pass, writing the transposed bytes directly. Every loop gives the bytes of the torch code it replaces (tests
-compare them, FP8 on every bf16 value); the walk's reader thread runs the NaN count beside the
-kernels, which spread rows over `--threads` numba threads.
+when its exponent bits are all ones, and for floats of one sign the order of the values is the order
+of their bits, so max |w| is an integer max of the bits with the sign cleared. The int and FP8
+quantizers of a routed expert (an [out, in] view of its stored [in, out] slice) run here in one pass
+over the stored rows, where torch makes several passes of small ops; int4 quantizes and packs in
+that pass, writing the transposed bytes directly. Every loop gives the bytes of the torch code it
+replaces (tests compare them, FP8 on every bf16 value); the walk's reader thread runs the NaN count
+beside the kernels, which spread rows over `--threads` numba threads.
 """
 
 from __future__ import annotations
