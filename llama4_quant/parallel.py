@@ -9,8 +9,6 @@ computed on its own, so the bytes never depend on the number of threads.
 from __future__ import annotations
 
 import os
-import threading
-from concurrent.futures import Future
 
 _threads = 0  # 0: not set, use every core this process may run on (its share, with other ranks beside it)
 
@@ -63,18 +61,3 @@ def use_kernel_threads() -> None:
     import numba
 
     numba.set_num_threads(min(threads(), numba.config.NUMBA_NUM_THREADS))
-
-
-def in_background(fn, *args) -> Future:
-    """Start fn(*args) on a daemon thread; the Future holds its result or its exception. For slow work
-    the main thread needs only later (importing compressed-tensors), done while the kernels run."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # handed to whoever asks for the result
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="l4q-background", daemon=True).start()
-    return future

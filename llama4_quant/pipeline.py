@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, arch, distributed, outputs, parallel, walk
+from . import __version__, arch, distributed, outputs, walk
 from .arch import Llama4Spec
 from .checkpoint import ShardWriter, TensorEntry, split_in_order, tensor_bytes, write_index
 from .errors import UsageError
@@ -286,8 +286,6 @@ class CompressedTensorsTarget:
         self.fingerprint = self.plan.fingerprint(self.model.fingerprint())
         self.out = outputs.check_output(self.out, self.model.paths, resume=self.resume, overwrite=self.overwrite,
                                         fingerprint=self.fingerprint)
-        if distributed.is_main():  # importing compressed-tensors takes seconds: beside the walk
-            self._quantization_config = parallel.in_background(ct.quantization_config, self.plan.scheme, self.plan.ignore)
 
     def start(self) -> None:
         self.partial = outputs.start(self.out, self.model.paths, self.fingerprint, resume=self.resume,
@@ -379,7 +377,7 @@ class CompressedTensorsTarget:
             return
         with outputs.writing(self.partial.dir, resume_hint=True):
             recipe = _recipe(self.plan, self.model.source, self.stats, self.partial.dir, self.quantize_attention)
-            _finish(self.plan, self.model.dir, self.partial.dir, recipe, self._quantization_config.result())
+            _finish(self.plan, self.model.dir, self.partial.dir, recipe)
 
     def commit(self) -> None:
         with outputs.writing(self.partial.out, resume_hint=True):
@@ -494,11 +492,11 @@ def _recipe(plan: Plan, source: Source, stats, partial: Path, quantize_attention
     return recipe
 
 
-def _finish(plan: Plan, source_dir: Path, partial: Path, recipe: dict, quantization_config: dict) -> None:
+def _finish(plan: Plan, source_dir: Path, partial: Path, recipe: dict) -> None:
     weight_map = {e.name: name for name, shard in zip(plan.shard_names, plan.shards) for u in shard for e in u.outputs}
     write_index(partial, weight_map, plan.output_bytes)
     config = dict(plan.config)
-    config["quantization_config"] = quantization_config
+    config["quantization_config"] = ct.quantization_config(plan.scheme, plan.ignore)
     (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_extra_files(source_dir, partial)
     (partial / RECIPE_NAME).write_text(json.dumps(recipe, indent=1) + "\n")
