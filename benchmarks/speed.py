@@ -1,14 +1,16 @@
 """Speed against `cp -r` and llama.cpp, on one Scout-shaped synthetic checkpoint, in one run.
 
 Rows: `cp -r` of the source, and `cp -r` then `sync` (l4q fsyncs every output before it counts as
-complete, `cp` leaves its bytes to the page cache); `l4q quantize` to int4, int8, fp8 and `l4q export gguf` Q8_0 and Q4_K_M
-with --threads N, and `dd` writing as many bytes as int4 with an fsync (the disk's floor for int4); llama.cpp's own route to Q4_K_M (its converter to a BF16 GGUF, then `llama-quantize`
-with N threads, built from the llama-cpp-python source distribution) and the two together; then int4
-and Q4_K_M with one thread, and with one thread and the whole process on one core (`taskset`: the
-one-thread job still reads and writes on other cores), for the scaling. Each row: wall time, the ratio to `cp -r`, cores busy
-(user + sys CPU time of the whole machine over the row's wall time: worker processes included, and
-anything else running then), the peak RSS of the job's process tree, and bytes written. The
-one-thread outputs are checked byte-identical to the N-thread ones.
+complete, `cp` leaves its bytes to the page cache); `l4q quantize` to int4, int8, fp8 and `l4q
+export gguf` Q8_0 and Q4_K_M with --threads N, and `dd` writing as many bytes as int4 with an fsync
+(the disk's floor for int4); llama.cpp's own route to Q4_K_M (its converter to a BF16 GGUF, then
+`llama-quantize` with N threads, built from the llama-cpp-python source distribution) and the two
+together; then int4 and Q4_K_M with one thread, and with one thread and the whole process on one
+core (`taskset`: the one-thread job still reads and writes on other cores), for the scaling. Each
+row: wall time, the ratio to `cp -r`, cores busy (user + sys CPU time of the whole machine over the
+row's wall time: worker processes included, and anything else running then), the peak RSS of the
+job's process tree, and bytes written. The one-thread outputs are checked byte-identical to the
+N-thread ones.
 
     python benchmarks/speed.py --layers 2 --workdir /tmp/l4q-bench
 """

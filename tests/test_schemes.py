@@ -455,9 +455,10 @@ def test_compiled_int_quantize_equals_float32_torch(group_rows, qmin, qmax) -> N
 
 
 def test_fused_int4_quantize_and_pack_equals_the_two_steps() -> None:
-    """A routed expert's projection (a strided transposed view of bf16 [in, out], 100 output columns:
-    a tile and a part) packed in one pass gives the bytes of float32 torch rounding then packing,
-    with scales that tie on half steps and ones whose -8 * scale overflows bf16 (the -7 clamp)."""
+    """A routed expert's projection (a strided transposed view of bf16 [in, out]: 100 of its 120
+    columns, 128 row pairs in two blocks) packed in one pass gives the bytes of float32 torch
+    rounding then packing, with scales that tie on half steps and ones whose -8 * scale overflows
+    bf16 (the -7 clamp)."""
     from llama4_quant.formats.compressed_tensors import get_scheme
 
     g = torch.Generator().manual_seed(4)
