@@ -1,17 +1,20 @@
 """Streaming safetensors I/O: a validating reader of sharded checkpoints and a shard writer.
 
-Neither side maps files into memory. The reader parses headers itself and reads tensors (or one
-expert's slice of a fused tensor) with positioned reads, so resident memory is what is in flight,
-not what was touched; mapped pages would count towards the process's resident size and grow with
-the model. The writer knows every tensor of a shard up front, writes the header first and then
-appends each tensor's bytes as it arrives, so a shard is never held in memory.
+The reader parses headers itself and reads tensors (or one expert's slice of a fused tensor) into
+fresh memory with positioned reads, or (`mapped=True`, the walk over a local source) maps just the
+slice's pages and unmaps them when the slice is dropped: no copy out of the page cache, and resident
+memory is still what is in flight, not what was touched. The writer knows every tensor of a shard up
+front, writes the header first and then appends each tensor's bytes as it arrives, so a shard is
+never held in memory.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -293,30 +296,63 @@ def _pread_exact(path: Path, offset: int, nbytes: int) -> np.ndarray:
     return buf
 
 
-def read_tensor(info: TensorInfo):
-    """The whole tensor, read into fresh memory (no mapping)."""
+_MADV_POPULATE_READ = 22  # Linux 5.14+; Python 3.11's mmap module lacks the name
+
+
+def _map_exact(path: Path, offset: int, nbytes: int) -> np.ndarray:
+    """`nbytes` bytes of `path` at `offset` as a uint8 view of a copy-on-write mapping of just those
+    pages, unmapped once the view and everything made from it are gone. The pages are faulted in
+    here (on the reader's thread), and a file that is now too short is refused here too, not left
+    to end the process with SIGBUS at the first touch of a missing page."""
+    global _bytes_read
+    if nbytes == 0:
+        return np.empty(0, dtype=np.uint8)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if os.fstat(fd).st_size < offset + nbytes:
+            raise CorruptCheckpointError(f"{path}: file ended while reading (was it truncated during the run?)")
+        pages = mmap.mmap(fd, offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+    finally:
+        os.close(fd)
+    try:
+        pages.madvise(_MADV_POPULATE_READ)
+    except OSError as exc:
+        if exc.errno == errno.EFAULT:  # a page past the file's end: it shrank since the check above
+            raise CorruptCheckpointError(f"{path}: file ended while reading (was it truncated during the run?)") from None
+        # EINVAL: an older kernel; the pages are faulted in where they are first read
+    _bytes_read += nbytes
+    return np.frombuffer(pages, dtype=np.uint8, count=nbytes, offset=offset - start)
+
+
+def _read_bytes(path: Path, offset: int, nbytes: int, mapped: bool) -> np.ndarray:
+    return _map_exact(path, offset, nbytes) if mapped else _pread_exact(path, offset, nbytes)
+
+
+def read_tensor(info: TensorInfo, mapped: bool = False):
+    """The whole tensor, read into fresh memory (or mapped: see `_map_exact`)."""
     import torch
 
-    buf = _pread_exact(info.file, info.offset, info.nbytes)
+    buf = _read_bytes(info.file, info.offset, info.nbytes, mapped)
     dtype = torch_dtype(info.dtype)
     return torch.frombuffer(buf, dtype=dtype).reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=dtype)
 
 
-def read_slice(info: TensorInfo, index: int):
+def read_slice(info: TensorInfo, index: int, mapped: bool = False):
     """`tensor[index]` along dim 0 (one expert of a fused [E, ...] tensor), reading only its bytes."""
     import torch
 
     per = info.nbytes // info.shape[0]
-    buf = _pread_exact(info.file, info.offset + index * per, per)
+    buf = _read_bytes(info.file, info.offset + index * per, per, mapped)
     return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape[1:])
 
 
-def read_rows(info: TensorInfo, start: int, stop: int):
+def read_rows(info: TensorInfo, start: int, stop: int, mapped: bool = False):
     """`tensor[start:stop]` along dim 0, reading only those rows' bytes."""
     import torch
 
     per = info.nbytes // info.shape[0]
-    buf = _pread_exact(info.file, info.offset + start * per, (stop - start) * per)
+    buf = _read_bytes(info.file, info.offset + start * per, (stop - start) * per, mapped)
     return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(stop - start, *info.shape[1:])
 
 
@@ -338,11 +374,11 @@ def rows_per_block(info: TensorInfo) -> int:
     return max(ROW_BLOCK_BYTES // max(info.nbytes // max(info.shape[0], 1), 1), 1)
 
 
-def iter_row_blocks(info: TensorInfo) -> Iterator:
+def iter_row_blocks(info: TensorInfo, mapped: bool = False) -> Iterator:
     """The tensor in consecutive blocks of whole rows, `rows_per_block` at a time."""
     step = rows_per_block(info)
     for start in range(0, info.shape[0], step):
-        yield read_rows(info, start, min(start + step, info.shape[0]))
+        yield read_rows(info, start, min(start + step, info.shape[0]), mapped)
 
 
 def iter_raw_chunks(info: TensorInfo, chunk_bytes: int = 64 * 1024 * 1024) -> Iterator[np.ndarray]:

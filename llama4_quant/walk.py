@@ -246,6 +246,9 @@ class _Reader:
     def _run(self) -> None:
         try:
             plan = [(r, [[t for t in self.targets if t.wants(w)] for w in r.weights]) for r in reads(self.model)]
+            # a local source's slices are mapped, not copied; a Hub source's shards are deleted after
+            # use, and a mapping would keep a deleted shard's blocks on disk past the --prefetch bound
+            mapped = self.model.source.remote is None
             with _shards(self.model, [r.info.file.name for r, wanted in plan if any(wanted)]) as shards:
                 for r, wanted in plan:
                     if not any(wanted):
@@ -253,7 +256,7 @@ class _Reader:
                             return
                         continue
                     shards.acquire(r.info.file.name)
-                    for piece in _read(r, wanted):
+                    for piece in _read(r, wanted, mapped):
                         if not self._put(piece):
                             return
                     shards.release(r.info.file.name)
@@ -285,18 +288,19 @@ def _shards(model: Model, uses: list[str]):
     return remote.stream(uses) if remote is not None else _LocalShards()
 
 
-def _read(r: Read, wanted: list) -> Iterator[_Piece]:
-    """The pieces of one wanted read: an expert slice, a whole tensor, or its blocks of rows."""
+def _read(r: Read, wanted: list, mapped: bool) -> Iterator[_Piece]:
+    """The pieces of one wanted read: an expert slice, a whole tensor, or its blocks of rows (read
+    into fresh memory, or `mapped`: see `checkpoint.read_slice`)."""
     from .schemes import check_finite
 
     if r.expert is not None:
-        data = read_slice(r.info, r.expert)
+        data = read_slice(r.info, r.expert, mapped)
         check_finite(data, f"{r.info.name}[{r.expert}]")
         yield _Piece(r, wanted, 0, data, data.numel() * data.element_size())
         return
     info = r.info
     whole = any(t.wants(r.weights[0]) == WHOLE for t in wanted[0])
-    blocks = [read_tensor(info)] if whole else iter_row_blocks(info)
+    blocks = [read_tensor(info, mapped)] if whole else iter_row_blocks(info, mapped)
     start = 0
     for block in blocks:
         check_finite(block, info.name)

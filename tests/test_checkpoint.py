@@ -6,7 +6,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from llama4_quant.checkpoint import Checkpoint, ShardWriter, TensorEntry, read_slice, read_tensor, write_safetensors
+from llama4_quant.checkpoint import (
+    Checkpoint,
+    ShardWriter,
+    TensorEntry,
+    iter_row_blocks,
+    read_slice,
+    read_tensor,
+    write_safetensors,
+)
 from llama4_quant.errors import CorruptCheckpointError
 
 
@@ -20,6 +28,37 @@ def test_reader_matches_safetensors_library(small_model):
         if ref.dim() == 3:
             for e in (0, ref.shape[0] - 1):
                 assert torch.equal(read_slice(info, e), ref[e])
+
+
+def test_mapped_reads_match_and_unmap_when_dropped(small_model):
+    ckpt = Checkpoint(small_model)
+    for info in ckpt.tensors:
+        with safe_open(info.file, "pt") as f:
+            ref = f.get_tensor(info.name)
+        assert torch.equal(read_tensor(info, mapped=True), ref)
+        assert torch.equal(torch.cat(list(iter_row_blocks(info, mapped=True))), ref)
+        if ref.dim() == 3:
+            for e in (0, ref.shape[0] - 1):
+                assert torch.equal(read_slice(info, e, mapped=True), ref[e])
+    info = max(ckpt.tensors, key=lambda t: t.nbytes)
+
+    def mapped_here() -> bool:
+        return str(info.file) in open("/proc/self/maps").read()
+
+    view = read_tensor(info, mapped=True)[1:]
+    assert mapped_here()
+    del view  # the last thing made from the mapping: its pages go with it
+    assert not mapped_here()
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_shard_truncated_after_opening(model_copy, mapped):
+    ckpt = Checkpoint(model_copy)
+    info = ckpt.tensors[-1]
+    with open(info.file, "r+b") as f:
+        f.truncate(info.offset + info.nbytes // 2)
+    with pytest.raises(CorruptCheckpointError, match="truncated during the run"):
+        read_tensor(info, mapped=mapped)
 
 
 def test_storage_order_is_file_then_offset(small_model):
