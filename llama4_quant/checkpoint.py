@@ -11,6 +11,7 @@ never held in memory.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -459,6 +460,7 @@ class ShardWriter:
         self._next = 0
         self._written = 0  # bytes of the current tensor so far
         self._writer: outputs.FileWriter | None = None
+        self._copier: outputs.FileWriter | None = None  # `copy`'s thread, started by the first copy
         self._file = open(self.tmp, "wb")
         try:
             header = encode_header(entries)
@@ -473,41 +475,73 @@ class ShardWriter:
     def write(self, name: str, data) -> None:
         """Append (part of) the next tensor's bytes (a tensor, or raw bytes); a tensor may arrive in several chunks.
         The bytes are written on the writer's thread: neither `data` nor its memory may change afterwards."""
-        if self._next >= len(self.entries):
-            raise RuntimeError(f"{self.path.name}: unexpected tensor {name}")
-        entry = self.entries[self._next]
-        if name != entry.name:
-            raise RuntimeError(f"{self.path.name}: got {name}, expected {entry.name}")
+        entry = self._entry(name)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             if torch_to_st().get(data.dtype) != entry.dtype or tuple(data.shape) != entry.shape:
                 raise RuntimeError(
                     f"{name}: produced {data.dtype} {list(data.shape)}, planned {entry.dtype} {list(entry.shape)}"
                 )
             data = tensor_bytes(data)
-        n = memoryview(data).nbytes
+        self._writer.write(data, self._advance(entry, memoryview(data).nbytes))
+
+    def copy(self, name: str, source: Path, offset: int, nbytes: int) -> None:
+        """Append (part of) the next tensor's bytes as `nbytes` bytes of file `source` at `offset`,
+        copied by the kernel on a thread of its own. The copy holds no memory, so it may fall far
+        behind the other writes (the walk's BF16 copies then run beside its quantizing)."""
+        at = self._advance(self._entry(name), nbytes)
+        if self._copier is None:
+            self._copier = outputs.FileWriter(self._file.fileno(), self.tmp, depth=0)
+        self._copier.then(functools.partial(outputs.copy_into, self._file.fileno(), at, source, offset, nbytes))
+
+    def _entry(self, name: str) -> TensorEntry:
+        if self._next >= len(self.entries):
+            raise RuntimeError(f"{self.path.name}: unexpected tensor {name}")
+        entry = self.entries[self._next]
+        if name != entry.name:
+            raise RuntimeError(f"{self.path.name}: got {name}, expected {entry.name}")
+        return entry
+
+    def _advance(self, entry: TensorEntry, n: int) -> int:
+        """Account for `n` more bytes of `entry`; returns where they go."""
         if self._written + n > entry.nbytes:
-            raise RuntimeError(f"{name}: more bytes than planned")
-        self._writer.write(data, self._end)
+            raise RuntimeError(f"{entry.name}: more bytes than planned")
+        at = self._end
         self._end += n
         self._written += n
         if self._written == entry.nbytes:
             self._next += 1
             self._written = 0
+        return at
 
     def close(self) -> None:
+        self.seal()
+        self.wait()
+
+    def seal(self) -> None:
+        """After the last tensor: make the shard durable and give it its name (fsync, rename) on the
+        writer's thread, while the caller goes on; `wait` for that."""
         if self._next != len(self.entries):
             raise RuntimeError(f"{self.path.name}: closed after {self._next} of {len(self.entries)} tensors")
+        self._writer.then(self._complete)
+
+    def wait(self) -> None:
+        """Wait until the sealed shard is in place; raise what failed on the way."""
         self._writer.close()
+
+    def _complete(self) -> None:
+        if self._copier is not None:
+            self._copier.close()
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        try:
-            if self._writer is not None:
-                self._writer.close()
-        except BaseException:
-            pass  # the failure being handled, or one it caused
+        for writer in (self._writer, self._copier):
+            try:
+                if writer is not None:
+                    writer.cancel()
+            except BaseException:
+                pass  # the failure being handled, or one it caused
         try:
             self._file.close()
         except OSError:

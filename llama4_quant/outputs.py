@@ -102,11 +102,42 @@ def start_writeback(fd: int, start: int, end: int) -> None:
         os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)  # writes back, then drops clean pages
 
 
+def copy_into(fd: int, at: int, source: Path, offset: int, nbytes: int) -> None:
+    """Copy bytes [offset, offset + nbytes) of file `source` to offset `at` of open file `fd`, in the
+    kernel (copy_file_range: nothing passes through this process's memory) where the two file
+    systems allow it, else through one bounded buffer; each WRITEBACK_STEP handed to the disk."""
+    from .errors import CorruptCheckpointError
+
+    src = os.open(source, os.O_RDONLY)
+    try:
+        in_kernel = hasattr(os, "copy_file_range")
+        done = 0
+        while done < nbytes:
+            step = min(WRITEBACK_STEP, nbytes - done)
+            n = 0
+            if in_kernel:
+                try:
+                    n = os.copy_file_range(src, fd, step, offset + done, at + done)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    in_kernel = False
+            if not in_kernel:
+                n = os.pwrite(fd, os.pread(src, step, offset + done), at + done)
+            if n == 0:
+                raise CorruptCheckpointError(f"{source}: file ended while reading (was it truncated during the run?)")
+            start_writeback(fd, at + done, at + done + n)
+            done += n
+    finally:
+        os.close(src)
+
+
 class FileWriter:
     """Positioned writes to one open file, and work that must follow them (fsync, recording
     progress), done in order on a thread of its own: the kernels go on with the next slice while
     the last one's bytes go out. At most `depth` pieces wait in memory. A failure is raised, as the
-    one-line OutputWriteError for `what`, by the next call or by `close`; later work is dropped."""
+    one-line OutputWriteError for `what`, by the next call or by `close`; later work is dropped.
+    `depth` 0: no bound, for work that holds no memory (`copy_into`)."""
 
     def __init__(self, fd: int, what: Path, depth: int = 2):
         import queue
@@ -115,6 +146,7 @@ class FileWriter:
         self.fd, self.what = fd, what
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.cancelled = False
         self._written_back = 0  # the file's bytes handed to the kernel's writeback so far
         self.thread = threading.Thread(target=self._run, name="l4q-writer", daemon=True)
         self.thread.start()
@@ -135,6 +167,11 @@ class FileWriter:
         if self.error is not None:
             raise self.error
 
+    def cancel(self) -> None:
+        """Drop the work not started yet and wait for the rest (after a failure elsewhere)."""
+        self.cancelled = True
+        self.close()
+
     def _put(self, item) -> None:
         if self.error is not None:
             raise self.error
@@ -142,7 +179,7 @@ class FileWriter:
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
-            if self.error is not None:
+            if self.error is not None or self.cancelled:
                 continue  # keep draining, so that a caller never waits on a full queue
             try:
                 with writing(self.what, resume_hint=True):

@@ -275,6 +275,7 @@ class CompressedTensorsTarget:
         self._owner = distributed.assign([sum(u.source_bytes for u in shard) for shard in self.plan.shards])
         self.partial: outputs.Partial | None = None
         self._writer: ShardWriter | None = None
+        self._sealed: tuple[int, ShardWriter] | None = None  # the last full shard, finishing on its thread
         self._held: list[tuple[Weight, torch.Tensor]] = []  # fused-group members waiting for the last
         self.shards_resumed = 0
 
@@ -329,7 +330,10 @@ class CompressedTensorsTarget:
         i, unit = self._unit_of[w.name]
         with outputs.writing(self.partial.dir, resume_hint=True):
             writer = self._shard_writer(i)
-            if unit.kind == "copy":  # in blocks of rows: the bytes as stored
+            if unit.kind == "copy" and self.model.source.remote is None:  # the bytes as stored, by the kernel
+                row_bytes = w.info.nbytes // w.info.shape[0]
+                writer.copy(w.name, w.info.file, w.info.offset + start_row * row_bytes, data.numel() * data.element_size())
+            elif unit.kind == "copy":  # a Hub source's shard may be deleted before a copy would get to it
                 writer.write(w.name, tensor_bytes(data))
             elif not unit.quantize:  # an ignored expert: its BF16 projection, unfused
                 writer.write(w.name, data.contiguous())
@@ -360,11 +364,20 @@ class CompressedTensorsTarget:
                 writer = self._shard_writer(i)
                 for entry in unit.outputs:
                     writer.write(entry.name, self.encoder.gptq.get(entry.name))
-            if w.name in self._last_of_shard:
-                self._shard_writer(i).close()
-                self._writer = None
-                self.partial.mark_done(self.plan.shard_names[i])
-                self._done.add(self.plan.shard_names[i])
+            if w.name in self._last_of_shard:  # its fsync runs beside the next shard's work
+                self._wait_sealed()
+                self._shard_writer(i).seal()
+                self._sealed, self._writer = (i, self._writer), None
+
+    def _wait_sealed(self) -> None:
+        """Wait for the last sealed shard to be in place, and record it as done."""
+        if self._sealed is None:
+            return
+        i, writer = self._sealed
+        writer.wait()
+        self._sealed = None
+        self.partial.mark_done(self.plan.shard_names[i])
+        self._done.add(self.plan.shard_names[i])
 
     def _shard_writer(self, i: int) -> ShardWriter:
         if self._writer is None:
@@ -373,11 +386,11 @@ class CompressedTensorsTarget:
         return self._writer
 
     def finish(self) -> None:
-        if not distributed.is_main():
-            return
         with outputs.writing(self.partial.dir, resume_hint=True):
-            recipe = _recipe(self.plan, self.model.source, self.stats, self.partial.dir, self.quantize_attention)
-            _finish(self.plan, self.model.dir, self.partial.dir, recipe)
+            if distributed.is_main():  # beside the last shard's fsync
+                recipe = _recipe(self.plan, self.model.source, self.stats, self.partial.dir, self.quantize_attention)
+                _finish(self.plan, self.model.dir, self.partial.dir, recipe)
+            self._wait_sealed()
 
     def commit(self) -> None:
         with outputs.writing(self.partial.out, resume_hint=True):
@@ -387,8 +400,13 @@ class CompressedTensorsTarget:
     def fail(self, exc: BaseException) -> None:
         if self.partial is None:
             return
-        if self._writer is not None:
-            self._writer.abort()
+        try:
+            self._wait_sealed()  # a full shard is kept for --resume
+        except BaseException:
+            pass  # the failure being handled, or one it caused
+        for writer in (self._writer, self._sealed[1] if self._sealed else None):
+            if writer is not None:
+                writer.abort()
         self.partial.fail(exc)
 
 

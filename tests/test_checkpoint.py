@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import struct
 
 import pytest
@@ -95,6 +97,39 @@ def test_writer_accepts_chunks_and_rejects_surprises(tmp_path):
         w.write("w", torch.ones(4, 5, dtype=torch.bfloat16))
     w.abort()
     assert not list(tmp_path.glob("b.safetensors*"))
+
+
+@pytest.mark.parametrize("in_kernel", [True, False])
+def test_writer_copies_source_ranges_beside_writes(tmp_path, monkeypatch, in_kernel):
+    if not in_kernel:  # as between file systems that copy_file_range does not join
+        def cross_device(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", cross_device)
+    source = tmp_path / "source.bin"
+    raw = torch.randn(3, 1000).to(torch.bfloat16)
+    source.write_bytes(b"junk" + bytes(raw.view(torch.uint8).numpy()))
+    entries = [TensorEntry("a", "BF16", (3, 1000)), TensorEntry("b", "I32", (2,)), TensorEntry("c", "BF16", (3, 1000))]
+    w = ShardWriter(tmp_path / "x.safetensors", entries)
+    w.copy("a", source, 4, 2000)  # one row, then two: copied in pieces as the walk hands rows
+    w.copy("a", source, 2004, 4000)
+    w.write("b", torch.tensor([7, 8], dtype=torch.int32))
+    w.copy("c", source, 4, 6000)
+    w.close()
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert torch.equal(loaded["a"], raw) and torch.equal(loaded["c"], raw)
+    assert loaded["b"].tolist() == [7, 8]
+
+
+def test_writer_copy_from_a_truncated_source_fails_and_leaves_nothing(tmp_path):
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(1000))
+    w = ShardWriter(tmp_path / "x.safetensors", [TensorEntry("a", "U8", (2000,))])
+    w.copy("a", source, 0, 2000)
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        w.close()
+    w.abort()
+    assert not list(tmp_path.glob("x.safetensors*"))
 
 
 def _first_shard(path):

@@ -186,15 +186,15 @@ def test_inspect_predicts_output_size(small_model, tmp_path):
 KILL_AFTER_SHARDS = """
 import os, signal, sys
 from llama4_quant import checkpoint
-closes = 0
-real_close = checkpoint.ShardWriter.close
-def close(self):
-    global closes
-    real_close(self)
-    closes += 1
-    if closes == int(os.environ["KILL_AFTER"]):
+waits = 0
+real_wait = checkpoint.ShardWriter.wait
+def wait(self):  # the shard is in place, not yet recorded as done
+    global waits
+    real_wait(self)
+    waits += 1
+    if waits == int(os.environ["KILL_AFTER"]):
         os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.ShardWriter.close = close
+checkpoint.ShardWriter.wait = wait
 from cli.main import main
 sys.argv = ["l4q"] + sys.argv[1:]
 main()
