@@ -546,6 +546,16 @@ def test_transposed_views_encode_like_their_copies(qtype):
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_transposed_views_refuse_non_finite_and_overflow(qtype):
+    stored = torch.from_numpy(gaussian(512, 40, 11)).bfloat16()  # [in, out]: output row o is column o
+    with pytest.raises(gq.ScaleOverflowError, match="float16"):
+        gq.quantize((stored * 1e12).T, qtype)
+    stored[300, 33] = float("nan")
+    with pytest.raises(NonFiniteWeightError, match="row 33"):
+        gq.quantize(stored.T, qtype)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
 @pytest.mark.parametrize("importance", [None, "random", "sparse"])
 def test_compiled_kernels_equal_torch_encoders(qtype, importance):
     """The compiled encoders and the torch ones are independent implementations: same bytes."""
