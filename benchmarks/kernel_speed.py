@@ -3,9 +3,9 @@
 GGUF: l4q's compiled block encoders (1 thread, N threads), its torch reference encoders, and ggml's
 own quantize_<type> (llama-cpp-python's libggml-base, one thread), on the same bf16-exact matrix of
 Scout's row length, with and without an importance vector; every l4q output is checked
-byte-identical to ggml's. int4: scales, values and packing of one routed expert's projection as the
-walk hands it over (a transposed view of the stored bf16 slice), against the same on a contiguous
-copy, which takes torch's path; the two outputs are checked identical.
+byte-identical to ggml's. Then int4 (scales, values and packing), Q8_0 and Q4_K of one routed
+expert's projection as the walk hands it over (a transposed view of the stored bf16 slice), against
+the same on a contiguous copy; the two outputs are checked identical.
 
     python benchmarks/kernel_speed.py --threads 2
 """
@@ -78,7 +78,7 @@ def main() -> None:
                   f"| {'yes' if same else 'NO'} |")
             if not same:
                 sys.exit(f"{qtype}: l4q's bytes differ from ggml's")
-    int4_table(args)
+    expert_table(args)
 
 
 def int4(w: torch.Tensor) -> list[torch.Tensor]:
@@ -86,22 +86,27 @@ def int4(w: torch.Tensor) -> list[torch.Tensor]:
     return [t for _, t in get_scheme("int4").encode_weight("m", w)]
 
 
-def int4_table(args) -> None:
-    """int4 of an expert's gate projection: Scout's [5120, 8192] half of a stored [5120, 16384] slice."""
+def expert_table(args) -> None:
+    """An expert's gate projection as the walk hands it over (Scout's [8192, 5120] transposed view
+    of half a stored [5120, 16384] slice) and as a contiguous copy: int4 (torch's path for the
+    copy), Q8_0 and Q4_K (the compiled loops either way)."""
     stored = (torch.randn(5120, 2 * args.experts_out, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
     view, copy = stored[:, : args.experts_out].T, stored[:, : args.experts_out].T.contiguous()
-    print(f"\nint4 g128 of a [{view.shape[0]}, {view.shape[1]}] expert projection, M values/s, best of {args.repeat}")
-    print("| input | 1 thread | N threads | scaling |")
-    print("|---|---:|---:|---:|")
-    for name, w in (("transposed view (compiled loops)", view), ("contiguous copy (torch)", copy)):
-        rates = []
-        for n in (1, args.threads):
-            parallel.set_threads(n)
-            int4(w[:256])
-            rates.append(w.numel() / best_seconds(lambda: int4(w), args.repeat) / 1e6)
-        print(f"| {name} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[1] / rates[0]:.2f}x |")
-    if not all(map(torch.equal, int4(view), int4(copy))):
-        sys.exit("int4: the compiled loops' output differs from torch's")
+    print(f"\nA [{view.shape[0]}, {view.shape[1]}] bf16 expert projection, M values/s, best of {args.repeat}")
+    print("| format | input | 1 thread | N threads | scaling |")
+    print("|---|---|---:|---:|---:|")
+    encoders = {"int4 g128": int4, "Q8_0": lambda w: [torch.from_numpy(gq.quantize(w, "Q8_0"))],
+                "Q4_K": lambda w: [torch.from_numpy(gq.quantize(w, "Q4_K"))]}
+    for fmt, encode in encoders.items():
+        for name, w in (("transposed view", view), ("contiguous copy", copy)):
+            rates = []
+            for n in (1, args.threads):
+                parallel.set_threads(n)
+                encode(w[:256])
+                rates.append(w.numel() / best_seconds(lambda: encode(w), args.repeat) / 1e6)
+            print(f"| {fmt} | {name} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[1] / rates[0]:.2f}x |")
+        if not all(map(torch.equal, encode(view), encode(copy))):
+            sys.exit(f"{fmt}: the transposed view's bytes differ from the copy's")
 
 
 if __name__ == "__main__":

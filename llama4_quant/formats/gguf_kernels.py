@@ -173,9 +173,10 @@ _Q8_0_ROW_BLOCKS = 2  # blocks of 32 stored rows a thread encodes together: 68 b
 def encode_q8_0_stored_transposed(stored, out, bad, block_overflow):
     """`encode_q8_0` of the transposed view of `stored`, bf16 bits [in, out] with contiguous rows (a
     routed expert's slice as stored): block b of output row o is stored[32 b : 32 b + 32, o]. Each
-    thread streams whole stored rows, where every step is one SIMD operation over consecutive
-    outputs, into a buffer, then writes its blocks' bytes to each output row; the tile transpose of
-    `encode_q8_0` costs 2.5x this. max |x| is the max of the magnitude bits, which also finds NaN and
+    thread copies whole stored rows into a contiguous buffer (gate and up are halves of their
+    stored rows, and loops over strided rows do not vectorize), encodes them there, where every step
+    is one SIMD operation over consecutive outputs, then writes its blocks' bytes to each output
+    row; the tile transpose of `encode_q8_0` costs 1.5-2.5x this. max |x| is the max of the magnitude bits, which also finds NaN and
     Inf (at or above the exponent mask). An overflowing f16 scale is flagged per block (each block
     is one thread's), and `bad` only ever set, so threads never update the same value."""
     n_in, n_out = stored.shape
@@ -189,12 +190,14 @@ def encode_q8_0_stored_transposed(stored, out, bad, block_overflow):
         inv = np.empty(n_out, np.float32)
         scale_bits = np.empty((nb, n_out), np.uint16)
         q = np.empty((32 * nb, n_out), np.int8)
+        rows = np.empty((32, n_out), np.uint16)  # the block's stored rows, contiguous whatever the row stride
         bits, bits_f = _bit_cell()
         for j in range(nb):
             first = 32 * (b0 + j)
             magnitude[:] = 0
             for i in range(32):
-                row = stored[first + i]
+                row = rows[i]
+                row[:] = stored[first + i]
                 for o in range(n_out):
                     magnitude[o] = max(magnitude[o], np.uint16(row[o] & np.uint16(0x7FFF)))
             for o in range(n_out):
@@ -208,7 +211,7 @@ def encode_q8_0_stored_transposed(stored, out, bad, block_overflow):
                     block_overflow[b0 + j] = max(block_overflow[b0 + j], d)
                 scale_bits[j, o] = h
             for i in range(32):
-                row = stored[first + i]
+                row = rows[i]
                 for o in range(n_out):
                     wide[o] = np.uint32(row[o]) << np.uint32(16)
                 qi = q[32 * j + i]
