@@ -101,6 +101,28 @@ def group_absmax_of_rows(w: torch.Tensor, group_rows: int) -> torch.Tensor:
     return out.view(w.dtype)
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def _group_max_abs_bits_in_rows(bits, group, magnitude, out):
+    """out[r, g] = max over columns [g * group, (g + 1) * group) of bits[r, c] & magnitude."""
+    for r in prange(bits.shape[0]):
+        row = bits[r]
+        for g in range(out.shape[1]):
+            m = row[g * group] & magnitude
+            for c in range(g * group + 1, (g + 1) * group):
+                m = max(m, row[c] & magnitude)
+            out[r, g] = m
+
+
+def group_absmax_in_rows(w: torch.Tensor, group: int) -> torch.Tensor:
+    """max |w| over consecutive runs of `group` columns of each row of [rows, cols] `w` (rows
+    contiguous), as [rows, cols / group] in w's dtype; NaN as in `group_absmax_of_rows`."""
+    int_dtype, np_dtype, _, magnitude = _BITS[w.dtype]
+    parallel.use_kernel_threads()
+    out = torch.empty((w.shape[0], w.shape[1] // group), dtype=int_dtype)
+    _group_max_abs_bits_in_rows(_bits(w), group, np_dtype(magnitude), out.numpy().view(np_dtype))
+    return out.view(w.dtype)
+
+
 @njit(nogil=True, cache=True)
 def _widened_bf16_row(bits, r):
     """Row r of bf16 bits as float32 bits (uint32) and the float32 view of them."""
@@ -208,6 +230,45 @@ def quantize_pack_int4_transposed(w: torch.Tensor, group_rows: int, scale: torch
     no_low = np.empty((0, 0), np.float32)
     _quantize_pack_int4_bf16_rows_transposed(_bits(w), group_rows, scale.numpy(),
                                              no_low if low is None else low.numpy(), out.numpy())
+    return out
+
+
+_ROWS_TOGETHER = 64  # rows of a contiguous matrix a thread quantizes with one set of buffers
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _quantize_pack_int4_bf16_rows(bits, group, scale, low, out):
+    """int4 of bf16 [rows, cols] (rows contiguous) in groups of `group` consecutive columns with
+    float32 scales [rows, cols / group], packed along the row: out[r, k] holds columns 2k (low
+    nibble) and 2k + 1, each offset by 8. The arithmetic of `_quantize_pack_int4_bf16_rows_transposed`."""
+    rows, cols = bits.shape
+    for block in prange((rows + _ROWS_TOGETHER - 1) // _ROWS_TOGETHER):
+        wide = np.empty(cols, np.uint32)
+        x = wide.view(np.float32)
+        q = np.empty(cols, np.float32)
+        for r in range(block * _ROWS_TOGETHER, min(rows, (block + 1) * _ROWS_TOGETHER)):
+            row = bits[r]
+            for i in range(cols):
+                wide[i] = np.uint32(row[i]) << np.uint32(16)
+            for g in range(cols // group):
+                s = scale[r, g]
+                for i in range(g * group, (g + 1) * group):
+                    q[i] = (min(max(x[i] / s, np.float32(-8)), np.float32(7)) + _ROUNDER) - _ROUNDER
+                if low.shape[0] > 0:
+                    for i in range(g * group, (g + 1) * group):
+                        q[i] = max(q[i], low[r, g])
+            packed = out[r]
+            for k in range(cols // 2):
+                packed[k] = np.uint8(np.int32(q[2 * k]) + 8) | (np.uint8(np.int32(q[2 * k + 1]) + 8) << np.uint8(4))
+
+
+def quantize_pack_int4_rows(w: torch.Tensor, group: int, scale: torch.Tensor, low: torch.Tensor | None) -> torch.Tensor:
+    """`pack_int4_transposed`'s bytes for a Linear's own [out, in] bf16 weight (rows contiguous, `group`
+    even): uint8 [out, in / 2], scales float32 [out, in / group]."""
+    parallel.use_kernel_threads()
+    out = torch.empty((w.shape[0], w.shape[1] // 2), dtype=torch.uint8)
+    no_low = np.empty((0, 0), np.float32)
+    _quantize_pack_int4_bf16_rows(_bits(w), group, scale.numpy(), no_low if low is None else low.numpy(), out.numpy())
     return out
 
 

@@ -101,14 +101,17 @@ def stored_transposed(w: Tensor) -> bool:
 
 def _group_absmax(w: Tensor, group_size: int) -> Tensor:
     """Float32 max |w| over consecutive groups of `group_size` columns: [out, in / group_size]."""
-    if stored_transposed(w):
-        from . import cpu_kernels
+    from . import cpu_kernels
 
-        if cpu_kernels.supports_rows(w.T) and w.dtype in (torch.bfloat16, torch.float16, torch.float32):
+    compiled = w.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    if stored_transposed(w):
+        if compiled and cpu_kernels.supports_rows(w.T):
             return cpu_kernels.group_absmax_of_rows(w.T, group_size).float().T.contiguous()
         rows = w.T.unflatten(0, (w.shape[1] // group_size, group_size))  # [groups, group_size, out]
         lo, hi = torch.aminmax(rows, dim=1)
         return torch.maximum(hi.float(), lo.float().neg_()).T.contiguous()
+    if compiled and cpu_kernels.supports_rows(w):
+        return cpu_kernels.group_absmax_in_rows(w, group_size).float()
     lo, hi = torch.aminmax(w.unflatten(-1, (w.shape[-1] // group_size, group_size)), dim=-1)
     return torch.maximum(hi.float(), lo.float().neg_())
 
@@ -254,18 +257,23 @@ def int4_quantize(w: Tensor, scale: Tensor, group_size: int = INT4_GROUP_SIZE) -
 
 def int4_quantize_packed(w: Tensor, scale: Tensor, group_size: int = INT4_GROUP_SIZE) -> Tensor | None:
     """`pack_int4(int4_quantize(w, scale, group_size))` in one compiled pass, where that applies: a
-    bf16 routed expert's projection (stored transposed) on the CPU of a little-endian machine. None
-    elsewhere: use the two steps."""
+    bf16 weight on the CPU of a little-endian machine, a routed expert's projection (stored
+    transposed) or a Linear's own rows. None elsewhere: use the two steps."""
     from . import cpu_kernels
 
-    if not (w.dtype == torch.bfloat16 and stored_transposed(w) and cpu_kernels.supports_rows(w.T)
+    transposed = stored_transposed(w)
+    if not (w.dtype == torch.bfloat16 and cpu_kernels.supports_rows(w.T if transposed else w)
             and group_size % 2 == 0 and sys.byteorder == "little"):
         return None
     rows, cols = w.shape
     _check_scale(scale, (rows, _check_groups(cols, group_size)))
     low = int_lower_clamp(scale, INT4_MIN, INT4_MAX)
-    packed = cpu_kernels.quantize_pack_int4_transposed(w.T, group_size, scale.to(torch.float32).T.contiguous(),
-                                                       None if low is None else low.T.contiguous())
+    scale = scale.to(torch.float32)
+    if transposed:
+        packed = cpu_kernels.quantize_pack_int4_transposed(w.T, group_size, scale.T.contiguous(),
+                                                           None if low is None else low.T.contiguous())
+    else:
+        packed = cpu_kernels.quantize_pack_int4_rows(w, group_size, scale.contiguous(), low)
     return packed.view(torch.int32)
 
 

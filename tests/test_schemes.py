@@ -412,6 +412,23 @@ def test_group_absmax_of_rows_equals_torch(dtype) -> None:
     assert group_absmax_of_rows(w, 128)[1, 3].isnan() and not group_absmax_of_rows(w, 128)[0, 3].isnan()
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float16, torch.float32])
+def test_group_absmax_in_rows_equals_torch(dtype) -> None:
+    from llama4_quant.cpu_kernels import group_absmax_in_rows
+
+    g = torch.Generator().manual_seed(5)
+    wide = (torch.randn(96, 384, generator=g) * torch.logspace(-30, 4, 96)[:, None]).to(dtype)  # subnormals to large
+    wide[3, 5], wide[50, 130] = -torch.finfo(dtype).max, -0.0
+    w = wide[:, 64:320]  # rows with a stride, as a Linear's slice of rows or columns may be
+    expected = w.abs().unflatten(1, (2, 128)).amax(dim=2)
+    assert torch.equal(group_absmax_in_rows(w, 128), expected)
+    assert torch.equal(S._group_absmax(w, 128), expected.float())
+    assert torch.equal(S._group_absmax(w, 256), expected.float().amax(dim=1, keepdim=True))  # one per row
+    w = w.clone()
+    w[40, 200] = float("nan")
+    assert group_absmax_in_rows(w, 128)[40, 1].isnan() and not group_absmax_in_rows(w, 128)[40, 0].isnan()
+
+
 def test_transposed_group_absmax_is_the_same_with_and_without_the_compiled_kernel() -> None:
     """A stored expert's transposed view: bf16 through the compiled kernel, and the same values as
     float64 (which the kernel does not take: torch's reduction, as on a GPU), give the plain absmax."""
@@ -456,7 +473,8 @@ def test_compiled_int_quantize_equals_float32_torch(group_rows, qmin, qmax) -> N
 
 def test_fused_int4_quantize_and_pack_equals_the_two_steps() -> None:
     """A routed expert's projection (a strided transposed view of bf16 [in, out]: 100 of its 120
-    columns, 128 row pairs in two blocks) packed in one pass gives the bytes of float32 torch
+    columns, 128 row pairs in two blocks), and its contiguous copy (100 rows: two blocks of
+    rows), packed in one pass give the bytes of float32 torch
     rounding then packing, with scales that tie on half steps and ones whose -8 * scale overflows
     bf16 (the -7 clamp)."""
     from llama4_quant.formats.compressed_tensors import get_scheme
@@ -478,10 +496,14 @@ def test_fused_int4_quantize_and_pack_equals_the_two_steps() -> None:
     expected = S.pack_int4(x.to(torch.int8))
     assert torch.equal(S.int4_quantize_packed(w, scale), expected)
     assert torch.equal(S.int4_quantize_packed(w, scale), S.pack_int4(S.int4_quantize(w, scale)))
-    assert S.int4_quantize_packed(w.contiguous(), scale) is None  # not stored transposed: the two steps
+    # a Linear's own rows (the contiguous copy) take the other compiled pass; float32, the two steps
+    assert torch.equal(S.int4_quantize_packed(w.contiguous(), scale), expected)
+    assert S.int4_quantize_packed(w.float(), scale) is None
     int4 = get_scheme("int4")
-    for (name, ours), (_, general) in zip(int4.encode_weight("m", w), int4.encode_weight("m", w.contiguous())):
-        assert torch.equal(ours, general), name
+    general = int4.encode_weight("m", w.float())  # torch's kernels, on the same (bf16-exact) values
+    for weight in (w, w.contiguous()):
+        for (name, ours), (_, theirs) in zip(int4.encode_weight("m", weight), general):
+            assert torch.equal(ours, theirs), name
 
 
 def test_compiled_fp8_quantize_equals_torch_on_every_bf16_value() -> None:
