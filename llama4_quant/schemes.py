@@ -58,6 +58,10 @@ FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 # needs one 64 MiB float32 buffer rather than a full-size float32 copy.
 _CHUNK_ELEMENTS = 1 << 24
 
+# Below this many values a compiled parallel loop costs more to start (~0.4 ms) than torch takes
+# (the scale searches call the group maxima of small slices thousands of times).
+_COMPILED_MIN_ELEMENTS = 1 << 20
+
 # Same-width integer views: positive finite floats are ordered like their bit patterns.
 _BITS_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
@@ -110,7 +114,7 @@ def _group_absmax(w: Tensor, group_size: int) -> Tensor:
         rows = w.T.unflatten(0, (w.shape[1] // group_size, group_size))  # [groups, group_size, out]
         lo, hi = torch.aminmax(rows, dim=1)
         return torch.maximum(hi.float(), lo.float().neg_()).T.contiguous()
-    if compiled and cpu_kernels.supports_rows(w):
+    if compiled and w.numel() >= _COMPILED_MIN_ELEMENTS and cpu_kernels.supports_rows(w):
         return cpu_kernels.group_absmax_in_rows(w, group_size).float()
     lo, hi = torch.aminmax(w.unflatten(-1, (w.shape[-1] // group_size, group_size)), dim=-1)
     return torch.maximum(hi.float(), lo.float().neg_())
