@@ -17,9 +17,13 @@ from cli.main import main
 from llama4_quant import distributed
 
 REPO = Path(__file__).resolve().parents[1]
-CALIBRATE = ["--samples", "6", "--seq-len", "48", "--quiet"]
+# One thread in every process: the promise is the same bytes with the same threads per process (on some
+# CPUs, torch's matrix products at 2 threads and at 1 differ in the last bits), and 2 ranks on this
+# machine get one core each.
+CALIBRATE = ["--samples", "6", "--seq-len", "48", "--threads", "1", "--quiet"]
 # GPTQ int4 in several shards and an imatrix-weighted K-quant GGUF, from one read
-QUANTIZE = ["--to", "int4", "--method", "gptq", "--gguf", "Q4_K_M", "--max-shard-size", "2MB", "--quiet"]
+QUANTIZE = ["--to", "int4", "--method", "gptq", "--gguf", "Q4_K_M", "--max-shard-size", "2MB", "--threads", "1",
+            "--quiet"]
 
 # Runs the CLI with rank 1 killed (SIGKILL, as by the OOM killer) at a chosen moment; rank 0 is then
 # stopped by torchrun.
