@@ -360,6 +360,18 @@ def test_q8_0_round_half_away_from_zero():
     np.testing.assert_array_equal(q, gguf_quants.quantize(x, T.Q8_0)[0, 2:].view(np.int8))
 
 
+def test_torch_encoders_take_correctly_rounded_square_roots():
+    """The K-quant weights take sqrtf; torch's CPU sqrt was an ulp off on an AMD EPYC (MKL), which
+    changed Q4_K bytes. Random float32 bit patterns from subnormals to the largest float, and the
+    edge values, against numpy's sqrt and the float64 root rounded to float32 (exact for sqrt)."""
+    bits = rng(12).integers(0, 0x7F800000, 200_000, dtype=np.int64).astype(np.int32)
+    edges = np.array([0.0, -0.0, np.inf, np.nan, 1.0, 2.0, 1e-45, 3.4028235e38], dtype=np.float32)
+    v = np.concatenate([bits.view(np.float32), edges])
+    got = gq._sqrt(torch.from_numpy(v)).numpy()
+    np.testing.assert_array_equal(got, np.sqrt(v))
+    np.testing.assert_array_equal(got, np.sqrt(v.astype(np.float64)).astype(np.float32))
+
+
 # ---------------------------------------------------------------------------------------------
 # Q4_K / Q6_K
 

@@ -311,6 +311,20 @@ def _nearest_int(v: Tensor) -> Tensor:
     return ((v + _MAGIC).view(torch.int32) & 0x007FFFFF) - 0x00400000
 
 
+def _sqrt(v: Tensor) -> Tensor:
+    """sqrtf of float32 values, correctly rounded as C's, on every device. torch's CPU sqrt may
+    come from a vector math library that is an ulp off (MKL's, on an AMD EPYC): the float64 root
+    rounded to float32 is within an ulp, then moved by one where the square of the midpoint to its
+    neighbour, exact in float64 (25 significant bits), says the value lies beyond it."""
+    wide = v.double()
+    r = torch.sqrt(wide).float()
+    for toward, beyond in ((torch.inf, torch.lt), (0.0, torch.gt)):
+        other = torch.nextafter(r, torch.full_like(r, toward))
+        mid = (r.double() + other.double()) * 0.5
+        r = torch.where(beyond(mid * mid, wide), other, r)
+    return r
+
+
 def _seqsum0(t: Tensor) -> Tensor:
     """Sum over axis 0 in index order, starting from +0.0: the C loop `s = 0; s += t[i]` exactly."""
     s = t[0] + 0.0
@@ -354,7 +368,7 @@ def _sigma_weights(x: Tensor, qw: Tensor, rows: int, super_size: int, factor: fl
     sigma2 = _div(factor * s2, float(super_size))
     w = x * x
     w += torch.repeat_interleave(sigma2, per)
-    torch.sqrt(w, out=w)
+    w = _sqrt(w)
     w *= _importance_t(qw, rows, n)
     return w
 
@@ -543,7 +557,7 @@ def _qkx_super_blocks(chunk: Tensor, qw: Tensor | None, nmax: int, qtype: str) -
     S = x.shape[1]
     B = S // 8
     if qw is None:
-        av_x = torch.sqrt(_div(_seqsum0(x * x), 32.0))
+        av_x = _sqrt(_div(_seqsum0(x * x), 32.0))
         w = x.abs()
         w += av_x
         rmin, rdelta, nstep = _QKX_REF_SEARCH[nmax]
