@@ -9,8 +9,9 @@ together; then int4 and Q4_K_M with one thread, and with one thread and the whol
 core (`taskset`: the one-thread job still reads and writes on other cores), for the scaling. Each
 row: wall time, the ratio to `cp -r`, cores busy (user + sys CPU time of the whole machine over the
 row's wall time: worker processes included, and anything else running then), the peak RSS of the
-job's process tree, and bytes written. The one-thread outputs are checked byte-identical to the
-N-thread ones.
+job's process tree, and bytes written. Every row starts after a `sync`, so none pays for the
+writeback of an earlier row's or the checkpoint's bytes. The one-thread outputs are checked
+byte-identical to the N-thread ones.
 
     python benchmarks/speed.py --layers 2 --workdir /tmp/l4q-bench
 """
@@ -18,6 +19,7 @@ N-thread ones.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -81,6 +83,7 @@ def main() -> None:
     rows, digests = [], {}
 
     def job(name: str, cmd: list, out: Path, keep: str | None = None) -> dict:
+        os.sync()  # no row pays for the writeback of what came before it (the checkpoint's generation included)
         r = run_job(cmd)
         r["written"] = size_of(out)
         if keep:
