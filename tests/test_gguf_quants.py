@@ -361,7 +361,7 @@ def test_q8_0_round_half_away_from_zero():
 
 
 def test_torch_encoders_take_correctly_rounded_square_roots():
-    """The K-quant weights take sqrtf; torch's CPU sqrt was an ulp off on an AMD EPYC (MKL), which
+    """The K-quant weights take sqrtf; torch's CPU sqrt was an ulp off on an AMD EPYC, which
     changed Q4_K bytes. Random float32 bit patterns from subnormals to the largest float, and the
     edge values, against numpy's sqrt and the float64 root rounded to float32 (exact for sqrt)."""
     bits = rng(12).integers(0, 0x7F800000, 200_000, dtype=np.int64).astype(np.int32)
