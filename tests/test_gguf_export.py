@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -157,7 +158,9 @@ def test_export_warns_about_settings_llama_cpp_ignores(small_model):
     assert "qk-norm" in warning and "4 experts" in warning
 
 
-def test_cli_export_and_existing_output(tmp_path):
+def test_cli_export_and_existing_output(tmp_path, monkeypatch):
+    # Nothing goes through the temp dir (a missing one here), so a killed run leaves nothing there.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-temp-dir"))
     out = tmp_path / "t.gguf"
     result = CliRunner().invoke(main, ["export", "gguf", "tiny", "--type", "Q8_0", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.stderr

@@ -10,12 +10,12 @@ bounded by one slice, never by a tensor or the model. Block encodings live in `g
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -420,24 +420,22 @@ class GGUFTarget:
         """Header, metadata and tensor infos, as gguf-py's GGUFWriter writes them."""
         import gguf
 
-        scratch = tempfile.TemporaryDirectory(prefix="l4q-gguf-header-")
-        tmp = Path(scratch.name) / "header.gguf"
-        writer = gguf.GGUFWriter(tmp, self.arch_name)
+        class InMemoryWriter(gguf.GGUFWriter):
+            # Into memory, not a scratch file: a run killed here leaves nothing behind in the temp dir.
+            def open_output_file(self, path=None) -> None:
+                self.fout, self.state = [io.BytesIO()], gguf.WriterState.EMPTY
+
+        writer = InMemoryWriter(None, self.arch_name)
         for t in self.tensors:
             # Declared as bytes: GGUFWriter turns the byte shape back into the element shape for any type.
             byte_shape = (*t.shape[:-1], t.nbytes // math.prod(t.shape[:-1]))
             writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes,
                                    raw_dtype=gguf.GGMLQuantizationType[t.qtype])
         self.add_metadata(writer)
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            writer.close()
-            return tmp.read_bytes()
-        finally:
-            writer.close()
-            scratch.cleanup()
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        return writer.fout[0].getvalue()
 
     def prepare(self, show_progress: bool) -> None:
         pass
