@@ -11,7 +11,7 @@ import torch
 from libggml import ggml_quantize, needs_ggml
 from llama4_quant import parallel
 from llama4_quant.errors import NonFiniteWeightError
-from llama4_quant.formats import gguf_quants as gq
+from llama4_quant.formats import gguf_kernels, gguf_quants as gq
 
 import gguf.quants as gguf_quants  # noqa: E402
 from gguf.constants import GGMLQuantizationType as T  # noqa: E402
@@ -565,6 +565,31 @@ def test_transposed_views_refuse_non_finite_and_overflow(qtype):
     stored[300, 33] = float("nan")
     with pytest.raises(NonFiniteWeightError, match="row 33"):
         gq.quantize(stored.T, qtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_q8_0_of_a_stored_slice_across_bands(threads):
+    """Q8_0 of an expert's view encodes its stored rows a band of output columns at a time: two
+    whole bands and a partial one, of a wider stored matrix, against the contiguous copy and the
+    torch encoder; a NaN and an overflowing block in the last band are found there."""
+    band = gguf_kernels._Q8_0_BAND
+    n_out = 2 * band + 76
+    stored = torch.from_numpy(gaussian(256, n_out + 40, 12)).bfloat16()  # [in, out + 40]
+    stored[:32, 1000] = 1.0e7  # block 0 of output row 1000: d = 1e7 / 127 overflows f16
+    view = stored[:, 30:30 + n_out].T
+    parallel.set_threads(threads)
+    try:
+        with pytest.raises(gq.ScaleOverflowError, match="float16"):
+            gq.quantize(view, "Q8_0")
+        stored[:32, 1000] = 0.5
+        q = gq.quantize(view, "Q8_0")
+        np.testing.assert_array_equal(q, gq.quantize(view.contiguous(), "Q8_0"))
+        np.testing.assert_array_equal(q, gq.quantize_reference(view, "Q8_0"))
+        stored[100, 30 + n_out - 3] = float("nan")
+        with pytest.raises(NonFiniteWeightError, match=f"row {n_out - 3}"):
+            gq.quantize(view, "Q8_0")
+    finally:
+        parallel.set_threads(None)
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES)

@@ -169,63 +169,70 @@ def encode_q8_0(src, shift, out, bad, overflow):
 
 
 _Q8_0_ROW_BLOCKS = 2  # blocks of 32 stored rows a thread encodes together: 68 bytes of each output row
+_Q8_0_BAND = 512  # output columns encoded together: the blocks' rows and values of them stay in L1/L2
 
 
 @njit(parallel=True, **_KERNEL)
 def encode_q8_0_stored_transposed(stored, out, bad, block_overflow):
     """`encode_q8_0` of the transposed view of `stored`, bf16 bits [in, out] with contiguous rows (a
     routed expert's slice as stored): block b of output row o is stored[32 b : 32 b + 32, o]. Each
-    thread copies whole stored rows into a contiguous buffer (gate and up are halves of their
-    stored rows, and loops over strided rows do not vectorize), encodes them there, where every step
-    is one SIMD operation over consecutive outputs, then writes its blocks' bytes to each output
-    row; the tile transpose of `encode_q8_0` costs 1.5-2.5x this. max |x| is the max of the magnitude bits, which also finds NaN and
-    Inf (at or above the exponent mask). An overflowing f16 scale is flagged per block (each block
-    is one thread's), and `bad` only ever set, so threads never update the same value."""
+    thread takes two blocks and, a band of 512 output columns at a time, copies their stored rows'
+    band into a contiguous buffer (gate and up are halves of their stored rows, and loops over
+    strided rows do not vectorize), encodes it there, where every step is one SIMD operation over
+    consecutive outputs, then writes the blocks' bytes to each output row of the band. Whole rows at
+    once held 1 MB per thread for gate and up, past a 1 MB L2, and ran 2-3x slower; the tile
+    transpose of `encode_q8_0` costs more still. max |x| is the max of the magnitude bits, which
+    also finds NaN and Inf (at or above the exponent mask). An overflowing f16 scale is flagged per
+    block (each block is one thread's), and `bad` only ever set, so threads never update the same
+    value."""
     n_in, n_out = stored.shape
     blocks = n_in // 32
     for chunk in prange((blocks + _Q8_0_ROW_BLOCKS - 1) // _Q8_0_ROW_BLOCKS):
         b0 = chunk * _Q8_0_ROW_BLOCKS
         nb = min(blocks, b0 + _Q8_0_ROW_BLOCKS) - b0
-        magnitude = np.empty(n_out, np.uint16)
-        wide = np.empty(n_out, np.uint32)  # float32 bits, and their float32 view x
+        magnitude = np.empty(_Q8_0_BAND, np.uint16)
+        wide = np.empty(_Q8_0_BAND, np.uint32)  # float32 bits, and their float32 view x
         x = wide.view(np.float32)
-        inv = np.empty(n_out, np.float32)
-        scale_bits = np.empty((nb, n_out), np.uint16)
-        q = np.empty((32 * nb, n_out), np.int8)
-        rows = np.empty((32, n_out), np.uint16)  # the block's stored rows, contiguous whatever the row stride
+        inv = np.empty(_Q8_0_BAND, np.float32)
+        scale_bits = np.empty((nb, _Q8_0_BAND), np.uint16)
+        q = np.empty((32 * nb, _Q8_0_BAND), np.int8)
+        rows = np.empty((32, _Q8_0_BAND), np.uint16)  # a block's stored rows in the band, contiguous
         bits, bits_f = _bit_cell()
-        for j in range(nb):
-            first = 32 * (b0 + j)
-            magnitude[:] = 0
-            for i in range(32):
-                row = rows[i]
-                row[:] = stored[first + i]
-                for o in range(n_out):
-                    magnitude[o] = max(magnitude[o], np.uint16(row[o] & np.uint16(0x7FFF)))
-            for o in range(n_out):
-                if magnitude[o] >= np.uint16(0x7F80):
-                    bad[o] = True
-                wide[o] = np.uint32(magnitude[o]) << np.uint32(16)
-                d = x[o] / f32(127)
-                inv[o] = f32(1) / d if d != 0 else f32(0)
-                h = _f16_bits(d, bits, bits_f)
-                if h & 0x7FFF == 0x7C00:
-                    block_overflow[b0 + j] = max(block_overflow[b0 + j], d)
-                scale_bits[j, o] = h
-            for i in range(32):
-                row = rows[i]
-                for o in range(n_out):
-                    wide[o] = np.uint32(row[o]) << np.uint32(16)
-                qi = q[32 * j + i]
-                for o in range(n_out):
-                    qi[o] = np.int8(_round_half_away(x[o] * inv[o]))
-        for o in range(n_out):
+        for o0 in range(0, n_out, _Q8_0_BAND):
+            w = min(_Q8_0_BAND, n_out - o0)
             for j in range(nb):
-                at = 34 * (b0 + j)
-                out[o, at] = scale_bits[j, o] & 0xFF
-                out[o, at + 1] = scale_bits[j, o] >> 8
+                first = 32 * (b0 + j)
+                magnitude[:] = 0
                 for i in range(32):
-                    out[o, at + 2 + i] = np.uint8(q[32 * j + i, o])
+                    row = rows[i, :w]
+                    row[:] = stored[first + i, o0:o0 + w]  # a copy, then a loop over it: fused, 2x slower
+                    for o in range(w):
+                        magnitude[o] = max(magnitude[o], np.uint16(row[o] & np.uint16(0x7FFF)))
+                for o in range(w):
+                    if magnitude[o] >= np.uint16(0x7F80):
+                        bad[o0 + o] = True
+                    wide[o] = np.uint32(magnitude[o]) << np.uint32(16)
+                    d = x[o] / f32(127)
+                    inv[o] = f32(1) / d if d != 0 else f32(0)
+                    h = _f16_bits(d, bits, bits_f)
+                    if h & 0x7FFF == 0x7C00:
+                        block_overflow[b0 + j] = max(block_overflow[b0 + j], d)
+                    scale_bits[j, o] = h
+                for i in range(32):
+                    row = rows[i]
+                    for o in range(w):
+                        wide[o] = np.uint32(row[o]) << np.uint32(16)
+                    qi = q[32 * j + i]
+                    for o in range(w):
+                        qi[o] = np.int8(_round_half_away(x[o] * inv[o]))
+            for o in range(w):
+                dst = out[o0 + o]
+                for j in range(nb):
+                    at = 34 * (b0 + j)
+                    dst[at] = scale_bits[j, o] & 0xFF
+                    dst[at + 1] = scale_bits[j, o] >> 8
+                    for i in range(32):
+                        dst[at + 2 + i] = np.uint8(q[32 * j + i, o])
 
 
 @njit(parallel=True, **_KERNEL)
