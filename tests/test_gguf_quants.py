@@ -571,7 +571,7 @@ def test_transposed_views_refuse_non_finite_and_overflow(qtype):
 def test_q8_0_of_a_stored_slice_across_bands(threads):
     """Q8_0 of an expert's view encodes its stored rows a band of output columns at a time: two
     whole bands and a partial one, of a wider stored matrix, against the contiguous copy and the
-    torch encoder; a NaN and an overflowing block in the last band are found there."""
+    torch encoder; an overflowing block in the second band and a NaN in the partial one are found."""
     band = gguf_kernels._Q8_0_BAND
     n_out = 2 * band + 76
     stored = torch.from_numpy(gaussian(256, n_out + 40, 12)).bfloat16()  # [in, out + 40]

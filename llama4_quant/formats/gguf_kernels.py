@@ -180,11 +180,11 @@ def encode_q8_0_stored_transposed(stored, out, bad, block_overflow):
     band into a contiguous buffer (gate and up are halves of their stored rows, and loops over
     strided rows do not vectorize), encodes it there, where every step is one SIMD operation over
     consecutive outputs, then writes the blocks' bytes to each output row of the band. Whole rows at
-    once held 1 MB per thread for gate and up, past a 1 MB L2, and ran 2-3x slower; the tile
-    transpose of `encode_q8_0` costs more still. max |x| is the max of the magnitude bits, which
-    also finds NaN and Inf (at or above the exponent mask). An overflowing f16 scale is flagged per
-    block (each block is one thread's), and `bad` only ever set, so threads never update the same
-    value."""
+    once held 1 MB per thread for gate and up, past the measured CPU's 1 MB L2, and ran 2-3x
+    slower; the tile transpose of `encode_q8_0` costs more still. max |x| is the max of the
+    magnitude bits, which also finds NaN and Inf (at or above the exponent mask). An overflowing f16
+    scale is flagged per block (each block is one thread's), and `bad` only ever set, so threads
+    never update the same value."""
     n_in, n_out = stored.shape
     blocks = n_in // 32
     for chunk in prange((blocks + _Q8_0_ROW_BLOCKS - 1) // _Q8_0_ROW_BLOCKS):
