@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -568,6 +570,24 @@ def test_registry() -> None:
     with pytest.raises(ValueError, match="twice"):
         ct.register_scheme(type(ct.get_scheme("int4")))
     assert ct.scheme_names() == ["int4", "int8", "fp8", "fp8-block", "nvfp4a16", "nvfp4", "mxfp4a16", "mxfp4"]
+
+
+@pytest.mark.parametrize("name", ct.scheme_names())
+def test_quantization_config_is_the_one_compressed_tensors_builds(name: str) -> None:
+    """l4q writes `quantization_config` without importing compressed-tensors (seconds of every run):
+    the JSON must be the library's, from the scheme's preset, key order included, and parse back."""
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+
+    scheme, ignore = ct.get_scheme(name), ["lm_head", r".*\.router"]
+    group = preset_name_to_scheme(scheme.preset, ["Linear"])
+    group.format = scheme.format
+    theirs = QuantizationConfig(config_groups={"group_0": group}, format=scheme.format, quantization_status="compressed",
+                                ignore=[f"re:{p}" for p in ignore]).model_dump()
+    ours = ct.quantization_config(scheme, ignore)
+    assert json.dumps(ours) == json.dumps(theirs)
+    assert QuantizationConfig.model_validate(ours).model_dump() == ours
+    ours["config_groups"]["group_0"]["weights"]["num_bits"] = 2  # a copy: the scheme's own args stay
+    assert ct.quantization_config(scheme, ignore) == theirs
 
 
 def test_registry_loads_without_torch() -> None:

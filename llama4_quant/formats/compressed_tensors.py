@@ -18,6 +18,7 @@ the CLI's option choices and model validation.
 
 from __future__ import annotations
 
+import copy
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -45,7 +46,7 @@ class Scheme(ABC):
     """
 
     name: ClassVar[str]  # as given to --to
-    preset: ClassVar[str]  # compressed-tensors preset scheme: the config group
+    preset: ClassVar[str]  # the compressed-tensors preset scheme that `weights_args` and `input_args` equal
     format: ClassVar[str]  # compressed-tensors compression format
     description: ClassVar[str]  # one line, for help texts
     suffixes: ClassVar[tuple[str, ...]]  # the stored tensors of one Linear, in write order: QUANTIZED_SUFFIXES[format]
@@ -57,6 +58,8 @@ class Scheme(ABC):
     rows_per_scale: ClassVar[int] = 1  # rows that share one group scale (fp8-block: 128, a block's rows)
     inputs: ClassVar[str] = "none"  # activations as served: "none" (16-bit), "dynamic", "static" (`with_inputs`)
     strategy: ClassVar[str] = ""  # compressed-tensors' weight strategy (channel, group, block ...)
+    weights_args: ClassVar[dict]  # the config group's `weights`, as compressed-tensors dumps them (`quant_args`)
+    input_args: ClassVar[dict | None] = None  # its `input_activations`
 
     def __repr__(self) -> str:
         return f"<scheme {self.name}>"
@@ -184,13 +187,28 @@ class Scheme(ABC):
     def _named(self, module: str, tensors: Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
         return [(f"{module}.{s}", tensors[s].cpu()) for s in self.suffixes]
 
-    def config_group(self):
-        """This scheme's `config_groups` entry: compressed-tensors' preset, with our format."""
-        from compressed_tensors.quantization import preset_name_to_scheme
+    def config_group(self) -> dict:
+        """This scheme's `config_groups` entry, as compressed-tensors' `QuantizationScheme` dumps it."""
+        return copy.deepcopy({"targets": ["Linear"], "weights": self.weights_args, "input_activations": self.input_args,
+                              "output_activations": None, "format": self.format})
 
-        group = preset_name_to_scheme(self.preset, ["Linear"])
-        group.format = self.format
-        return group
+
+def quant_args(num_bits: int, type: str, strategy: str, group_size: int | None = None, dynamic: bool | str = False,
+               block_structure: list[int] | None = None, scale_dtype: str | None = None,
+               observer: str | None = None) -> dict:
+    """compressed-tensors' `QuantizationArgs` (symmetric) as its `model_dump` writes them: the
+    optional fields only where set, in its order. Built here rather than with the library, whose
+    import (transformers with it) took 2.5-3 s of a quantize run; tests compare every scheme's
+    `quantization_config` with the one the library's own classes build from `preset`."""
+    args = {"num_bits": num_bits, "type": type, "symmetric": True, "group_size": group_size, "strategy": strategy}
+    if block_structure is not None:
+        args["block_structure"] = block_structure
+    args["dynamic"] = dynamic
+    if scale_dtype is not None:
+        args["scale_dtype"] = scale_dtype
+    if observer is not None:
+        args["observer"] = observer
+    return args
 
 
 # --------------------------------------------------------------------------------------- registry
@@ -334,6 +352,7 @@ class Int4(_IntScheme):
 
     name = "int4"
     preset = "W4A16"
+    weights_args = quant_args(4, "int", "group", group_size=128)
     format = "pack-quantized"
     strategy = "group"
     description = "int4 weights, symmetric, group 128, 16-bit activations"
@@ -405,6 +424,8 @@ class Int8(_PerChannel, _IntScheme):
 
     name = "int8"
     preset = "W8A8"
+    weights_args = quant_args(8, "int", "channel")
+    input_args = quant_args(8, "int", "token", dynamic=True)
     format = "int-quantized"
     strategy = "channel"
     description = "int8 per-channel weights, dynamic per-token int8 activations"
@@ -442,6 +463,8 @@ class Fp8(_Fp8Grid, _PerChannel, _SymmetricScheme):
 
     name = "fp8"
     preset = "FP8_DYNAMIC"
+    weights_args = quant_args(8, "float", "channel")
+    input_args = quant_args(8, "float", "token", dynamic=True)
     format = "float-quantized"
     strategy = "channel"
     description = "FP8 e4m3 per-channel weights, dynamic per-token FP8 activations"
@@ -467,6 +490,8 @@ class Fp8Block(_Fp8Grid, Scheme):
 
     name = "fp8-block"
     preset = "FP8_BLOCK"
+    weights_args = quant_args(8, "float", "block", block_structure=[128, 128])
+    input_args = quant_args(8, "float", "group", group_size=128, dynamic=True)
     format = "float-quantized"
     strategy = "block"
     description = "FP8 e4m3 weights with 128x128 block scales, dynamic per-group FP8 activations"
@@ -558,6 +583,7 @@ class NvFp4A16(_Fp4Values, Scheme):
 
     name = "nvfp4a16"
     preset = "NVFP4A16"
+    weights_args = quant_args(4, "float", "tensor_group", group_size=16, scale_dtype="torch.float8_e4m3fn")
     format = "nvfp4-pack-quantized"
     strategy = "tensor_group"
     description = "NVFP4 weights (FP4 e2m1, group 16, FP8 scales, global scale), 16-bit activations"
@@ -676,6 +702,8 @@ class NvFp4(NvFp4A16):
 
     name = "nvfp4"
     preset = "NVFP4"
+    input_args = quant_args(4, "float", "tensor_group", group_size=16, dynamic="local",
+                            scale_dtype="torch.float8_e4m3fn", observer="static_minmax")
     description = "NVFP4 weights and activations (W4A4; static input scales from --calib)"
     suffixes = (*QUANTIZED_SUFFIXES[NvFp4A16.format], "input_global_scale")
     scale_suffixes = ("weight_scale", "weight_global_scale", "input_global_scale")
@@ -727,6 +755,7 @@ class MxFp4A16(_Fp4Values, Scheme):
 
     name = "mxfp4a16"
     preset = "MXFP4A16"
+    weights_args = quant_args(4, "float", "group", group_size=32, scale_dtype="torch.uint8")
     format = "mxfp4-pack-quantized"
     strategy = "group"
     description = "MXFP4 weights (FP4 e2m1, group 32, power-of-two E8M0 scales), 16-bit activations"
@@ -810,6 +839,7 @@ class MxFp4(MxFp4A16):
 
     name = "mxfp4"
     preset = "MXFP4"
+    input_args = quant_args(4, "float", "group", group_size=32, dynamic=True, scale_dtype="torch.uint8")
     description = "MXFP4 weights and activations (W4A4; dynamic power-of-two input scales)"
     inputs = "dynamic"
 
@@ -837,13 +867,7 @@ def ignore_matches(patterns: list[str], module: str) -> bool:
 
 
 def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
-    """`config.json`'s `quantization_config`, built with compressed-tensors' own classes."""
-    from compressed_tensors.quantization import QuantizationConfig
-
-    config = QuantizationConfig(
-        config_groups={"group_0": scheme.config_group()},
-        format=scheme.format,
-        quantization_status="compressed",
-        ignore=[f"re:{p}" for p in ignore],
-    )
-    return config.model_dump()
+    """`config.json`'s `quantization_config`, as compressed-tensors' `QuantizationConfig` dumps it."""
+    return {"config_groups": {"group_0": scheme.config_group()}, "quant_method": "compressed-tensors",
+            "kv_cache_scheme": None, "format": scheme.format, "quantization_status": "compressed",
+            "global_compression_ratio": None, "ignore": [f"re:{p}" for p in ignore], "moe_sparsity_config": None}
