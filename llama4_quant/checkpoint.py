@@ -461,6 +461,7 @@ class ShardWriter:
         self._written = 0  # bytes of the current tensor so far
         self._writer: outputs.FileWriter | None = None
         self._copier: outputs.FileWriter | None = None  # `copy`'s thread, started by the first copy
+        self._copied: set[str] = set()
         self._file = open(self.tmp, "wb")
         try:
             header = encode_header(entries)
@@ -484,16 +485,32 @@ class ShardWriter:
             data = tensor_bytes(data)
         self._writer.write(data, self._advance(entry, memoryview(data).nbytes))
 
-    def copy(self, name: str, source: Path, offset: int, nbytes: int) -> None:
-        """Append (part of) the next tensor's bytes as `nbytes` bytes of file `source` at `offset`,
-        copied by the kernel on a thread of its own. The copy holds no memory, so it may fall far
-        behind the other writes (the walk's BF16 copies then run beside its quantizing)."""
-        at = self._advance(self._entry(name), nbytes)
+    def copy(self, name: str, source: Path, offset: int) -> None:
+        """Copy all of a tensor still to come, file `source`'s bytes from `offset`, to its place, by
+        the kernel on a thread of its own; the order `write` follows then skips it. It holds no
+        memory, so it may be called before the tensors ahead of it arrive and run beside their
+        quantizing."""
+        index = next((i for i in range(self._next, len(self.entries)) if self.entries[i].name == name), None)
+        if index is None or name in self._copied or (index == self._next and self._written):
+            raise RuntimeError(f"{self.path.name}: {name} is not a tensor still to come")
+        at = self._end - self._written + sum(e.nbytes for e in self.entries[self._next:index])
+        self._copied.add(name)
         if self._copier is None:
             self._copier = outputs.FileWriter(self._file.fileno(), self.tmp, depth=0)
+        nbytes = self.entries[index].nbytes
         self._copier.then(functools.partial(outputs.copy_into, self._file.fileno(), at, source, offset, nbytes))
 
+    def copied(self, name: str) -> bool:
+        """Whether tensor `name` was handed to `copy`."""
+        return name in self._copied
+
+    def _skip_copied(self) -> None:
+        while not self._written and self._next < len(self.entries) and self.entries[self._next].name in self._copied:
+            self._end += self.entries[self._next].nbytes
+            self._next += 1
+
     def _entry(self, name: str) -> TensorEntry:
+        self._skip_copied()
         if self._next >= len(self.entries):
             raise RuntimeError(f"{self.path.name}: unexpected tensor {name}")
         entry = self.entries[self._next]
@@ -520,6 +537,7 @@ class ShardWriter:
     def seal(self) -> None:
         """After the last tensor: make the shard durable and give it its name (fsync, rename) on the
         writer's thread, while the caller goes on; `wait` for that."""
+        self._skip_copied()
         if self._next != len(self.entries):
             raise RuntimeError(f"{self.path.name}: closed after {self._next} of {len(self.entries)} tensors")
         self._writer.then(self._complete)

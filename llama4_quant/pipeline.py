@@ -276,6 +276,7 @@ class CompressedTensorsTarget:
         self.partial: outputs.Partial | None = None
         self._writer: ShardWriter | None = None
         self._sealed: tuple[int, ShardWriter] | None = None  # the last full shard, finishing on its thread
+        self._ahead: tuple[int, ShardWriter] | None = None  # the next shard, opened early for its copies
         self._held: list[tuple[Weight, torch.Tensor]] = []  # fused-group members waiting for the last
         self.shards_resumed = 0
 
@@ -330,10 +331,9 @@ class CompressedTensorsTarget:
         i, unit = self._unit_of[w.name]
         with outputs.writing(self.partial.dir, resume_hint=True):
             writer = self._shard_writer(i)
-            if unit.kind == "copy" and self.model.source.remote is None:  # the bytes as stored, by the kernel
-                row_bytes = w.info.nbytes // w.info.shape[0]
-                writer.copy(w.name, w.info.file, w.info.offset + start_row * row_bytes, data.numel() * data.element_size())
-            elif unit.kind == "copy":  # a Hub source's shard may be deleted before a copy would get to it
+            if unit.kind == "copy" and writer.copied(w.name):
+                return  # on its way since the shard opened (`_open_shard`); read for the finiteness check
+            if unit.kind == "copy":
                 writer.write(w.name, tensor_bytes(data))
             elif not unit.quantize:  # an ignored expert: its BF16 projection, unfused
                 writer.write(w.name, data.contiguous())
@@ -380,10 +380,29 @@ class CompressedTensorsTarget:
         self._done.add(self.plan.shard_names[i])
 
     def _shard_writer(self, i: int) -> ShardWriter:
+        """Shard i's writer; the next shard opens with it when it has copies (`_open_shard`)."""
         if self._writer is None:
-            name = self.plan.shard_names[i]
-            self._writer = ShardWriter(self.partial.path(name), [e for u in self.plan.shards[i] for e in u.outputs])
+            ahead, self._ahead = self._ahead, None
+            self._writer = ahead[1] if ahead and ahead[0] == i else self._open_shard(i)
+            if i + 1 < len(self.plan.shards) and not self._not_mine(i + 1) and self._copies(i + 1):
+                self._ahead = (i + 1, self._open_shard(i + 1))
         return self._writer
+
+    def _open_shard(self, i: int) -> ShardWriter:
+        """Shard i's writer, its BF16 copies already handed to the kernel: they hold no memory and
+        run beside the quantizing, where one left to the walk's turn (lm_head, stored last) would
+        run alone at the end."""
+        writer = ShardWriter(self.partial.path(self.plan.shard_names[i]), [e for u in self.plan.shards[i] for e in u.outputs])
+        for w in self._copies(i):
+            writer.copy(w.name, w.info.file, w.info.offset)
+        return writer
+
+    def _copies(self, i: int) -> list[Weight]:
+        """Shard i's tensors copied as stored, by the kernel; none from a Hub source, whose shards
+        may be deleted before a copy would get to them (they are written from the walk's reads)."""
+        if self.model.source.remote is not None:
+            return []
+        return [u.weights[0] for u in self.plan.shards[i] if u.kind == "copy"]
 
     def finish(self) -> None:
         with outputs.writing(self.partial.dir, resume_hint=True):
@@ -404,7 +423,7 @@ class CompressedTensorsTarget:
             self._wait_sealed()  # a full shard is kept for --resume
         except BaseException:
             pass  # the failure being handled, or one it caused
-        for writer in (self._writer, self._sealed[1] if self._sealed else None):
+        for writer in (self._writer, self._sealed[1] if self._sealed else None, self._ahead[1] if self._ahead else None):
             if writer is not None:
                 writer.abort()
         self.partial.fail(exc)

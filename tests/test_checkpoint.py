@@ -109,23 +109,44 @@ def test_writer_copies_source_ranges_beside_writes(tmp_path, monkeypatch, in_ker
     source = tmp_path / "source.bin"
     raw = torch.randn(3, 1000).to(torch.bfloat16)
     source.write_bytes(b"junk" + bytes(raw.view(torch.uint8).numpy()))
-    entries = [TensorEntry("a", "BF16", (3, 1000)), TensorEntry("b", "I32", (2,)), TensorEntry("c", "BF16", (3, 1000))]
+    entries = [TensorEntry("a", "BF16", (3, 1000)), TensorEntry("b", "I32", (2,)), TensorEntry("c", "BF16", (3, 1000)),
+               TensorEntry("d", "I32", (1,)), TensorEntry("e", "BF16", (2, 1000))]
     w = ShardWriter(tmp_path / "x.safetensors", entries)
-    w.copy("a", source, 4, 2000)  # one row, then two: copied in pieces as the walk hands rows
-    w.copy("a", source, 2004, 4000)
+    w.copy("e", source, 2004)  # ahead of everything, and of the tensors between
+    w.copy("a", source, 4)
+    assert w.copied("e") and w.copied("a") and not w.copied("c")
     w.write("b", torch.tensor([7, 8], dtype=torch.int32))
-    w.copy("c", source, 4, 6000)
+    w.copy("c", source, 4)
+    with pytest.raises(RuntimeError, match="not a tensor still to come"):
+        w.copy("a", source, 4)  # twice
+    w.write("d", torch.tensor([9], dtype=torch.int32))
     w.close()
     loaded = load_file(tmp_path / "x.safetensors")
-    assert torch.equal(loaded["a"], raw) and torch.equal(loaded["c"], raw)
-    assert loaded["b"].tolist() == [7, 8]
+    assert torch.equal(loaded["a"], raw) and torch.equal(loaded["c"], raw) and torch.equal(loaded["e"], raw[1:])
+    assert loaded["b"].tolist() == [7, 8] and loaded["d"].tolist() == [9]
+
+
+def test_writer_copy_is_refused_for_a_tensor_passed_or_begun(tmp_path):
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(100))
+    w = ShardWriter(tmp_path / "x.safetensors", [TensorEntry("a", "U8", (4,)), TensorEntry("b", "U8", (4,))])
+    w.write("a", b"ab")
+    for name in ("a", "z"):  # begun, unknown
+        with pytest.raises(RuntimeError, match="not a tensor still to come"):
+            w.copy(name, source, 0)
+    w.write("a", b"cd")
+    with pytest.raises(RuntimeError, match="not a tensor still to come"):
+        w.copy("a", source, 0)  # passed
+    with pytest.raises(RuntimeError, match="closed after 1 of 2"):
+        w.close()
+    w.abort()
 
 
 def test_writer_copy_from_a_truncated_source_fails_and_leaves_nothing(tmp_path):
     source = tmp_path / "source.bin"
     source.write_bytes(bytes(1000))
     w = ShardWriter(tmp_path / "x.safetensors", [TensorEntry("a", "U8", (2000,))])
-    w.copy("a", source, 0, 2000)
+    w.copy("a", source, 0)
     with pytest.raises(CorruptCheckpointError, match="truncated"):
         w.close()
     w.abort()
