@@ -11,7 +11,6 @@ never held in memory.
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import json
 import math
@@ -471,7 +470,7 @@ class ShardWriter:
             self.abort()
             raise
         self._end = len(header)  # where the next bytes go
-        self._writer = outputs.FileWriter(self._file.fileno(), self.tmp)  # writes while the caller computes
+        self._writer = outputs.FileWriter(self._file.fileno(), self.tmp, path=self.tmp)  # writes while the caller computes
 
     def write(self, name: str, data) -> None:
         """Append (part of) the next tensor's bytes (a tensor, or raw bytes); a tensor may arrive in several chunks.
@@ -496,9 +495,8 @@ class ShardWriter:
         at = self._end - self._written + sum(e.nbytes for e in self.entries[self._next:index])
         self._copied.add(name)
         if self._copier is None:
-            self._copier = outputs.FileWriter(self._file.fileno(), self.tmp, depth=0)
-        nbytes = self.entries[index].nbytes
-        self._copier.then(functools.partial(outputs.copy_into, self._file.fileno(), at, source, offset, nbytes))
+            self._copier = outputs.FileWriter(self._file.fileno(), self.tmp, depth=0, path=self.tmp)
+        self._copier.copy(source, offset, self.entries[index].nbytes, at)
 
     def copied(self, name: str) -> bool:
         """Whether tensor `name` was handed to `copy`."""

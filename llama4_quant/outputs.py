@@ -106,8 +106,6 @@ def copy_into(fd: int, at: int, source: Path, offset: int, nbytes: int) -> None:
     """Copy bytes [offset, offset + nbytes) of file `source` to offset `at` of open file `fd`, in the
     kernel (copy_file_range: nothing passes through this process's memory) where the two file
     systems allow it, else through one bounded buffer; each WRITEBACK_STEP handed to the disk."""
-    from .errors import CorruptCheckpointError
-
     src = os.open(source, os.O_RDONLY)
     try:
         in_kernel = hasattr(os, "copy_file_range")
@@ -125,11 +123,136 @@ def copy_into(fd: int, at: int, source: Path, offset: int, nbytes: int) -> None:
             if not in_kernel:
                 n = os.pwrite(fd, os.pread(src, step, offset + done), at + done)
             if n == 0:
-                raise CorruptCheckpointError(f"{source}: file ended while reading (was it truncated during the run?)")
+                _source_ended(source)
             start_writeback(fd, at + done, at + done + n)
             done += n
     finally:
         os.close(src)
+
+
+def _source_ended(source: Path):
+    from .errors import CorruptCheckpointError
+
+    raise CorruptCheckpointError(f"{source}: file ended while reading (was it truncated during the run?)")
+
+
+def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, at)
+        data, at = data[n:], at + n
+
+
+DIRECT_BLOCK = 4096  # O_DIRECT's alignment of file offsets, lengths and memory, enough for every common device
+DIRECT_STAGE = 8 << 20  # bytes staged between two direct writes
+
+
+class DirectWrites:
+    """Writes to one file that bypass the page cache (O_DIRECT): bytes are staged in an aligned
+    buffer and the whole blocks of each contiguous run go straight to the device, the partial blocks
+    at a run's two ends through the page cache (`fd`). On the 2-core VM that benchmarks l4q, `dd`
+    writes 6.9 GB in 5.6 s with O_DIRECT and 1.2-1.7 s of system time, against 7.2-9.8 s and 4.5-8 s
+    through the page cache, whose copying and writeback compete with the kernels for the cores.
+
+    The blocks written directly are only those wholly inside one run, so a block shared with bytes
+    written another way (a header, a copy, another run) only ever goes through the page cache.
+    `flush` before anything that must see the bytes on disk (fsync)."""
+
+    def __init__(self, path: Path, fd: int):
+        import mmap
+
+        self.fd = fd
+        self.direct: int | None = os.open(path, os.O_WRONLY | os.O_DIRECT)  # OSError where not supported
+        self._buffer = mmap.mmap(-1, DIRECT_STAGE)  # page aligned
+        self._view = memoryview(self._buffer)
+        self.base = self.lo = self.hi = 0  # staged: file bytes [lo, hi) at buffer index offset - base (aligned)
+        self.direct_bytes = 0
+
+    @classmethod
+    def open(cls, path: Path, fd: int) -> DirectWrites | None:
+        """For file `path`, open as `fd`; None where this OS or file system has no O_DIRECT."""
+        if not hasattr(os, "O_DIRECT"):
+            return None
+        try:
+            return cls(path, fd)
+        except OSError:
+            return None
+
+    def write(self, data, at: int) -> None:
+        data = memoryview(data).cast("B")
+        while data:
+            n = min(len(data), self._room(at))
+            self._view[self.hi - self.base:self.hi - self.base + n] = data[:n]
+            self._advance(n)
+            data, at = data[n:], at + n
+
+    def copy(self, source: Path, offset: int, nbytes: int, at: int) -> None:
+        """Bytes [offset, offset + nbytes) of file `source`, read into the stage (no other copy)."""
+        src = os.open(source, os.O_RDONLY)
+        try:
+            while nbytes:
+                room = min(nbytes, self._room(at))
+                n = os.preadv(src, [self._view[self.hi - self.base:self.hi - self.base + room]], offset)
+                if n == 0:
+                    _source_ended(source)
+                self._advance(n)
+                offset, nbytes, at = offset + n, nbytes - n, at + n
+        finally:
+            os.close(src)
+
+    def _room(self, at: int) -> int:
+        """Start a run at `at` unless the staged one ends there; the stage's free bytes."""
+        if at != self.hi or self.hi == self.lo:
+            self.flush()
+            self.base, self.lo, self.hi = at - at % DIRECT_BLOCK, at, at
+        return DIRECT_STAGE - (self.hi - self.base)
+
+    def _advance(self, n: int) -> None:
+        self.hi += n
+        if self.hi - self.base == DIRECT_STAGE:  # full, up to a block's end: the run goes on in a fresh stage
+            self.flush()
+
+    def flush(self) -> None:
+        """Write everything staged: the whole blocks directly, the partial ones at the ends buffered."""
+        first = -(-self.lo // DIRECT_BLOCK) * DIRECT_BLOCK  # the first whole block's start
+        last = self.hi - self.hi % DIRECT_BLOCK
+        if first >= last:
+            self._buffered(self.lo, self.hi)
+        else:
+            self._buffered(self.lo, first)
+            self._direct(first, last)
+            self._buffered(last, self.hi)
+        self.lo = self.hi
+
+    def _buffered(self, start: int, end: int) -> None:
+        _pwrite_all(self.fd, self._view[start - self.base:end - self.base], start)
+
+    def _direct(self, start: int, end: int) -> None:
+        data = self._view[start - self.base:end - self.base]
+        if self.direct is not None:
+            try:
+                n = os.pwrite(self.direct, data, start)
+                self.direct_bytes += n
+                data, start = data[n:], start + n
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                os.close(self.direct)  # a file system that opens with O_DIRECT but refuses the writes
+                self.direct = None
+        _pwrite_all(self.fd, data, start)  # what a short direct write left, or everything without one
+
+    def close(self) -> None:
+        if self.direct is not None:
+            os.close(self.direct)
+            self.direct = None
+        self._view.release()
+        self._buffer.close()
+
+
+@dataclass(frozen=True)
+class _CopyRange:
+    source: Path
+    offset: int
+    nbytes: int
 
 
 class FileWriter:
@@ -137,13 +260,15 @@ class FileWriter:
     progress), done in order on a thread of its own: the kernels go on with the next slice while
     the last one's bytes go out. At most `depth` pieces wait in memory. A failure is raised, as the
     one-line OutputWriteError for `what`, by the next call or by `close`; later work is dropped.
-    `depth` 0: no bound, for work that holds no memory (`copy_into`)."""
+    `depth` 0: no bound, for work that holds no memory (`copy`). Given the file's `path`, the bytes
+    go past the page cache where the file system allows (`DirectWrites`)."""
 
-    def __init__(self, fd: int, what: Path, depth: int = 2):
+    def __init__(self, fd: int, what: Path, depth: int = 2, path: Path | None = None):
         import queue
         import threading
 
         self.fd, self.what = fd, what
+        self.direct = DirectWrites.open(path, fd) if path is not None else None  # file `path` is open as `fd`
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.cancelled = False
@@ -154,6 +279,10 @@ class FileWriter:
     def write(self, data, at: int) -> None:
         """Write C-contiguous `data` (not changed afterwards) at offset `at`."""
         self._put((data, at))
+
+    def copy(self, source: Path, offset: int, nbytes: int, at: int) -> None:
+        """Copy bytes [offset, offset + nbytes) of file `source` to offset `at` (see `copy_into`)."""
+        self._put((_CopyRange(source, offset, nbytes), at))
 
     def then(self, fn: Callable[[], None]) -> None:
         """Run `fn` once everything handed over before it is written."""
@@ -181,15 +310,33 @@ class FileWriter:
         while (item := self.queue.get()) is not None:
             if self.error is not None or self.cancelled:
                 continue  # keep draining, so that a caller never waits on a full queue
-            try:
-                with writing(self.what, resume_hint=True):
-                    self._do(*item)
-            except BaseException as exc:  # raised in the caller's thread
-                self.error = exc
+            self._try(self._do, *item)
+        if self.direct is not None:
+            if self.error is None and not self.cancelled:
+                self._try(self.direct.flush)
+            self.direct.close()
+
+    def _try(self, fn, *args) -> None:
+        try:
+            with writing(self.what, resume_hint=True):
+                fn(*args)
+        except BaseException as exc:  # raised in the caller's thread
+            self.error = exc
 
     def _do(self, what, at: int | None) -> None:
+        if isinstance(what, _CopyRange):
+            if self.direct is not None:
+                self.direct.copy(what.source, what.offset, what.nbytes, at)
+            else:
+                copy_into(self.fd, at, what.source, what.offset, what.nbytes)
+            return
         if at is None:
+            if self.direct is not None:
+                self.direct.flush()  # what follows (fsync) must find every byte handed over before it
             what()
+            return
+        if self.direct is not None:
+            self.direct.write(what, at)
             return
         os.pwrite(self.fd, what, at)
         # data comes in file order: hand each 64 MiB run to the disk as it fills

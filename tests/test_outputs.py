@@ -213,3 +213,71 @@ def test_push_refuses_a_symlink_leaving_the_derivative(tmp_path):
     (out / "inside.txt").symlink_to(out / "config.json")  # a link within the directory is fine
     result = l4q("push", str(out), "--repo", "someone/tiny-int8", "--dry-run", "--store", str(tmp_path / "store"))
     assert result.exit_code == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing past the page cache
+
+
+@pytest.mark.parametrize("direct", ["used", "refused at open", "refused at write"])
+def test_file_writer_puts_every_byte_in_place(tmp_path, monkeypatch, direct):
+    """Runs of every length and alignment, crossing the stage's size, out of order, with holes, with
+    copies from a file and a callable between them: the file holds exactly the bytes handed over,
+    and a callable sees every byte handed over before it, whether O_DIRECT can be used or not."""
+    import random
+
+    real_open, real_pwrite, direct_fds = os.open, os.pwrite, set()
+
+    def open_(path, flags, *args):
+        if flags & os.O_DIRECT and direct == "refused at open":
+            raise OSError(22, "Invalid argument")
+        fd = real_open(path, flags, *args)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def pwrite(fd, data, at):
+        if fd in direct_fds and direct == "refused at write":
+            raise OSError(22, "Invalid argument")
+        return real_pwrite(fd, data, at)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    stage, rng = outputs.DIRECT_STAGE, random.Random(0)
+    size = 3 * stage + 12345
+    expected = bytearray(size)
+    source = tmp_path / "source.bin"
+    source.write_bytes(rng.randbytes(stage + 5000))
+    path = tmp_path / "out.bin"
+    f = open(path, "wb")
+    f.write(rng.randbytes(1000))  # a header, written through the file object
+    f.flush()
+    expected[:1000] = path.read_bytes()
+    writer = outputs.FileWriter(f.fileno(), path, path=path)
+    seen = []
+
+    def put(at: int, n: int) -> None:
+        data = rng.randbytes(n)
+        expected[at:at + n] = data
+        writer.write(data, at)
+
+    at = 1000
+    for n in (1, 4095, 4097, 3 << 20, stage + 7, 2):  # one run, crossing the stage's end
+        put(at, n)
+        at += n
+    hole = at  # filled later by a copy, as lm_head's is
+    at += stage + 100
+    put(at + 3 * 4096 + 17, 5000)  # out of order: the run after it comes second
+    put(at, 3 * 4096 + 17)
+    writer.copy(source, 333, stage + 100, hole)
+    expected[hole:hole + stage + 100] = source.read_bytes()[333:333 + stage + 100]
+    writer.then(lambda upto=at + 3 * 4096 + 17 + 5000: seen.append(path.read_bytes()[:upto]))
+    put(size - 10, 10)  # a run inside one block, past a hole that stays zeros
+    writer.close()
+    f.close()
+    assert path.read_bytes() == bytes(expected)
+    assert seen == [bytes(expected[:len(seen[0])])]
+    if direct == "used":
+        assert writer.direct.direct_bytes > 2 * stage  # the whole blocks of the runs and the copy
+    else:
+        assert writer.direct is None or writer.direct.direct_bytes == 0

@@ -403,7 +403,7 @@ class GGUFTarget:
             if main:
                 self._file.write(header)
                 self._file.flush()
-            self._writer = outputs.FileWriter(self._file.fileno(), self.partial.dir)
+            self._writer = outputs.FileWriter(self._file.fileno(), self.partial.dir, path=path)
             offset = data_start
             self._offset = {}
             for t in self.tensors:
