@@ -2,8 +2,8 @@
 
 Rows: `cp -r` of the source, and `cp -r` then `sync` (l4q fsyncs every output before it counts as
 complete, `cp` leaves its bytes to the page cache); `l4q quantize` to int4, int8, fp8 and `l4q
-export gguf` Q8_0 and Q4_K_M with --threads N, and `dd` writing as many bytes as int4 with an fsync
-(the disk's floor for int4); llama.cpp's own route to Q4_K_M (its converter to a BF16 GGUF, then
+export gguf` Q8_0 and Q4_K_M with --threads N, and `dd` writing as many bytes as int4 past the page
+cache, as l4q does, with an fsync (the disk's floor for int4); llama.cpp's own route to Q4_K_M (its converter to a BF16 GGUF, then
 `llama-quantize` with N threads, built from the llama-cpp-python source distribution) and the two
 together; then int4 and Q4_K_M with one thread, and with one thread and the whole process on one
 core (`taskset`: the one-thread job still reads and writes on other cores), for the scaling. Each
@@ -104,8 +104,9 @@ def main() -> None:
         remove(out)
         if scheme == "int4":  # what the disk allows: as many bytes, written and fsynced with no compute
             zeros = work / "zeros"
-            job("dd: int4's bytes, fsynced", ["dd", "if=/dev/zero", f"of={zeros}", "bs=64M",
-                                              f"count={-(-r['written'] // 2**26)}", "conv=fsync", "status=none"], zeros)
+            job("dd: int4's bytes, O_DIRECT, fsynced", ["dd", "if=/dev/zero", f"of={zeros}", "bs=64M", "oflag=direct",
+                                                        f"count={-(-r['written'] // 2**26)}", "conv=fsync", "status=none"],
+                zeros)
             remove(zeros)
     for ftype in ("Q8_0", "Q4_K_M"):
         out = work / f"l4q-{ftype}.gguf"
