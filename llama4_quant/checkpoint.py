@@ -485,10 +485,10 @@ class ShardWriter:
         self._writer.write(data, self._advance(entry, memoryview(data).nbytes))
 
     def copy(self, name: str, source: Path, offset: int) -> None:
-        """Copy all of a tensor still to come, file `source`'s bytes from `offset`, to its place, by
-        the kernel on a thread of its own; the order `write` follows then skips it. It holds no
-        memory, so it may be called before the tensors ahead of it arrive and run beside their
-        quantizing."""
+        """Copy all of a tensor still to come, file `source`'s bytes from `offset`, to its place, on a
+        thread of its own (`FileWriter.copy`); the order `write` follows then skips it. It holds no
+        more memory than its writer's stage, so it may be called before the tensors ahead of it
+        arrive and run beside their quantizing."""
         index = next((i for i in range(self._next, len(self.entries)) if self.entries[i].name == name), None)
         if index is None or name in self._copied or (index == self._next and self._written):
             raise RuntimeError(f"{self.path.name}: {name} is not a tensor still to come")

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from . import distributed
 from .errors import (
@@ -130,7 +131,7 @@ def copy_into(fd: int, at: int, source: Path, offset: int, nbytes: int) -> None:
         os.close(src)
 
 
-def _source_ended(source: Path):
+def _source_ended(source: Path) -> NoReturn:
     from .errors import CorruptCheckpointError
 
     raise CorruptCheckpointError(f"{source}: file ended while reading (was it truncated during the run?)")

@@ -193,14 +193,14 @@ class Scheme(ABC):
                               "output_activations": None, "format": self.format})
 
 
-def quant_args(num_bits: int, type: str, strategy: str, group_size: int | None = None, dynamic: bool | str = False,
+def quant_args(num_bits: int, value_type: str, strategy: str, group_size: int | None = None, dynamic: bool | str = False,
                block_structure: list[int] | None = None, scale_dtype: str | None = None,
                observer: str | None = None) -> dict:
     """compressed-tensors' `QuantizationArgs` (symmetric) as its `model_dump` writes them: the
     optional fields only where set, in its order. Built here rather than with the library, whose
     import (transformers with it) took 2.5-3 s of a quantize run; tests compare every scheme's
     `quantization_config` with the one the library's own classes build from `preset`."""
-    args = {"num_bits": num_bits, "type": type, "symmetric": True, "group_size": group_size, "strategy": strategy}
+    args = {"num_bits": num_bits, "type": value_type, "symmetric": True, "group_size": group_size, "strategy": strategy}
     if block_structure is not None:
         args["block_structure"] = block_structure
     args["dynamic"] = dynamic
