@@ -245,8 +245,9 @@ class DirectWrites:
         if self.direct is not None:
             os.close(self.direct)
             self.direct = None
-        self._view.release()
-        self._buffer.close()
+        # no mmap.close(): a failure's traceback may still hold a slice of the stage; it is unmapped
+        # with the last reference
+        self._view = self._buffer = None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from conftest import output_digests
 from cli.main import main
 from llama4_quant import outputs, pipeline
 from llama4_quant.checkpoint import Checkpoint
-from llama4_quant.errors import ResumeMismatchError
+from llama4_quant.errors import OutputWriteError, ResumeMismatchError
 from llama4_quant.sources import Source
 from llama4_quant.tiny_models import tiny_model_dir
 
@@ -281,3 +281,35 @@ def test_file_writer_puts_every_byte_in_place(tmp_path, monkeypatch, direct):
         assert writer.direct.direct_bytes > 2 * stage  # the whole blocks of the runs and the copy
     else:
         assert writer.direct is None or writer.direct.direct_bytes == 0
+
+
+def test_file_writer_failing_past_the_page_cache_raises_one_line(tmp_path, monkeypatch):
+    """A full disk while writing directly: OutputWriteError from `close`, nothing raised on the
+    writer's thread besides."""
+    import errno
+    import threading
+
+    real_open, real_pwrite, direct_fds, thread_errors = os.open, os.pwrite, set(), []
+
+    def open_(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def pwrite(fd, data, at):
+        if fd in direct_fds:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, at)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    path = tmp_path / "out.bin"
+    with open(path, "wb") as f:
+        writer = outputs.FileWriter(f.fileno(), path, path=path)
+        assert writer.direct is not None
+        writer.write(bytes(3 * outputs.DIRECT_STAGE), 0)
+        with pytest.raises(OutputWriteError, match="No space left on device"):
+            writer.close()
+    assert not writer.thread.is_alive() and thread_errors == []
