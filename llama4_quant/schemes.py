@@ -145,6 +145,12 @@ def _symmetric_scale(absmax: Tensor, half_range: float, scale_dtype: torch.dtype
     """
     if scale_dtype not in _BITS_VIEW:
         raise ValueError(f"scale_dtype must be one of {list(_BITS_VIEW)}, got {scale_dtype}")
+    if scale_dtype == torch.bfloat16 and absmax.device.type == "cpu" and absmax.dtype == torch.float32:
+        from .cpu_kernels import symmetric_scale_bf16
+
+        s = symmetric_scale_bf16(absmax, half_range)
+        if s is not None:
+            return s
     if not bool(torch.isfinite(absmax).all()):
         raise NonFiniteWeightError("the weight holds NaN/Inf values; check it with check_finite() first")
     finfo = torch.finfo(scale_dtype)

@@ -139,6 +139,22 @@ def test_scales_round_up_never_clamp() -> None:
     assert bool(((below * 7.5 < absmax) | (s == TINY)).all())
 
 
+@pytest.mark.parametrize("half_range", [7.5, 127.5, 448.0])
+def test_bf16_scales_are_the_smallest_covering_absmax_for_every_bf16_absmax(half_range: float) -> None:
+    """The compiled scale rule against a float64 search, for every finite bf16 absmax (all a bf16
+    weight can have) and float32 ones (shrunk by the mse search): the smallest bf16 s >= the
+    smallest normal with s * half_range >= absmax."""
+    every = torch.arange(0, 0x7F80, dtype=torch.int32).to(torch.int16).view(BF16).float()
+    shrunk = torch.rand(20000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    absmax = torch.cat([every, (every[::7] * shrunk[:len(every[::7])]).float()])
+    candidates = torch.arange(0x0080, 0x7F80, dtype=torch.int32).to(torch.int16).view(BF16).double()  # normals
+    ref = candidates[torch.searchsorted(candidates * half_range, absmax.double())]
+    got = S._symmetric_scale(absmax, half_range, BF16)
+    assert got.dtype == BF16 and torch.equal(got.double(), ref)
+    with pytest.raises(NonFiniteWeightError):
+        S._symmetric_scale(torch.tensor([1.0, float("inf")]), half_range, BF16)
+
+
 def test_float32_input_within_slack() -> None:
     g = torch.Generator().manual_seed(6)
     w = torch.randn(32, 512, generator=g) * 3.0
