@@ -389,16 +389,16 @@ class CompressedTensorsTarget:
         return self._writer
 
     def _open_shard(self, i: int) -> ShardWriter:
-        """Shard i's writer, its BF16 copies already handed to the kernel: they hold no memory and
-        run beside the quantizing, where one left to the walk's turn (lm_head, stored last) would
-        run alone at the end."""
+        """Shard i's writer, its BF16 copies already handed to its copier thread: they hold no more
+        than the writer's stage and run beside the quantizing, where one left to the walk's turn
+        (lm_head, stored last) would run alone at the end."""
         writer = ShardWriter(self.partial.path(self.plan.shard_names[i]), [e for u in self.plan.shards[i] for e in u.outputs])
         for w in self._copies(i):
             writer.copy(w.name, w.info.file, w.info.offset)
         return writer
 
     def _copies(self, i: int) -> list[Weight]:
-        """Shard i's tensors copied as stored, by the kernel; none from a Hub source, whose shards
+        """Shard i's tensors copied file to file as stored; none from a Hub source, whose shards
         may be deleted before a copy would get to them (they are written from the walk's reads)."""
         if self.model.source.remote is not None:
             return []
