@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from . import arch, distributed, outputs
-from .checkpoint import TensorInfo, iter_row_blocks, read_slice, read_tensor
+from .checkpoint import MAPPED, STREAMED, TensorInfo, iter_row_blocks, read_slice, read_tensor
 from .model import EXPERT_PROJECTIONS, Model, unfuse_gate_up
 
 WHOLE, ROWS = "whole", "rows"  # how a target wants a weight's data
@@ -246,9 +246,9 @@ class _Reader:
     def _run(self) -> None:
         try:
             plan = [(r, [[t for t in self.targets if t.wants(w)] for w in r.weights]) for r in reads(self.model)]
-            # a local source's slices are mapped, not copied; a Hub source's shards are deleted after
-            # use, and a mapping would keep a deleted shard's blocks on disk past the --prefetch bound
-            mapped = self.model.source.remote is None
+            # a Hub source's shards are deleted after use, and a mapping would keep a deleted
+            # shard's blocks on disk past the --prefetch bound
+            read = MAPPED if self.model.source.remote is None else STREAMED
             with _shards(self.model, [r.info.file.name for r, wanted in plan if any(wanted)]) as shards:
                 for r, wanted in plan:
                     if not any(wanted):
@@ -256,7 +256,7 @@ class _Reader:
                             return
                         continue
                     shards.acquire(r.info.file.name)
-                    for piece in _read(r, wanted, mapped):
+                    for piece in _read(r, wanted, read):
                         if not self._put(piece):
                             return
                     shards.release(r.info.file.name)
@@ -288,19 +288,19 @@ def _shards(model: Model, uses: list[str]):
     return remote.stream(uses) if remote is not None else _LocalShards()
 
 
-def _read(r: Read, wanted: list, mapped: bool) -> Iterator[_Piece]:
-    """The pieces of one wanted read: an expert slice, a whole tensor, or its blocks of rows (read
-    into fresh memory, or `mapped`: see `checkpoint.read_slice`)."""
+def _read(r: Read, wanted: list, read: str) -> Iterator[_Piece]:
+    """The pieces of one wanted read: an expert slice, a whole tensor, or its blocks of rows (`read`
+    STREAMED or MAPPED: see `checkpoint.FRESH`)."""
     from .schemes import check_finite
 
     if r.expert is not None:
-        data = read_slice(r.info, r.expert, mapped)
+        data = read_slice(r.info, r.expert, read)
         check_finite(data, f"{r.info.name}[{r.expert}]")
         yield _Piece(r, wanted, 0, data, data.numel() * data.element_size())
         return
     info = r.info
     whole = any(t.wants(r.weights[0]) == WHOLE for t in wanted[0])
-    blocks = [read_tensor(info, mapped)] if whole else iter_row_blocks(info, mapped)
+    blocks = [read_tensor(info, read)] if whole else iter_row_blocks(info, read)
     start = 0
     for block in blocks:
         check_finite(block, info.name)

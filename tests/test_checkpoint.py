@@ -3,13 +3,17 @@ import json
 import os
 import struct
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from llama4_quant import outputs
+from llama4_quant import checkpoint, outputs
 from llama4_quant.checkpoint import (
+    FRESH,
+    MAPPED,
+    STREAMED,
     Checkpoint,
     ShardWriter,
     TensorEntry,
@@ -33,35 +37,103 @@ def test_reader_matches_safetensors_library(small_model):
                 assert torch.equal(read_slice(info, e), ref[e])
 
 
-def test_mapped_reads_match_and_unmap_when_dropped(small_model):
+def _mapped_here(path) -> bool:
+    return str(path) in open("/proc/self/maps").read()
+
+
+def _evict(path) -> None:
+    """Drop a file's pages from the page cache (written back first: dirty pages are not dropped)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("read", [STREAMED, MAPPED])
+def test_walk_reads_match_the_safetensors_library(small_model, read):
     ckpt = Checkpoint(small_model)
     for info in ckpt.tensors:
         with safe_open(info.file, "pt") as f:
             ref = f.get_tensor(info.name)
-        assert torch.equal(read_tensor(info, mapped=True), ref)
-        assert torch.equal(torch.cat(list(iter_row_blocks(info, mapped=True))), ref)
+        assert torch.equal(read_tensor(info, read), ref)
+        assert torch.equal(torch.cat(list(iter_row_blocks(info, read))), ref)
         if ref.dim() == 3:
             for e in (0, ref.shape[0] - 1):
-                assert torch.equal(read_slice(info, e, mapped=True), ref[e])
-    info = max(ckpt.tensors, key=lambda t: t.nbytes)
+                assert torch.equal(read_slice(info, e, read), ref[e])
 
-    def mapped_here() -> bool:
-        return str(info.file) in open("/proc/self/maps").read()
 
-    view = read_tensor(info, mapped=True)[1:]
-    assert mapped_here()
+def test_mapped_reads_map_cached_pages_only_and_unmap_when_dropped(model_copy):
+    info = max(Checkpoint(model_copy).tensors, key=lambda t: t.nbytes)
+    ref = read_tensor(info)  # FRESH reads through the page cache: its pages are cached now
+    view = read_tensor(info, MAPPED)[1:]
+    assert _mapped_here(info.file)
     del view  # the last thing made from the mapping: its pages go with it
-    assert not mapped_here()
+    assert not _mapped_here(info.file)
+
+    _evict(info.file)
+    streamed = read_tensor(info, MAPPED)  # not in the page cache: read past it, not mapped
+    assert not _mapped_here(info.file)
+    assert torch.equal(streamed, ref)
 
 
-@pytest.mark.parametrize("mapped", [False, True])
-def test_shard_truncated_after_opening(model_copy, mapped):
+def test_streamed_reads_reuse_their_buffers_once_dropped(small_model, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_read_buffers", checkpoint._ReadBuffers())
+    info = max(Checkpoint(small_model).tensors, key=lambda t: t.nbytes)
+    first = read_tensor(info, STREAMED)
+    second = read_tensor(info, STREAMED)  # the first is still held: another buffer
+    assert first.data_ptr() != second.data_ptr()
+    assert torch.equal(first, second)
+    held = first.data_ptr()
+    del first
+    again = read_slice(info, 0, STREAMED)[:1]  # smaller reads fit the freed buffer
+    assert again.data_ptr() - held < 4096
+    del second, again
+    assert len(checkpoint._read_buffers.idle) == checkpoint._ReadBuffers.KEEP
+
+
+@pytest.mark.parametrize("refused", ["never", "at open", "at read"])
+def test_streamed_reads_of_every_alignment_match_the_file(tmp_path, monkeypatch, refused):
+    path = tmp_path / "bytes"
+    data = np.random.default_rng(0).integers(0, 256, 3 * 4096 + 123, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    real_open, real_preadv, direct_fds, opened_direct = os.open, os.preadv, set(), []
+
+    def open_(p, flags, *args):
+        if flags & os.O_DIRECT and refused == "at open":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fd = real_open(p, flags, *args)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+            opened_direct.append(fd)
+        else:
+            direct_fds.discard(fd)  # a closed descriptor's number, used again
+        return fd
+
+    def preadv(fd, buffers, at):
+        if fd in direct_fds and refused == "at read":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, at)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "preadv", preadv)
+    for offset in (0, 1, 4095, 4096, 5000, data.size - 1):
+        for nbytes in {0, 1, 4096 - offset % 4096, 4097, data.size - offset}:
+            if offset + nbytes <= data.size:
+                got = checkpoint._stream_exact(path, offset, nbytes)
+                assert np.array_equal(got, data[offset:offset + nbytes]), (offset, nbytes)
+    assert bool(opened_direct) == (refused != "at open")
+
+
+@pytest.mark.parametrize("read", [FRESH, STREAMED, MAPPED])
+def test_shard_truncated_after_opening(model_copy, read):
     ckpt = Checkpoint(model_copy)
     info = ckpt.tensors[-1]
     with open(info.file, "r+b") as f:
         f.truncate(info.offset + info.nbytes // 2)
     with pytest.raises(CorruptCheckpointError, match="truncated during the run"):
-        read_tensor(info, mapped=mapped)
+        read_tensor(info, read)
 
 
 def test_storage_order_is_file_then_offset(small_model):
