@@ -11,7 +11,8 @@ row: wall time, the ratio to `cp -r`, cores busy (user + sys CPU time of the who
 row's wall time: worker processes included, and anything else running then), the peak RSS of the
 job's process tree, and bytes written. Every row starts after a `sync`, so none pays for the
 writeback of an earlier row's or the checkpoint's bytes. The one-thread outputs are checked
-byte-identical to the N-thread ones.
+byte-identical to the N-thread ones. With --cold (root, Linux), each row also starts with the page
+cache dropped, as a real Scout or Maverick checkpoint, larger than memory, is read: from the disk.
 
     python benchmarks/speed.py --layers 2 --workdir /tmp/l4q-bench
 """
@@ -71,7 +72,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=psutil.cpu_count())
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/l4q-bench"))
     parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each row (root)")
     args = parser.parse_args()
+    if args.cold and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        sys.exit("--cold drops the page cache through /proc/sys/vm/drop_caches: run it as root on Linux")
     args.workdir.mkdir(parents=True, exist_ok=True)
     src = ensure_checkpoint(args.workdir, args.layers)
     borrow_tiny_tokenizer(src)
@@ -84,6 +88,8 @@ def main() -> None:
 
     def job(name: str, cmd: list, out: Path, keep: str | None = None) -> dict:
         os.sync()  # no row pays for the writeback of what came before it (the checkpoint's generation included)
+        if args.cold:
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
         r = run_job(cmd)
         r["written"] = size_of(out)
         if keep:
@@ -142,8 +148,9 @@ def main() -> None:
 
 def print_table(rows: list, source_size: int, args, scaling: dict) -> None:
     cp = rows[0][1]["wall"]
+    cold = "; page cache dropped before each row" if args.cold else ""
     print(f"\nScout-shaped synthetic, {args.layers} MoE layers, {source_size / 1e9:.2f} GB BF16; "
-          f"{psutil.cpu_count()} CPU cores, --threads {args.threads}")
+          f"{psutil.cpu_count()} CPU cores, --threads {args.threads}{cold}")
     print("| job | wall s | vs cp -r | cores busy | peak RSS GB | written GB |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows:
