@@ -373,7 +373,7 @@ class _ReadBuffers:
     """Page-aligned buffers for streamed reads, each taken back when the array read into it is gone
     and used again: the first touch of fresh memory's pages cost this VM as much as the read."""
 
-    KEEP = 2  # idle buffers kept; the reader, the queue and the kernel hold the others
+    KEEP = 1  # idle buffers kept: the reader, the queue and the kernel hold the others (3 in all)
 
     def __init__(self):
         self.idle: list[mmap.mmap] = []
