@@ -524,6 +524,25 @@ def test_fused_int4_quantize_and_pack_equals_the_two_steps() -> None:
             assert torch.equal(ours, theirs), name
 
 
+def test_fused_int4_tiles_cover_every_row_pair_and_column() -> None:
+    """An expert view wide and tall enough for several tiles of the compiled pass in both directions
+    (1200 of 1300 stored columns: tiles of 512, 512 and the rest; 192 row pairs: three blocks),
+    against torch's float32 division, rounding and clamping, then packing; with and without a lower
+    clamp."""
+    g = torch.Generator().manual_seed(5)
+    stored = (torch.randn(384, 1300, generator=g) * 0.02).to(BF16)  # [in, out]
+    w = stored[:, 50:1250].T
+    assert S.stored_transposed(w)
+    scale = S.int4_scales(w)
+    x = S.true_div(w.float(), scale.float().repeat_interleave(128, 1)).round().clamp(-8, 7)
+    assert torch.equal(S.int4_quantize_packed(w, scale), S.pack_int4(x.to(torch.int8)))
+    scale[:, 1] = torch.finfo(BF16).max  # -8 * scale overflows bf16: the lower clamp is -7
+    low = S.int_lower_clamp(scale, -8, 7)
+    x = torch.maximum(S.true_div(w.float(), scale.float().repeat_interleave(128, 1)).round().clamp(-8, 7),
+                      low.repeat_interleave(128, 1))
+    assert torch.equal(S.int4_quantize_packed(w, scale), S.pack_int4(x.to(torch.int8)))
+
+
 def test_compiled_fp8_quantize_equals_torch_on_every_bf16_value() -> None:
     from llama4_quant.cpu_kernels import quantize_fp8_bf16_rows
 
