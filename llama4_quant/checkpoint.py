@@ -377,7 +377,7 @@ class _ReadBuffers:
     buffers: 15 of them made and dropped, 728k page faults in an int4 run of the 2-layer Scout
     shape; 4 and 344-370k this way)."""
 
-    KEEP = 4  # idle buffers kept at most: no more than were in use at once, which the walk may hold
+    KEEP = 3  # idle buffers kept at most: the walk holds one being read, one queued, one quantized
 
     def __init__(self):
         self.idle: list[mmap.mmap] = []
@@ -397,6 +397,11 @@ class _ReadBuffers:
         with self.lock:
             if len(buffer) == self.size and len(self.idle) < self.KEEP:
                 self.idle.append(buffer)
+
+    def drop_idle(self) -> None:
+        """Let the idle buffers go (while slices are mapped they would only add to resident memory)."""
+        with self.lock:
+            self.idle = []
 
 
 _read_buffers = _ReadBuffers()
@@ -452,6 +457,7 @@ def _read_bytes(path: Path, offset: int, nbytes: int, read: str) -> np.ndarray:
     if read == MAPPED:
         mapped = _map_exact(path, offset, nbytes, only_if_cached=True)
         if mapped is not None:
+            _read_buffers.drop_idle()
             return mapped
         read = STREAMED
     return _stream_exact(path, offset, nbytes) if read == STREAMED else _pread_exact(path, offset, nbytes)

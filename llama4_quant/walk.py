@@ -172,22 +172,30 @@ def walk(model: Model, targets: list, progress: Callable[[int], None] = lambda n
     read_bytes = 0
     with _Reader(model, targets) as pieces:
         for p in pieces:
+            _hand_over(p, targets)
             if p.data is not None:
-                if p.read.expert is not None:
-                    parts = unfuse_gate_up(p.data) if len(p.read.weights) == 2 else (p.data.T,)
-                    for w, part, ts in zip(p.read.weights, parts, p.wanted):
-                        for t in ts:
-                            t.take(w, 0, part)
-                else:
-                    for t in p.wanted[0]:
-                        t.take(p.read.weights[0], p.start_row, p.data)
                 read_bytes += p.nbytes
                 progress(p.nbytes)
-            if p.last:
-                for w in p.read.weights:
-                    for t in targets:
-                        t.weight_done(w)
+            del p  # the slice's buffer goes back to the reader before the next slice is waited for
     return read_bytes
+
+
+def _hand_over(p: _Piece, targets: list) -> None:
+    """Give a piece's rows to the targets that want them; then, after a read's last piece, tell
+    every target its weights are done."""
+    if p.data is not None:
+        if p.read.expert is not None:
+            parts = unfuse_gate_up(p.data) if len(p.read.weights) == 2 else (p.data.T,)
+            for w, part, ts in zip(p.read.weights, parts, p.wanted):
+                for t in ts:
+                    t.take(w, 0, part)
+        else:
+            for t in p.wanted[0]:
+                t.take(p.read.weights[0], p.start_row, p.data)
+    if p.last:
+        for w in p.read.weights:
+            for t in targets:
+                t.weight_done(w)
 
 
 class _Reader:
@@ -231,6 +239,7 @@ class _Reader:
             if isinstance(item, BaseException):
                 raise item
             yield item
+            item = None  # not held while the next piece is waited for
 
     def _put(self, item) -> bool:
         import queue

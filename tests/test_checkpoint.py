@@ -66,9 +66,12 @@ def test_walk_reads_match_the_safetensors_library(small_model, read):
 
 def test_mapped_reads_map_cached_pages_only_and_unmap_when_dropped(model_copy):
     info = max(Checkpoint(model_copy).tensors, key=lambda t: t.nbytes)
+    read_tensor(info, STREAMED)  # dropped at once: its buffer is idle
+    assert checkpoint._read_buffers.idle
     ref = read_tensor(info)  # FRESH reads through the page cache: its pages are cached now
     view = read_tensor(info, MAPPED)[1:]
     assert _mapped_here(info.file)
+    assert not checkpoint._read_buffers.idle  # let go while slices are mapped
     del view  # the last thing made from the mapping: its pages go with it
     assert not _mapped_here(info.file)
 
