@@ -444,13 +444,15 @@ def _read_into(buffer: mmap.mmap, path: Path, start: int, need: int) -> None:
                     if exc.errno != errno.EINVAL or not direct:
                         raise
                     os.close(fd)
-                    direct, fd = False, os.open(path, os.O_RDONLY)
+                    direct, fd = False, -1  # closed: not to be closed again if the open below fails
+                    fd = os.open(path, os.O_RDONLY)
                     continue
                 if n == 0:
                     raise _file_ended(path)
                 done += n
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 def _read_bytes(path: Path, offset: int, nbytes: int, read: str) -> np.ndarray:
