@@ -351,6 +351,25 @@ def test_legacy_types_ignore_importance(qtype):
     np.testing.assert_array_equal(gq.quantize(x, qtype, np.arange(256, dtype=np.float32)), gq.quantize(x, qtype))
 
 
+@needs_ggml
+def test_q4_0_scale_is_the_first_value_of_largest_magnitude():
+    """Q4_0's scale takes its sign from the block's first value of largest magnitude; a block of
+    zeros keeps ggml's initial +0 (d = -0) whatever the zeros' signs, where gguf-py's argmax takes
+    the first zero's sign. Each case sits in a different block position against ggml itself."""
+    x = np.zeros((6, 128), dtype=np.float32)
+    x[0, :32] = -0.0
+    x[1, 3], x[1, 7] = -0.5, 0.5
+    x[2, 35], x[2, 39] = 0.5, -0.5
+    x[3, 64 + 31], x[3, 64] = -2.0, 1.5  # largest last in its block
+    x[4, 96 + 16], x[4, 96 + 15] = 0.75, -0.25  # largest first in the block's second half
+    x[5] = gaussian(1, 128, 3) * F(0.02)
+    x[5, 40] = 3e-39  # one subnormal-scale block in a row of others: 1 / d overflows there only
+    x[5, 32:40] = 0
+    x[5, 41:64] = 0
+    np.testing.assert_array_equal(gq.quantize(x, "Q4_0"), ggml_quantize(x, "Q4_0"))
+    assert gq.quantize(x[:1], "Q4_0")[0, :2].tolist() == [0x00, 0x80]
+
+
 def test_q8_0_round_half_away_from_zero():
     x = np.zeros((1, 32), dtype=np.float32)
     x[0, 0] = 127.0  # d = 1 exactly

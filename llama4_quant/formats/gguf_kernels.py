@@ -235,35 +235,70 @@ def encode_q8_0_stored_transposed(stored, out, bad, block_overflow):
                         dst[at + 2 + i] = np.uint8(q[32 * j + i, o])
 
 
+@njit(**_KERNEL)
+def _q4_0_row(row_bits, out_row, bits, bits_f, magnitude, inv):
+    """One row of ggml's quantize_row_q4_0_ref; returns (has NaN or Inf, overflowing f16 scale or 0).
+    A block's scale is its first value of largest magnitude over -8. Found in three passes over the
+    row, each of which vectorizes where ggml's one loop (keep the running maximum and its value) does
+    not: the largest magnitude bits per block (two halves, then across; NaN and Inf meet the exponent
+    mask), the first value with them, then the nibbles."""
+    x = row_bits.view(np.float32)
+    blocks = x.shape[0] // 32
+    pair = np.empty(16, np.uint32)
+    for b in range(blocks):
+        a = 32 * b
+        for i in range(16):
+            pair[i] = max(row_bits[a + i] & np.uint32(0x7FFFFFFF), row_bits[a + 16 + i] & np.uint32(0x7FFFFFFF))
+        m = np.uint32(0)
+        for i in range(16):
+            m = max(m, pair[i])
+        magnitude[b] = m
+    too_big = f32(0)
+    finite_inv = True
+    for b in range(blocks):
+        m = magnitude[b]
+        if m >= np.uint32(0x7F800000):
+            return True, too_big
+        mx = f32(0)  # all zeros: ggml's initial max, +0, whatever the zeros' signs
+        if m != 0:
+            k = 32 * b
+            while row_bits[k] & np.uint32(0x7FFFFFFF) != m:
+                k += 1
+            mx = x[k]
+        d = mx / f32(-8)
+        inv[b] = f32(1) / d if d != 0 else f32(0)
+        finite_inv &= abs(inv[b]) < np.inf
+        h = _f16_bits(d, bits, bits_f)
+        if h & 0x7FFF == 0x7C00:
+            too_big = max(too_big, abs(d))
+        out_row[18 * b] = h & 0xFF
+        out_row[18 * b + 1] = h >> 8
+    if finite_inv:  # x inv + 8.5 is in [0.5, 16.5], where C's truncation is the floor (faster)
+        for b in range(blocks):
+            a, o, ib = 32 * b, 18 * b + 2, inv[b]
+            for i in range(16):
+                lo = np.uint8(min(f32(15), np.floor(x[a + i] * ib + f32(8.5))))
+                hi = np.uint8(min(f32(15), np.floor(x[a + 16 + i] * ib + f32(8.5))))
+                out_row[o + i] = lo | (hi << np.uint8(4))
+    else:  # 1 / d overflowed (d subnormal): NaN and Inf convert as C's (int8_t) does on x86
+        for b in range(blocks):
+            a, o, ib = 32 * b, 18 * b + 2, inv[b]
+            for i in range(16):
+                lo = min(15, np.int32(x[a + i] * ib + f32(8.5)))
+                hi = min(15, np.int32(x[a + 16 + i] * ib + f32(8.5)))
+                out_row[o + i] = np.uint8(lo | (hi << 4))
+    return False, too_big
+
+
 @njit(parallel=True, **_KERNEL)
 def encode_q4_0(src, shift, out, bad, overflow):
     cols = src.shape[1]
     for t in prange((src.shape[0] + _TILE_ROWS - 1) // _TILE_ROWS):
         r0, r1, tile = _load_tile(src, t, shift)
+        bits, bits_f = _bit_cell()
+        magnitude, inv = np.empty(cols // 32, np.uint32), np.empty(cols // 32, np.float32)
         for r in range(r0, r1):
-            bits, bits_f = _bit_cell()
-            x = tile[r - r0].view(np.float32)
-            if not _finite(tile[r - r0]):
-                bad[r] = True
-                continue
-            for b in range(cols // 32):
-                amax, mx = f32(0), f32(0)
-                for i in range(32):
-                    v = x[32 * b + i]
-                    if amax < abs(v):
-                        amax, mx = abs(v), v
-                d = mx / f32(-8)
-                inv = f32(1) / d if d != 0 else f32(0)
-                h = _f16_bits(d, bits, bits_f)
-                if h & 0x7FFF == 0x7C00:
-                    overflow[r] = max(overflow[r], abs(d))
-                o = 18 * b
-                out[r, o] = h & 0xFF
-                out[r, o + 1] = h >> 8
-                for i in range(16):
-                    lo = min(15, np.int32(x[32 * b + i] * inv + f32(8.5)))
-                    hi = min(15, np.int32(x[32 * b + 16 + i] * inv + f32(8.5)))
-                    out[r, o + 2 + i] = np.uint8(lo | (hi << 4))
+            bad[r], overflow[r] = _q4_0_row(tile[r - r0], out[r], bits, bits_f, magnitude, inv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,26 +771,30 @@ def _search_q3(xt, nmax, Lt, st, scales, bits, bits_f):
     """ggml make_q3_quants with do_rmse on many 16-value sub-blocks at once (column j of xt is
     sub-block j): Lt gets the levels + nmax (0 for an all-zero sub-block), scales[j] the scale."""
     n, lanes = xt.shape
-    amax, mx, sumlx, suml2, active = st[0], st[1], st[2], st[3], st[4]
+    amax, mx, sumlx, suml2, active, iscale = st[0], st[1], st[2], st[3], st[4], st[5]
     for j in range(lanes):
         amax[j] = f32(0)
         mx[j] = f32(0)
         sumlx[j] = f32(0)
         suml2[j] = f32(0)
+    # Loops over the lanes innermost, each step a select, so they vectorize; every lane still adds
+    # its values in ggml's order.
     for i in range(n):
         for j in range(lanes):
-            ax = abs(xt[i, j])
-            if ax > amax[j]:
-                amax[j] = ax
-                mx[j] = xt[i, j]
+            v = xt[i, j]
+            better = abs(v) > amax[j]
+            mx[j] = v if better else mx[j]
+            amax[j] = abs(v) if better else amax[j]
     for j in range(lanes):
         active[j] = f32(1) if amax[j] >= _EPS else f32(0)
-        iscale = -f32(nmax) / mx[j] if active[j] != 0 else f32(0)
-        for i in range(n):
-            l = min(nmax - 1, max(-nmax, _nearest_int(iscale * xt[i, j], bits, bits_f)))
+        iscale[j] = -f32(nmax) / mx[j] if active[j] != 0 else f32(0)
+    for i in range(n):
+        for j in range(lanes):
+            v = xt[i, j]
+            l = min(nmax - 1, max(-nmax, _rint(iscale[j] * v)))  # |iscale v| <= nmax: no slow path
             Lt[i, j] = l
-            w = xt[i, j] * xt[i, j]
-            sumlx[j] += w * xt[i, j] * f32(l)
+            w = v * v
+            sumlx[j] += w * v * f32(l)
             suml2[j] += w * f32(l) * f32(l)
     for j in range(lanes):
         if active[j] == 0:
@@ -790,9 +829,9 @@ def _search_q3(xt, nmax, Lt, st, scales, bits, bits_f):
 
 
 @njit(**_KERNEL)
-def _q3_k_block(x, a, out, o, bits, bits_f, L, ls, d_block):
+def _q3_k_block(x, a, out, o, bits, bits_f, L, ls, d_block, q):
     """Super-block x[a:a+256] into out[o:o+110] from its sixteen 6-bit scales ls (0..63, stored
-    scale + 32) and d; returns the overflowing f16 scale or 0."""
+    scale + 32) and d; returns the overflowing f16 scale or 0. q: 16 values of scratch."""
     hd = _f16_bits(d_block, bits, bits_f)
     too_big = abs(d_block) if hd & 0x7FFF == 0x7C00 else f32(0)
     for i in range(12):
@@ -808,15 +847,24 @@ def _q3_k_block(x, a, out, o, bits, bits_f, L, ls, d_block):
         d = dv * f32(ls[j] - 32)
         if d == 0:
             continue
+        b = a + 16 * j
+        largest = f32(0)  # the quotients first, so that without a huge one the rounding vectorizes
         for i in range(16):
-            L[a + 16 * j + i] = min(3, max(-4, _nearest_int(x[a + 16 * j + i] / d, bits, bits_f))) + 4
+            q[i] = x[b + i] / d
+            largest = max(largest, abs(q[i]))
+        if largest < _FAST_LIMIT:
+            for i in range(16):
+                L[b + i] = min(3, max(-4, _rint(q[i]))) + 4
+        else:
+            for i in range(16):
+                L[b + i] = min(3, max(-4, _nearest_int(q[i], bits, bits_f))) + 4
     for i in range(32):
-        h = 0
-        for k in range(8):  # bit k of hmask[i]: the high bit of value 32 k + i
-            if L[a + 32 * k + i] > 3:
-                h |= 1 << k
-                L[a + 32 * k + i] -= 4
-        out[o + i] = np.uint8(h)
+        out[o + i] = 0
+    for k in range(8):  # bit k of hmask[i]: the high bit of value 32 k + i
+        for i in range(32):
+            v = L[a + 32 * k + i]
+            out[o + i] |= np.uint8(v >> 2) << np.uint8(k)
+            L[a + 32 * k + i] = v & 3
     for half in range(2):
         for i in range(32):
             b = a + 128 * half + i
@@ -885,10 +933,11 @@ def _q3_k_row(row_bits, out_row, qw, use_qw):
         for i in range(16):
             L[16 * j + i] = Lt[i, j]
     too_big = f32(0)
+    q = np.empty(16, np.float32)
     for b in range(supers):
         for j in range(16):
             ls[j] = Ls[j, b]
-        too_big = max(too_big, _q3_k_block(x, QK_K * b, out_row, 110 * b, bits, bits_f, L, ls, d_blocks[b]))
+        too_big = max(too_big, _q3_k_block(x, QK_K * b, out_row, 110 * b, bits, bits_f, L, ls, d_blocks[b], q))
     return False, too_big
 
 
