@@ -370,6 +370,49 @@ def test_q4_0_scale_is_the_first_value_of_largest_magnitude():
     assert gq.quantize(x[:1], "Q4_0")[0, :2].tolist() == [0x00, 0x80]
 
 
+def best_index_int8(grid, v) -> int:
+    """ggml's best_index_int8, one C statement per line."""
+    if v <= grid[0]:
+        return 0
+    if v >= grid[-1]:
+        return len(grid) - 1
+    ml, mu = 0, len(grid) - 1
+    while mu - ml > 1:
+        mav = (ml + mu) // 2
+        if v < grid[mav]:
+            mu = mav
+        else:
+            ml = mav
+    return mu - 1 if F(v - grid[mu - 1]) < F(grid[mu] - v) else mu
+
+
+def test_iq4_grid_index_by_thresholds_is_ggml_binary_search():
+    """The IQ4 encoders find a value's grid point by counting thresholds (branch-free, so the scale
+    search vectorizes); every float near each threshold and grid point, and a spread of others,
+    against ggml's binary search."""
+    from numba import njit
+
+    @njit
+    def both(values, index, level):
+        for i in range(values.size):
+            index[i] = gguf_kernels._iq4_index(values[i])
+            level[i] = gguf_kernels._iq4_grid_value(values[i])
+
+    grid = gguf_kernels._KVALUES_IQ4NL
+    around = np.concatenate([grid, gguf_kernels._IQ4_THRESHOLDS, (grid[1:] + grid[:-1]) / 2]).astype(np.float32)
+    near, up, down = [around], around, around
+    for _ in range(3):  # three floats either side
+        up, down = np.nextafter(up, F(np.inf)), np.nextafter(down, F(-np.inf))
+        near += [up, down]
+    v = np.concatenate(near + [rng(13).uniform(-140, 130, 20_000).astype(np.float32),
+                               np.array([0.0, -0.0, 1e30, -1e30, np.inf, -np.inf], dtype=np.float32)])
+    index, level = np.empty(v.size, np.int64), np.empty(v.size, np.float32)
+    both(v, index, level)
+    expected = np.array([best_index_int8(grid, x) for x in v])
+    np.testing.assert_array_equal(index, expected)
+    np.testing.assert_array_equal(level, grid[expected])
+
+
 def test_q8_0_round_half_away_from_zero():
     x = np.zeros((1, 32), dtype=np.float32)
     x[0, 0] = 127.0  # d = 1 exactly

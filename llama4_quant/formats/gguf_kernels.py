@@ -1078,51 +1078,124 @@ def _best_index_iq4(x):
     return mu - 1 if x - vals[mu - 1] < vals[mu] - x else mu
 
 
+def _iq4_thresholds() -> np.ndarray:
+    """For k = 1..15, the smallest float32 v for which ggml's best_index_int8 over the IQ4_NL grid
+    returns k or more: the first v above grid[k - 1] where not (v - grid[k - 1] < grid[k] - v), in
+    float32 as ggml computes it (the test is monotone in v, so it is a threshold). The index of a
+    finite v is then the number of thresholds at or below it, with no branches."""
+    def rounds_up(v, lo, hi):
+        return not np.float32(v - lo) < np.float32(hi - v)
+
+    grid = _KVALUES_IQ4NL
+    out = np.empty(15, np.float32)
+    for k in range(1, 16):
+        lo, hi = grid[k - 1], grid[k]
+        v = np.float32((lo + hi) / 2)  # exact: halves of small integers
+        while rounds_up(np.nextafter(v, lo), lo, hi):
+            v = np.nextafter(v, lo)
+        while not rounds_up(v, lo, hi):
+            v = np.nextafter(v, hi)
+        out[k - 1] = v
+    return out
+
+
+_IQ4_THRESHOLDS = _iq4_thresholds()
+_IQ4_STEPS = np.diff(_KVALUES_IQ4NL).astype(np.float32)  # grid[k] - grid[k - 1]: small integers, exact
+
+
 @njit(**_KERNEL)
-def _iq4_block_scale(x, a, w):
-    """The searched scale of the 32 values x[a:a+32] with weights w (0 for an all-zero block)."""
-    vals = _KVALUES_IQ4NL
-    amax, mx = f32(0), f32(0)
-    for j in range(32):
-        ax = abs(x[a + j])
-        if ax > amax:
-            amax = ax
-            mx = x[a + j]
-    if amax < _EPS:
-        return f32(0)
-    d = -mx / vals[0]
-    iscale = f32(1) / d
-    sumqx, sumq2 = f32(0), f32(0)
-    for j in range(32):
-        q = vals[_best_index_iq4(iscale * x[a + j])]
-        sumqx += w[j] * q * x[a + j]
-        sumq2 += w[j] * q * q
-    d = sumqx / sumq2 if sumq2 > 0 else f32(0)
-    best = d * sumqx
+def _iq4_index(v):
+    """`_best_index_iq4(v)` by counting thresholds, which vectorizes (also for +-Inf; NaN gives 0
+    where ggml gives 15, so a NaN-free input is the caller's to ensure)."""
+    k = 0
+    for t in range(15):
+        k += 1 if v >= _IQ4_THRESHOLDS[t] else 0
+    return k
+
+
+@njit(**_KERNEL)
+def _iq4_grid_value(v):
+    """grid[_best_index_iq4(v)] for finite v, as a float: the lowest level plus every step passed."""
+    q = _KVALUES_IQ4NL[0]
+    for t in range(15):
+        q += _IQ4_STEPS[t] if v >= _IQ4_THRESHOLDS[t] else f32(0)
+    return q
+
+
+@njit(**_KERNEL)
+def _iq4_sums(xt, wt, iscale, sqx, sq2):
+    """Per lane j: sum w q x and sum w q q over its 32 values, q the grid value nearest iscale[j] x."""
+    n, lanes = xt.shape
+    for j in range(lanes):
+        sqx[j] = f32(0)
+        sq2[j] = f32(0)
+    for i in range(n):
+        for j in range(lanes):
+            v = xt[i, j]
+            q = _iq4_grid_value(iscale[j] * v)
+            w = wt[i, j]
+            sqx[j] += w * q * v
+            sq2[j] += w * q * q
+
+
+@njit(**_KERNEL)
+def _iq4_scales(x, qw, use_qw, group, d):
+    """The searched scale of every 32-value block of row x into d (0 for an all-zero block), as
+    ggml's quantize_row_iq4_nl_impl: weights (qw sqrt(sigma2 + x^2), sigma2 over `group` values, or
+    x^2 without importance), d = max / grid[0] and then 15 scales around it, keeping the one whose
+    least-squares fit is best. All blocks of the row at once, one SIMD lane each (column j of xt is
+    block j), every lane adding in ggml's order; one block at a time, ggml's binary search for
+    each value's grid point does not vectorize and mispredicts."""
+    lanes = x.shape[0] // 32
+    xt, wt = np.empty((32, lanes), np.float32), np.empty((32, lanes), np.float32)
+    st = np.empty((7, lanes), np.float32)
+    amax, mx, iscale, sqx, sq2, best, active = st[0], st[1], st[2], st[3], st[4], st[5], st[6]
+    for j in range(lanes):
+        for i in range(32):
+            xt[i, j] = x[32 * j + i]
+    for g in range(0, x.shape[0], group):
+        sigma2 = _sigma2(x, g, group)
+        for j in range(g // 32, (g + group) // 32):
+            for i in range(32):
+                v = xt[i, j]
+                wt[i, j] = qw[32 * j + i] * np.sqrt(sigma2 + v * v) if use_qw else v * v
+    for j in range(lanes):
+        amax[j] = f32(0)
+        mx[j] = f32(0)
+    for i in range(32):
+        for j in range(lanes):
+            v = xt[i, j]
+            better = abs(v) > amax[j]
+            mx[j] = v if better else mx[j]
+            amax[j] = abs(v) if better else amax[j]
+    grid0 = _KVALUES_IQ4NL[0]
+    for j in range(lanes):
+        active[j] = f32(1) if amax[j] >= _EPS else f32(0)
+        iscale[j] = f32(1) / (-mx[j] / grid0) if active[j] != 0 else f32(0)
+    _iq4_sums(xt, wt, iscale, sqx, sq2)
+    for j in range(lanes):
+        d[j] = sqx[j] / sq2[j] if sq2[j] > 0 else f32(0)
+        best[j] = d[j] * sqx[j]
     for itry in range(-7, 8):
-        iscale = f32(itry + -127) / mx
-        sumqx, sumq2 = f32(0), f32(0)
-        for j in range(32):
-            q = vals[_best_index_iq4(iscale * x[a + j])]
-            sumqx += w[j] * q * x[a + j]
-            sumq2 += w[j] * q * q
-        if sumq2 > 0 and sumqx * sumqx > best * sumq2:
-            d = sumqx / sumq2
-            best = d * sumqx
-    return d
-
-
-@njit(**_KERNEL)
-def _iq4_weights(x, a, qw, use_qw, sigma2, w):
-    for j in range(32):
-        v = x[a + j]
-        w[j] = qw[a + j] * np.sqrt(sigma2 + v * v) if use_qw else v * v
+        for j in range(lanes):
+            iscale[j] = f32(itry + -127) / mx[j] if active[j] != 0 else f32(0)
+        _iq4_sums(xt, wt, iscale, sqx, sq2)
+        for j in range(lanes):
+            if sq2[j] > 0 and sqx[j] * sqx[j] > best[j] * sq2[j]:
+                d[j] = sqx[j] / sq2[j]
+                best[j] = d[j] * sqx[j]
+    for j in range(lanes):
+        d[j] = d[j] if active[j] != 0 else f32(0)
 
 
 @njit(**_KERNEL)
 def _iq4_pack(x, a, inv, out_row, o):
-    for j in range(16):
-        out_row[o + j] = np.uint8(_best_index_iq4(inv * x[a + j]) | (_best_index_iq4(inv * x[a + 16 + j]) << 4))
+    if abs(inv) < np.inf:
+        for j in range(16):
+            out_row[o + j] = np.uint8(_iq4_index(inv * x[a + j]) | (_iq4_index(inv * x[a + 16 + j]) << 4))
+    else:  # 1 / d overflowed: inv x may be NaN, which ggml's search sends to the top
+        for j in range(16):
+            out_row[o + j] = np.uint8(_best_index_iq4(inv * x[a + j]) | (_best_index_iq4(inv * x[a + 16 + j]) << 4))
 
 
 @njit(**_KERNEL)
@@ -1139,12 +1212,11 @@ def _iq4_nl_row(row_bits, out_row, qw, use_qw):
     if not _finite(row_bits):
         return True, f32(0)
     x = row_bits.view(np.float32)
-    w = np.empty(32, np.float32)
+    scales = np.empty(x.shape[0] // 32, np.float32)
+    _iq4_scales(x, qw, use_qw, 32, scales)
     too_big = f32(0)
     for b in range(x.shape[0] // 32):
-        a, o = 32 * b, 18 * b
-        _iq4_weights(x, a, qw, use_qw, _sigma2(x, a, 32), w)
-        d = _iq4_block_scale(x, a, w)
+        a, o, d = 32 * b, 18 * b, scales[b]
         hd = _f16_bits(d, bits, bits_f)
         if hd & 0x7FFF == 0x7C00:
             too_big = max(too_big, abs(d))
@@ -1160,15 +1232,14 @@ def _iq4_xs_row(row_bits, out_row, qw, use_qw):
     if not _finite(row_bits):
         return True, f32(0)
     x = row_bits.view(np.float32)
-    w, scales = np.empty(32, np.float32), np.empty(8, np.float32)
+    all_scales = np.empty(x.shape[0] // 32, np.float32)
+    _iq4_scales(x, qw, use_qw, QK_K, all_scales)
     too_big = f32(0)
     for b in range(x.shape[0] // QK_K):
         a0, o = QK_K * b, 136 * b
-        sigma2 = _sigma2(x, a0, QK_K)
+        scales = all_scales[8 * b:8 * b + 8]
         amax, max_scale = f32(0), f32(0)
         for ib in range(8):
-            _iq4_weights(x, a0 + 32 * ib, qw, use_qw, sigma2, w)
-            scales[ib] = _iq4_block_scale(x, a0 + 32 * ib, w)
             if abs(scales[ib]) > amax:
                 amax = abs(scales[ib])
                 max_scale = scales[ib]
