@@ -2,10 +2,10 @@
 
 Rows: `cp -r` of the source, and `cp -r` then `sync` (l4q fsyncs every output before it counts as
 complete, `cp` leaves its bytes to the page cache); `l4q quantize` to int4, int8, fp8 and `l4q
-export gguf` Q8_0 and Q4_K_M with --threads N, and `dd` writing as many bytes as int4 past the page
-cache, as l4q does, with an fsync (the disk's floor for int4); llama.cpp's own route to Q4_K_M (its converter to a BF16 GGUF, then
+export gguf` Q8_0 and Q4_K_M (or --gguf-type) with --threads N, and `dd` writing as many bytes as int4 past the page
+cache, as l4q does, with an fsync (the disk's floor for int4); llama.cpp's own route to that type (its converter to a BF16 GGUF, then
 `llama-quantize` with N threads, built from the llama-cpp-python source distribution) and the two
-together; then int4 and Q4_K_M with one thread, and with one thread and the whole process on one
+together; then int4 and that type with one thread, and with one thread and the whole process on one
 core (`taskset`: the one-thread job still reads and writes on other cores), for the scaling. Each
 row: wall time, the ratio to `cp -r`, cores busy (user + sys CPU time of the whole machine over the
 row's wall time: worker processes included, and anything else running then), the peak RSS of the
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/l4q-bench"))
     parser.add_argument("--skip-llama-cpp", action="store_true")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each row (root)")
+    parser.add_argument("--gguf-type", default="Q4_K_M", help="the GGUF type raced against llama.cpp (default Q4_K_M)")
     args = parser.parse_args()
     if args.cold and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
         sys.exit("--cold drops the page cache through /proc/sys/vm/drop_caches: run it as root on Linux")
@@ -114,25 +115,27 @@ def main() -> None:
                                                         f"count={-(-r['written'] // 2**26)}", "conv=fsync", "status=none"],
                 zeros)
             remove(zeros)
-    for ftype in ("Q8_0", "Q4_K_M"):
+    gguf_type = args.gguf_type
+    for ftype in dict.fromkeys(("Q8_0", gguf_type)):
         out = work / f"l4q-{ftype}.gguf"
         job(f"l4q export gguf {ftype}", [*l4q, "export", "gguf", str(src), "--type", ftype, "--out", str(out),
                                          "--threads", n, "--quiet"], out, keep=ftype)
         remove(out)
     if not args.skip_llama_cpp:
         ref = llama_cpp_reference()
-        bf16, q4 = work / "llama.cpp-BF16.gguf", work / "llama.cpp-Q4_K_M.gguf"
+        bf16, q4 = work / "llama.cpp-BF16.gguf", work / f"llama.cpp-{gguf_type}.gguf"
         a = job("llama.cpp converter to BF16 GGUF",
                 [py, "-c", ref.RUN_CONVERTER, str(ref.converter_dir()), str(src), "--outfile", str(bf16),
                  "--outtype", "bf16"], bf16)
-        b = job(f"then llama-quantize Q4_K_M, {n} threads", [str(ref.quantize_tool()), str(bf16), str(q4), "Q4_K_M", n], q4)
+        b = job(f"then llama-quantize {gguf_type}, {n} threads", [str(ref.quantize_tool()), str(bf16), str(q4), gguf_type, n],
+                q4)
         rows.append(("llama.cpp's two programs together", {k: a[k] + b[k] for k in ("wall", "cpu", "written")}
                      | {"rss": max(a["rss"], b["rss"])}))
         remove(bf16), remove(q4)
     scaling = {}
     for scheme, cmd_of in (("int4", lambda out: [*l4q, "quantize", "--model", str(src), "--to", "int4", "--out", str(out),
                                                  "--device", "cpu"]),
-                           ("Q4_K_M", lambda out: [*l4q, "export", "gguf", str(src), "--type", "Q4_K_M", "--out", str(out)])):
+                           (gguf_type, lambda out: [*l4q, "export", "gguf", str(src), "--type", gguf_type, "--out", str(out)])):
         out = work / f"one-thread-{scheme}"
         r = job(f"l4q {scheme}, 1 thread", [*cmd_of(out), "--threads", "1", "--quiet"], out)
         scaling[scheme] = [r["wall"], digest(out) == digests[scheme]]
@@ -159,7 +162,7 @@ def print_table(rows: list, source_size: int, args, scaling: dict) -> None:
     walls = {name: r["wall"] for name, r in rows}
     theirs = walls.get("llama.cpp's two programs together")
     if theirs:
-        print(f"l4q Q4_K_M / llama.cpp's two programs: {walls['l4q export gguf Q4_K_M'] / theirs:.2f}x")
+        print(f"l4q {args.gguf_type} / llama.cpp's two programs: {walls[f'l4q export gguf {args.gguf_type}'] / theirs:.2f}x")
     for scheme, (one, same, one_core, same_on_one_core) in scaling.items():
         many = walls[f"l4q quantize {scheme}" if scheme == "int4" else f"l4q export gguf {scheme}"]
         print(f"{scheme}: {args.threads} threads give {one / many:.2f}x the throughput of 1 thread and "

@@ -238,10 +238,10 @@ def encode_q8_0_stored_transposed(stored, out, bad, block_overflow):
 @njit(**_KERNEL)
 def _q4_0_row(row_bits, out_row, bits, bits_f, magnitude, inv):
     """One row of ggml's quantize_row_q4_0_ref; returns (has NaN or Inf, overflowing f16 scale or 0).
-    A block's scale is its first value of largest magnitude over -8. Found in three passes over the
-    row, each of which vectorizes where ggml's one loop (keep the running maximum and its value) does
-    not: the largest magnitude bits per block (two halves, then across; NaN and Inf meet the exponent
-    mask), the first value with them, then the nibbles."""
+    A block's scale is its first value of largest magnitude over -8. ggml's one loop keeping the
+    running maximum and its value does not vectorize; here the largest magnitude bits of each block
+    are a SIMD reduction (two halves, then across; NaN and Inf meet the exponent mask), a short scan
+    finds the first value with them, and the nibbles are a SIMD pass of their own."""
     x = row_bits.view(np.float32)
     blocks = x.shape[0] // 32
     pair = np.empty(16, np.uint32)
