@@ -9,7 +9,8 @@ together; then int4 and that type with one thread, and with one thread and the w
 core (`taskset`: the one-thread job still reads and writes on other cores), for the scaling. Each
 row: wall time, the ratio to `cp -r`, cores busy (user + sys CPU time of the whole machine over the
 row's wall time: worker processes included, and anything else running then), the peak RSS of the
-job's process tree, and bytes written. Every row starts after a `sync`, so none pays for the
+job's process tree, and bytes written. Every l4q job runs once on the tiny model first, untimed, so
+that no row pays for compiling kernels (once per install). Every row starts after a `sync`, so none pays for the
 writeback of an earlier row's or the checkpoint's bytes. The one-thread outputs are checked
 byte-identical to the N-thread ones. With --cold (root, Linux), each row also starts with the page
 cache dropped, as a real Scout or Maverick checkpoint, larger than memory, is read: from the disk.
@@ -104,6 +105,8 @@ def main() -> None:
     job("cp -r, then sync", ["sh", "-c", f"cp -r '{src}' '{work / 'copy'}' && sync"], work / "copy")
     remove(work / "copy")
     l4q = [py, "-m", "cli.main"]
+    gguf_type = args.gguf_type
+    warm_up(l4q, work, gguf_type)
     for scheme in ("int4", "int8", "fp8"):
         out = work / f"l4q-{scheme}"
         r = job(f"l4q quantize {scheme}", [*l4q, "quantize", "--model", str(src), "--to", scheme, "--out", str(out),
@@ -115,7 +118,6 @@ def main() -> None:
                                                         f"count={-(-r['written'] // 2**26)}", "conv=fsync", "status=none"],
                 zeros)
             remove(zeros)
-    gguf_type = args.gguf_type
     for ftype in dict.fromkeys(("Q8_0", gguf_type)):
         out = work / f"l4q-{ftype}.gguf"
         job(f"l4q export gguf {ftype}", [*l4q, "export", "gguf", str(src), "--type", ftype, "--out", str(out),
@@ -147,6 +149,19 @@ def main() -> None:
     print_table(rows, source_size, args, scaling)
     if not all(r[1] and r[3] for r in scaling.values()):
         sys.exit("the one-thread outputs differ from the N-thread ones")
+
+
+def warm_up(l4q: list, work: Path, gguf_type: str) -> None:
+    """Run every l4q job once on the tiny model, untimed: numba compiles a kernel for each new
+    argument type and keeps it on disk, which a user pays once per install, not per run."""
+    out = work / "warm-up"
+    jobs = [["quantize", "--model", "tiny", "--to", scheme, "--device", "cpu"] for scheme in ("int4", "int8", "fp8")]
+    jobs += [["export", "gguf", "tiny", "--type", ftype] for ftype in dict.fromkeys(("Q8_0", gguf_type))]
+    for cmd in jobs:
+        done = subprocess.run([*l4q, *cmd, "--out", str(out), "--quiet"], cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"warm-up {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        remove(out)
 
 
 def print_table(rows: list, source_size: int, args, scaling: dict) -> None:
