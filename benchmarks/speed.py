@@ -2,15 +2,16 @@
 
 Rows: `cp -r` of the source, and `cp -r` then `sync` (l4q fsyncs every output before it counts as
 complete, `cp` leaves its bytes to the page cache); `l4q quantize` to int4, int8, fp8 and `l4q
-export gguf` Q8_0 and Q4_K_M (or --gguf-type) with --threads N, and `dd` writing as many bytes as int4 past the page
-cache, as l4q does, with an fsync (the disk's floor for int4); llama.cpp's own route to that type (its converter to a BF16 GGUF, then
-`llama-quantize` with N threads, built from the llama-cpp-python source distribution) and the two
-together; then int4 and that type with one thread, and with one thread and the whole process on one
-core (`taskset`: the one-thread job still reads and writes on other cores), for the scaling. Each
-row: wall time, the ratio to `cp -r`, cores busy (user + sys CPU time of the whole machine over the
-row's wall time: worker processes included, and anything else running then), the peak RSS of the
-job's process tree, and bytes written. Every l4q job runs once on the tiny model first, untimed, so
-that no row pays for compiling kernels (once per install). Every row starts after a `sync`, so none pays for the
+export gguf` Q8_0 and Q4_K_M (or --gguf-type) with --threads N, and `dd` writing as many bytes as
+int4 past the page cache, as l4q does, with an fsync (the disk's floor for int4); llama.cpp's own
+route to that GGUF type (its converter to a BF16 GGUF, then `llama-quantize` with N threads, built
+from the llama-cpp-python source distribution) and the two together; then int4 and that type with
+one thread, and with one thread and the whole process on one core (`taskset`: the one-thread job
+still reads and writes on other cores), for the scaling. Each row: wall time, the ratio to `cp -r`,
+cores busy (user + sys CPU time of the whole machine over the row's wall time: worker processes
+included, and anything else running then), the peak RSS of the job's process tree, and bytes
+written. Every l4q job runs once on the tiny model first, untimed, so that no row pays for
+compiling kernels (once per install). Every row starts after a `sync`, so none pays for the
 writeback of an earlier row's or the checkpoint's bytes. The one-thread outputs are checked
 byte-identical to the N-thread ones. With --cold (root, Linux), each row also starts with the page
 cache dropped, as a real Scout or Maverick checkpoint, larger than memory, is read: from the disk.
@@ -125,15 +126,15 @@ def main() -> None:
         remove(out)
     if not args.skip_llama_cpp:
         ref = llama_cpp_reference()
-        bf16, q4 = work / "llama.cpp-BF16.gguf", work / f"llama.cpp-{gguf_type}.gguf"
+        bf16, quantized = work / "llama.cpp-BF16.gguf", work / f"llama.cpp-{gguf_type}.gguf"
         a = job("llama.cpp converter to BF16 GGUF",
                 [py, "-c", ref.RUN_CONVERTER, str(ref.converter_dir()), str(src), "--outfile", str(bf16),
                  "--outtype", "bf16"], bf16)
-        b = job(f"then llama-quantize {gguf_type}, {n} threads", [str(ref.quantize_tool()), str(bf16), str(q4), gguf_type, n],
-                q4)
+        b = job(f"then llama-quantize {gguf_type}, {n} threads",
+                [str(ref.quantize_tool()), str(bf16), str(quantized), gguf_type, n], quantized)
         rows.append(("llama.cpp's two programs together", {k: a[k] + b[k] for k in ("wall", "cpu", "written")}
                      | {"rss": max(a["rss"], b["rss"])}))
-        remove(bf16), remove(q4)
+        remove(bf16), remove(quantized)
     scaling = {}
     for scheme, cmd_of in (("int4", lambda out: [*l4q, "quantize", "--model", str(src), "--to", "int4", "--out", str(out),
                                                  "--device", "cpu"]),
@@ -177,7 +178,8 @@ def print_table(rows: list, source_size: int, args, scaling: dict) -> None:
     walls = {name: r["wall"] for name, r in rows}
     theirs = walls.get("llama.cpp's two programs together")
     if theirs:
-        print(f"l4q {args.gguf_type} / llama.cpp's two programs: {walls[f'l4q export gguf {args.gguf_type}'] / theirs:.2f}x")
+        ours = walls[f"l4q export gguf {args.gguf_type}"]
+        print(f"l4q {args.gguf_type} / llama.cpp's two programs: {ours / theirs:.2f}x")
     for scheme, (one, same, one_core, same_on_one_core) in scaling.items():
         many = walls[f"l4q quantize {scheme}" if scheme == "int4" else f"l4q export gguf {scheme}"]
         print(f"{scheme}: {args.threads} threads give {one / many:.2f}x the throughput of 1 thread and "
