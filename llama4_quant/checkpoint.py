@@ -302,12 +302,16 @@ _MADV_POPULATE_READ = 22  # Linux 5.14+; Python 3.11's mmap module lacks the nam
 
 # How a read lands in memory. FRESH: positioned reads into fresh memory, for what the caller keeps.
 # The walk's reads are used once and dropped: STREAMED reads them past the page cache (O_DIRECT) into
-# recycled buffers; MAPPED maps a local file's slice where its pages are all in the page cache already
-# (no copy), and streams it otherwise. (A Hub source is STREAMED: a mapping would keep the blocks of
-# a shard deleted after use.) On this project's VM, reading the 12.95 GB 2-layer checkpoint cold
-# took 24.3 s and 16.5 s of CPU by mapping, 4.2 s and 2.6 s of CPU past the page cache; cached,
-# mapping took 1.2 s, so a slice already in memory is still mapped.
+# recycled buffers; MAPPED maps a local file's slice where at least MAP_MIN_CACHED of its pages are
+# in the page cache already (no copy; the rest are read by the mapping), and streams it otherwise.
+# (A Hub source is STREAMED: a mapping would keep the blocks of a shard deleted after use.) On one
+# of this project's VMs, reading the 12.95 GB 2-layer checkpoint cold took 24.3 s and 16.5 s of CPU
+# by mapping, 4.2 s and 2.6 s of CPU past the page cache; cached, mapping took 1.2 s. Mapping then
+# wins while under 13% of a slice is missing. Requiring every page cached instead streamed whole
+# 160 MiB slices from the disk for a few evicted pages: int4 on a cached 8.85 GB source took
+# 8.7-9.3 s, not 6.1-6.5 s, once 0.03% of its pages had been dropped.
 FRESH, STREAMED, MAPPED = "fresh", "streamed", "mapped"
+MAP_MIN_CACHED = 0.9
 
 
 def _file_ended(path: Path) -> CorruptCheckpointError:
@@ -317,9 +321,9 @@ def _file_ended(path: Path) -> CorruptCheckpointError:
 def _map_exact(path: Path, offset: int, nbytes: int, only_if_cached: bool = False) -> np.ndarray | None:
     """`nbytes` bytes of `path` at `offset` as a uint8 view of a copy-on-write mapping of just those
     pages, unmapped once the view and everything made from it are gone (None, with `only_if_cached`,
-    where some of those pages are not in the page cache). The pages are faulted in here (on the
-    reader's thread), and a file that is now too short is refused here too, not left to end the
-    process with SIGBUS at the first touch of a missing page."""
+    where under MAP_MIN_CACHED of those pages are in the page cache). The pages are faulted in here
+    (on the reader's thread), and a file that is now too short is refused here too, not left to end
+    the process with SIGBUS at the first touch of a missing page."""
     global _bytes_read
     if nbytes == 0:
         return np.empty(0, dtype=np.uint8)
@@ -332,7 +336,7 @@ def _map_exact(path: Path, offset: int, nbytes: int, only_if_cached: bool = Fals
     finally:
         os.close(fd)
     view = np.frombuffer(pages, dtype=np.uint8)
-    if only_if_cached and not _all_cached(view):
+    if only_if_cached and _cached_fraction(view) < MAP_MIN_CACHED:
         return None
     try:
         pages.madvise(_MADV_POPULATE_READ)
@@ -356,17 +360,17 @@ def _mincore():
     return f
 
 
-def _all_cached(view: np.ndarray) -> bool:
-    """Whether every page of a file mapping is in the page cache (mincore(2)). False where that
-    cannot be told: Linux reports the page cache only for files the caller owns or may write, and
-    other systems may have no mincore; the slice is then streamed, which is always correct."""
+def _cached_fraction(view: np.ndarray) -> float:
+    """The fraction of a file mapping's pages in the page cache (mincore(2)). 0 where that cannot
+    be told: Linux reports the page cache only for files the caller owns or may write, and other
+    systems may have no mincore; the slice is then streamed, which is always correct."""
     mincore = _mincore()
     if mincore is None:
-        return False
+        return 0.0
     pages = np.empty(-(-view.size // mmap.PAGESIZE), dtype=np.uint8)
     if mincore(view.ctypes.data, view.size, pages.ctypes.data) != 0:
-        return False
-    return bool(np.all(pages & 1))
+        return 0.0
+    return float(np.count_nonzero(pages & 1)) / pages.size
 
 
 class _ReadBuffers:

@@ -1,5 +1,6 @@
 import errno
 import json
+import mmap
 import os
 import struct
 
@@ -41,12 +42,13 @@ def _mapped_here(path) -> bool:
     return str(path) in open("/proc/self/maps").read()
 
 
-def _evict(path) -> None:
-    """Drop a file's pages from the page cache (written back first: dirty pages are not dropped)."""
+def _evict(path, offset: int = 0, length: int = 0) -> None:
+    """Drop a file's pages (all, or those in [offset, offset + length)) from the page cache (written
+    back first: dirty pages are not dropped)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
@@ -79,6 +81,44 @@ def test_mapped_reads_map_cached_pages_only_and_unmap_when_dropped(model_copy):
     streamed = read_tensor(info, MAPPED)  # not in the page cache: read past it, not mapped
     assert not _mapped_here(info.file)
     assert torch.equal(streamed, ref)
+
+
+def _cache_only(path, ranges) -> float:
+    """Leave just the byte ranges [(offset, length)] of `path` in the page cache (read with
+    readahead off, so nothing around them comes in), and return the fraction of its pages cached."""
+    _evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for offset, length in ranges:
+            assert len(os.pread(fd, length, offset)) == length
+        pages = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    with pages:
+        view = np.frombuffer(pages, dtype=np.uint8)
+        fraction = checkpoint._cached_fraction(view)
+        del view
+    return fraction
+
+
+def test_mapped_reads_map_slices_missing_a_few_pages(model_copy):
+    info = max(Checkpoint(model_copy).tensors, key=lambda t: t.nbytes)
+    page, size = os.sysconf("SC_PAGE_SIZE"), info.file.stat().st_size
+    first = -(-info.offset // page) * page  # the tensor's first whole page
+    ref = read_tensor(info)
+    pages = size // page
+    assert info.nbytes // page >= 40
+    # all but one page of the tensor cached: mapped (the mapping reads that page)
+    assert _cache_only(info.file, [(0, first + page), (first + 2 * page, size - first - 2 * page)]) < 1
+    view = read_tensor(info, MAPPED)
+    assert _mapped_here(info.file) and torch.equal(view, ref)
+    del view
+    # only half of them: streamed
+    half = first + info.nbytes // 2 // page * page
+    assert _cache_only(info.file, [(0, half)]) < 1 - 1 / pages
+    streamed = read_tensor(info, MAPPED)
+    assert not _mapped_here(info.file) and torch.equal(streamed, ref)
 
 
 def test_streamed_reads_reuse_their_buffers_once_dropped(small_model, monkeypatch):
