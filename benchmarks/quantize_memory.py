@@ -26,15 +26,20 @@ sys.path.insert(0, str(REPO))
 from llama4_quant import synthetic  # noqa: E402
 from llama4_quant.checkpoint import Checkpoint  # noqa: E402
 
+SCOUT_VOCAB = synthetic.SCOUT_TEXT_CONFIG["vocab_size"]
 
-def ensure_checkpoint(workdir: Path, layers: int) -> Path:
-    path = workdir / f"scout-synthetic-{layers}L"
+
+def ensure_checkpoint(workdir: Path, layers: int, vocab_size: int = SCOUT_VOCAB) -> Path:
+    """The Scout-shaped synthetic checkpoint with `layers` MoE layers and `vocab_size` tokens (Scout's
+    by default), generated once under `workdir`."""
+    name = f"scout-synthetic-{layers}L" + (f"-vocab{vocab_size}" if vocab_size != SCOUT_VOCAB else "")
+    path = workdir / name
     if (path / "config.json").is_file():
         return path
-    tmp = workdir / f".scout-synthetic-{layers}L.tmp"
+    tmp = workdir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
-    synthetic.write_synthetic_checkpoint(tmp, synthetic.scout_config(layers), max_shard_size=4 * 1000**3)
+    synthetic.write_synthetic_checkpoint(tmp, synthetic.scout_config(layers, vocab_size), max_shard_size=4 * 1000**3)
     os.replace(tmp, path)
     print(f"# generated {path} in {time.time() - t0:.0f} s", flush=True)
     return path

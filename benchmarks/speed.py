@@ -16,6 +16,11 @@ writeback of an earlier row's or the checkpoint's bytes. The one-thread outputs 
 byte-identical to the N-thread ones. With --cold (root, Linux), each row also starts with the page
 cache dropped, as a real Scout or Maverick checkpoint, larger than memory, is read: from the disk.
 
+The default input is issue #12's: Scout's layer shapes, 2 MoE layers, a vocabulary of 2048 (the
+tiny model's tokenizer, which the GGUF rows carry), 8.85 GB of BF16. Like a real Scout checkpoint
+(48 layers, 2% of its bytes in the embeddings), it is nearly all layers; with Scout's own vocabulary
+(--vocab-size 202048) a 1- or 2-layer checkpoint is a third to a half embedding and output copies.
+
     python benchmarks/speed.py --layers 2 --workdir /tmp/l4q-bench
 """
 
@@ -71,6 +76,7 @@ def remove(path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=2048, help="tokens (default 2048; Scout has 202048)")
     parser.add_argument("--threads", type=int, default=psutil.cpu_count())
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/l4q-bench"))
     parser.add_argument("--skip-llama-cpp", action="store_true")
@@ -80,7 +86,7 @@ def main() -> None:
     if args.cold and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
         sys.exit("--cold drops the page cache through /proc/sys/vm/drop_caches: run it as root on Linux")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    src = ensure_checkpoint(args.workdir, args.layers)
+    src = ensure_checkpoint(args.workdir, args.layers, args.vocab_size)
     borrow_tiny_tokenizer(src)
     source_size = Checkpoint(src).total_bytes
     work = args.workdir / "speed"
@@ -168,7 +174,8 @@ def warm_up(l4q: list, work: Path, gguf_type: str) -> None:
 def print_table(rows: list, source_size: int, args, scaling: dict) -> None:
     cp = rows[0][1]["wall"]
     cold = "; page cache dropped before each row" if args.cold else ""
-    print(f"\nScout-shaped synthetic, {args.layers} MoE layers, {source_size / 1e9:.2f} GB BF16; "
+    print(f"\nScout-shaped synthetic, {args.layers} MoE layers, vocabulary {args.vocab_size}, "
+          f"{source_size / 1e9:.2f} GB BF16; "
           f"{psutil.cpu_count()} CPU cores, --threads {args.threads}{cold}")
     print("| job | wall s | vs cp -r | cores busy | peak RSS GB | written GB |")
     print("|---|---:|---:|---:|---:|---:|")

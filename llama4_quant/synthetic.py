@@ -56,9 +56,10 @@ SCOUT_TEXT_CONFIG = {
 }
 
 
-def scout_config(num_layers: int) -> dict:
-    """A `Llama4ForConditionalGeneration` config.json with Scout's text dims and `num_layers` layers."""
-    text = dict(SCOUT_TEXT_CONFIG, num_hidden_layers=num_layers, model_type="llama4_text")
+def scout_config(num_layers: int, vocab_size: int = SCOUT_TEXT_CONFIG["vocab_size"]) -> dict:
+    """A `Llama4ForConditionalGeneration` config.json with Scout's text dims, `num_layers` layers and
+    `vocab_size` tokens (Scout's own by default)."""
+    text = dict(SCOUT_TEXT_CONFIG, num_hidden_layers=num_layers, vocab_size=vocab_size, model_type="llama4_text")
     text["no_rope_layers"] = [int((i + 1) % 4 != 0) for i in range(num_layers)]
     text["moe_layers"] = list(range(num_layers))
     return {
