@@ -170,7 +170,10 @@ def int_lower_clamp(scale: Tensor, qmin: int, qmax: int) -> Tensor | None:
     Where |qmin| * scale overflows the scale dtype, a decoder computing q * scale in that dtype would
     get -Inf for qmin; clamping at -qmax there only changes the -(qmax + 0.5) tie.
     """
-    overflow = scale.double() * -qmin > torch.finfo(scale.dtype).max
+    limit = torch.finfo(scale.dtype).max
+    if scale.numel() == 0 or float(scale.max()) * -qmin <= limit:  # the common case, in one reduction
+        return None  # (a NaN maximum fails the test and takes the elementwise path)
+    overflow = scale.double() * -qmin > limit
     if not bool(overflow.any()):
         return None
     return torch.where(overflow, float(-qmax), float(qmin)).to(torch.float32)

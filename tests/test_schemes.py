@@ -355,6 +355,28 @@ def test_top_range_negative_tie_clamps_at_minus_qmax() -> None:
     assert int(S.int8_quantize(w, s)[0, 0]) == -128
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float16, torch.float32])
+def test_int_lower_clamp_marks_exactly_the_scales_whose_qmin_multiple_overflows(dtype) -> None:
+    """-qmax where qmin * scale overflows `dtype`, else qmin; None where no scale does. Scales at and
+    one step either side of the largest that still fits, with NaN beside them, against the
+    elementwise float64 test."""
+    big = torch.finfo(dtype).max
+    for qmin, qmax in ((-8, 7), (-128, 127)):
+        edge = torch.tensor(big / -qmin, dtype=torch.float64).to(dtype)  # nearest: one side of the edge
+        bits = edge.view(S._BITS_VIEW[dtype])
+        around = torch.stack([bits - 1, bits, bits + 1]).view(dtype)
+        for scale in (around[:1], around, torch.cat([around[:2], torch.tensor([float("nan")], dtype=dtype)]),
+                      torch.cat([torch.tensor([float("nan")], dtype=dtype), around]), around[:0]):
+            over = scale.double() * -qmin > big
+            low = S.int_lower_clamp(scale.reshape(-1, 1), qmin, qmax)
+            if not bool(over.any()):
+                assert low is None
+            else:
+                expected = torch.where(over, float(-qmax), float(qmin)).to(torch.float32).reshape(-1, 1)
+                assert torch.equal(low, expected)
+        assert S.int_lower_clamp(around.reshape(-1, 1), qmin, qmax) is not None  # the case is covered
+
+
 def test_non_finite_input_to_scales_raises() -> None:
     w = torch.zeros(2, 128, dtype=BF16)
     w[1, 7] = float("nan")
