@@ -90,6 +90,14 @@ def test_opening_a_model_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)
 
 
+def test_the_command_freezes_the_garbage_collector_at_exit():
+    """The exit handler runs before Python's last collections, which then skip every object made."""
+    code = ("import atexit, gc; atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); "
+            "import cli.main, torch")  # registered first, so run last of the exit handlers
+    done = subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert done.stdout.split() == ["frozen", "True"]
+
+
 def test_the_walk_sits_below_its_targets():
     """walk.py is the one front end: the targets build on it, never the reverse."""
     graph = import_graph()
