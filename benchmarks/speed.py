@@ -13,8 +13,11 @@ included, and anything else running then), the peak RSS of the job's process tre
 written. Every l4q job runs once on the tiny model first, untimed, so that no row pays for
 compiling kernels (once per install). Every row starts after a `sync`, so none pays for the
 writeback of an earlier row's or the checkpoint's bytes. The one-thread outputs are checked
-byte-identical to the N-thread ones. With --cold (root, Linux), each row also starts with the page
-cache dropped, as a real Scout or Maverick checkpoint, larger than memory, is read: from the disk.
+byte-identical to the N-thread ones. Every row starts with the whole source read once into the page
+cache, untimed: the rows before it wrote up to 11.5 GB on a 23 GiB machine, and a row that read part
+of the source from the disk would not compare with one that did not (the one-thread rows, after
+llama.cpp's, did). With --cold (root, Linux), each row instead starts with the page cache dropped,
+as a real Scout or Maverick checkpoint, larger than memory, is read: from the disk.
 
 The default input is issue #12's: Scout's layer shapes, 2 MoE layers, a vocabulary of 2048 (the
 tiny model's tokenizer, which the GGUF rows carry), 8.85 GB of BF16. Like a real Scout checkpoint
@@ -69,6 +72,15 @@ def size_of(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def read_into_page_cache(path: Path) -> None:
+    """Read every file under `path` once, so that its pages are in the page cache."""
+    buffer = bytearray(64 * 2**20)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(f, "rb", buffering=0) as stream:
+            while stream.readinto(buffer):
+                pass
+
+
 def remove(path: Path) -> None:
     path.unlink() if path.is_file() else shutil.rmtree(path, ignore_errors=True)
 
@@ -99,6 +111,8 @@ def main() -> None:
         os.sync()  # no row pays for the writeback of what came before it (the checkpoint's generation included)
         if args.cold:
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        else:
+            read_into_page_cache(src)
         r = run_job(cmd)
         r["written"] = size_of(out)
         if keep:
