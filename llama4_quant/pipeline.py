@@ -22,12 +22,13 @@ import torch
 from . import __version__, arch, distributed, outputs, walk
 from .arch import Llama4Spec
 from .checkpoint import ShardWriter, TensorEntry, split_in_order, tensor_bytes, write_index
-from .errors import UsageError
+from .errors import NonFiniteWeightError, UsageError
 from .formats import compressed_tensors as ct
 from .devices import resolve_device
 from .model import EXPERT_PROJECTIONS, Model, display_name, open_model
 from .outputs import RECIPE_NAME
 from .scale_search import search_scales
+from .schemes import check_finite
 from .sources import Source
 from .walk import Weight
 
@@ -327,6 +328,13 @@ class CompressedTensorsTarget:
             return None
         return walk.WHOLE if unit.kind == "linear" else walk.ROWS
 
+    def finds_non_finite(self, w: Weight) -> bool:
+        """A Linear or expert quantized by RTN with a scheme whose scales refuse NaN/Inf (int4, int8):
+        `take` then names the weight and counts them (`_encode`)."""
+        _, unit = self._unit_of[w.name]
+        return (unit.kind != "copy" and unit.quantize and self.encoder.method == "rtn"
+                and self.plan.scheme.rtn_refuses_non_finite and not self.plan.scheme.shares_global)
+
     def take(self, w: Weight, start_row: int, data: torch.Tensor) -> None:
         i, unit = self._unit_of[w.name]
         with outputs.writing(self.partial.dir, resume_hint=True):
@@ -340,8 +348,16 @@ class CompressedTensorsTarget:
             elif self.plan.scheme.shares_global and len(ct.fused_group(w.module)) > 1:
                 self._take_fused(w, data.to(self.device), writer)
             else:  # an expert's transposed view as it is: the rtn kernels work in its stored layout
-                for name, tensor in self.encoder.encode(w, data.to(self.device)):
+                for name, tensor in self._encode(w, data):
                     writer.write(name, tensor)
+
+    def _encode(self, w: Weight, data: torch.Tensor):
+        """`encoder.encode`, with a refusal of NaN/Inf (`finds_non_finite`) naming `w` and counting them."""
+        try:
+            return self.encoder.encode(w, data.to(self.device))
+        except NonFiniteWeightError:
+            check_finite(data, w.name)
+            raise
 
     def _take_fused(self, w: Weight, data: torch.Tensor, writer: ShardWriter) -> None:
         """Hold the members of a fused group (gate/up, q/k/v: one unit, or one expert's read) until the

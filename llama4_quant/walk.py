@@ -113,6 +113,10 @@ class Target(Protocol):
     def wants(self, w: Weight) -> str | None:
         """WHOLE, ROWS, or None when this target needs no data of `w` (not in it, or already written)."""
 
+    def finds_non_finite(self, w: Weight) -> bool:
+        """Whether `take` raises NonFiniteWeightError, naming `w`, for any NaN/Inf in its data: then
+        the reader need not pass over it to look first (when no other target needs that)."""
+
     def take(self, w: Weight, start_row: int, data) -> None:
         """Rows [start_row, start_row + len(data)) of `w` (all of them for WHOLE)."""
 
@@ -137,6 +141,9 @@ class Visitor:
 
     def wants(self, w: Weight) -> str | None:
         return WHOLE if self.select(w) else None
+
+    def finds_non_finite(self, w: Weight) -> bool:
+        return False
 
     def take(self, w: Weight, start_row: int, data) -> None:
         self.visit(w, data)
@@ -299,12 +306,15 @@ def _shards(model: Model, uses: list[str]):
 
 def _read(r: Read, wanted: list, read: str) -> Iterator[_Piece]:
     """The pieces of one wanted read: an expert slice, a whole tensor, or its blocks of rows (`read`
-    STREAMED or MAPPED: see `checkpoint.FRESH`)."""
+    STREAMED or MAPPED: see `checkpoint.FRESH`), each checked for NaN/Inf here unless every target
+    that takes it finds them itself (a pass over the data fewer, beside the kernels)."""
     from .schemes import check_finite
 
+    check = not all(t.finds_non_finite(w) for w, ts in zip(r.weights, wanted) for t in ts)
     if r.expert is not None:
         data = read_slice(r.info, r.expert, read)
-        check_finite(data, f"{r.info.name}[{r.expert}]")
+        if check:
+            check_finite(data, f"{r.info.name}[{r.expert}]")
         yield _Piece(r, wanted, 0, data, data.numel() * data.element_size())
         return
     info = r.info
@@ -312,7 +322,8 @@ def _read(r: Read, wanted: list, read: str) -> Iterator[_Piece]:
     blocks = [read_tensor(info, read)] if whole else iter_row_blocks(info, read)
     start = 0
     for block in blocks:
-        check_finite(block, info.name)
+        if check:
+            check_finite(block, info.name)
         end = start + block.shape[0]
         yield _Piece(r, wanted, start, block, block.numel() * block.element_size(), last=end == info.shape[0])
         start = end

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
+from cli.main import SCHEME_NAMES, main
 from llama4_quant.checkpoint import Checkpoint
 from llama4_quant.sources import resolve
 from llama4_quant.tiny_models import tiny_maverick_dir, tiny_model_dir
@@ -185,6 +185,50 @@ def test_bad_model(cmd, case, bad_models, tmp_path):
     assert_one_line_failure(result.exit_code, result.stderr, out)
     if out is not None and cmd in ("quantize", "export gguf", "calibrate"):
         assert not out.with_name(out.name + ".l4q-partial").exists(), "bad input left a partial behind"
+
+
+POISONED = {  # the tensor poisoned by `poison` -> the weight its NaN/Inf lands in (tiny: 16 experts)
+    "experts_gate_up": "model.layers.3.feed_forward.experts.8.gate_proj.weight",
+    "experts_down": "model.layers.0.feed_forward.experts.8.down_proj.weight",
+    "shared_expert": "model.layers.2.feed_forward.shared_expert.up_proj.weight",
+}
+
+
+FINDERS = {  # output type -> whether its encoder finds NaN/Inf itself (then the walk's reader does not look)
+    "int4": True, "int8": True, "fp8": False, "Q8_0": True, "Q4_K_M": True,
+}
+
+
+@pytest.mark.parametrize("job", list(FINDERS))
+@pytest.mark.parametrize("role", list(POISONED))
+def test_non_finite_weight_is_named_by_who_finds_it(job, role, bad_models, tmp_path, monkeypatch):
+    """int4, int8 and the GGUF block types find NaN/Inf in their own passes over a weight, so the
+    walk's reader does not look first: the error then names the weight (an expert's projection),
+    not the fused tensor's slice. Every other weight (here fp8's; the copies in `test_bad_model`) is
+    still checked by the reader, and every error counts the values."""
+    from llama4_quant import pipeline, schemes
+    from llama4_quant.formats import gguf
+
+    checked = []
+    original = schemes.check_finite
+    for module in (schemes, pipeline, gguf):  # the walk's reader, and the targets naming what they refused
+        monkeypatch.setattr(module, "check_finite", lambda w, name: (checked.append(name), original(w, name)))
+    case = f"{'NaN' if list(ROLE_TENSORS).index(role) % 2 == 0 else 'Inf'} in {role}"
+    out = tmp_path / "out"
+    model = str(bad_models[case])
+    args = ["quantize", "--model", model, "--to", job] if job in SCHEME_NAMES else ["export", "gguf", model, "--type", job]
+    result = CliRunner().invoke(main, [*args, "--out", str(out), "--quiet"])
+    assert_one_line_failure(result.exit_code, result.stderr, out)
+    assert not out.with_name(out.name + ".l4q-partial").exists(), "bad input left a partial behind"
+    stored = PREFIX + ROLE_TENSORS[role][1]
+    mlp = [name for name in checked if ".feed_forward." in name and "proj" in name]  # the quantized weights
+    if FINDERS[job]:  # the reader passed over no quantized weight; the target counted the one it refused
+        where = PREFIX + POISONED[role]
+        assert mlp == [where], mlp
+    else:
+        assert len(mlp) > 1
+        where = f"{stored}[8]" if "experts." in stored else stored
+    assert result.stderr.strip() == f"l4q: error: {where}: 1 non-finite values (NaN/Inf) in the source weight"
 
 
 def test_no_file_outside_the_model_is_opened(bad_models, tmp_path):

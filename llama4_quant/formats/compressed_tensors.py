@@ -55,6 +55,9 @@ class Scheme(ABC):
     half_range: ClassVar[float]  # the absmax rule's divisor: group scale >= absmax / half_range
 
     shares_global: ClassVar[bool] = False  # one per-tensor scale for each fused group (q/k/v, gate/up)
+    # whether `rtn_scales` raises NonFiniteWeightError for any NaN/Inf in the weight (then the walk's
+    # reader need not look for them first)
+    rtn_refuses_non_finite: ClassVar[bool] = False
     rows_per_scale: ClassVar[int] = 1  # rows that share one group scale (fp8-block: 128, a block's rows)
     inputs: ClassVar[str] = "none"  # activations as served: "none" (16-bit), "dynamic", "static" (`with_inputs`)
     strategy: ClassVar[str] = ""  # compressed-tensors' weight strategy (channel, group, block ...)
@@ -293,6 +296,9 @@ class _SymmetricScheme(Scheme):
 class _IntScheme(_SymmetricScheme):
     qmin: ClassVar[int]
     qmax: ClassVar[int]
+    # its RTN scales come from the group maxima, which a NaN or Inf in the group makes NaN or Inf,
+    # and `schemes._symmetric_scale` refuses those
+    rtn_refuses_non_finite = True
 
     def lower_clamp(self, group_scale: Tensor) -> Tensor | None:
         from .. import schemes

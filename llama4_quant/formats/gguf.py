@@ -28,8 +28,9 @@ from .. import __version__, arch, distributed, outputs, walk
 from ..arch import Llama4Spec
 from ..checkpoint import rows_per_block
 from ..devices import resolve_device
-from ..errors import SourceNotFoundError, UsageError
+from ..errors import NonFiniteWeightError, SourceNotFoundError, UsageError
 from ..model import Model, display_name, open_model
+from ..schemes import check_finite
 from ..sources import Source
 from . import gguf_budget, gguf_quants
 from .gguf_types import FILE_TYPES, Overrides, tensor_type
@@ -444,14 +445,22 @@ class GGUFTarget:
         t = self._by_weight.get(w.name)
         return walk.ROWS if t is not None and t.name not in self._done and t.name in self._mine else None
 
+    def finds_non_finite(self, w: walk.Weight) -> bool:
+        """A weight encoded to a block type: the encoders refuse NaN/Inf, and `take` then names it."""
+        return self._by_weight[w.name].qtype in gguf_quants.BLOCK_TYPES
+
     def take(self, w: walk.Weight, start_row: int, data: torch.Tensor) -> None:
         t = self._by_weight[w.name]
-        if w.expert is not None:
-            self._write(t, w.expert, data[None])
-            return
-        step = rows_per_block(w.info)  # the walk's row blocks, however the data came
-        for first in range(0, data.shape[0], step):
-            self._write(t, start_row + first, data[first:first + step])
+        try:
+            if w.expert is not None:
+                self._write(t, w.expert, data[None])
+                return
+            step = rows_per_block(w.info)  # the walk's row blocks, however the data came
+            for first in range(0, data.shape[0], step):
+                self._write(t, start_row + first, data[first:first + step])
+        except NonFiniteWeightError:  # the encoder's names a row of the slice: name the weight, count them
+            check_finite(data, w.name)
+            raise
 
     def _write(self, t: GGUFTensor, first_row: int, rows: torch.Tensor) -> None:
         imp = self._importance(t)
