@@ -86,22 +86,30 @@ def count_non_finite(w: torch.Tensor) -> int:
 
 
 @njit(nogil=True, cache=True)
-def _symmetric_scale_bf16_bits(absmax, half_range32, half_range, out):
-    """out[i] = bf16 bits of the smallest bf16 >= max(absmax[i] / half_range, smallest normal): the
-    float32 quotient rounded to nearest even, one step up where that fell below the exact quotient.
-    False at the first NaN/Inf absmax or infinite scale (out is then not used)."""
-    scratch = np.empty(2, np.uint32)
+def _bf16_scale_bits(a, half_range32, half_range, scratch):
+    """The bf16 bits of the smallest bf16 >= max(a / half_range, smallest normal), for finite float32
+    `a`: the float32 quotient rounded to nearest even, one step up where that fell below the exact
+    quotient; 0x7F80 or more where it overflows. `scratch`: two uint32 to see float32 bits through."""
     f = scratch.view(np.float32)
+    f[0] = max(a / half_range32, np.float32(2.0**-126))
+    b = scratch[0]
+    s = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    scratch[1] = s << np.uint32(16)
+    if np.float64(f[1]) * half_range < np.float64(a):
+        s += np.uint32(1)
+    return s
+
+
+@njit(nogil=True, cache=True)
+def _symmetric_scale_bf16_bits(absmax, half_range32, half_range, out):
+    """out[i] = `_bf16_scale_bits(absmax[i])`; False at the first NaN/Inf absmax or infinite scale
+    (out is then not used)."""
+    scratch = np.empty(2, np.uint32)
     for i in range(absmax.shape[0]):
         a = absmax[i]
         if not np.isfinite(a):
             return False
-        f[0] = max(a / half_range32, np.float32(2.0**-126))
-        b = scratch[0]
-        s = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-        scratch[1] = s << np.uint32(16)
-        if np.float64(f[1]) * half_range < np.float64(a):
-            s += np.uint32(1)
+        s = _bf16_scale_bits(a, half_range32, half_range, scratch)
         if s >= np.uint32(0x7F80):
             return False
         out[i] = np.uint16(s)
@@ -235,6 +243,41 @@ _ROW_PAIRS = 64  # pairs of input rows packed together: each output row gets a 6
 _COLUMNS = 512  # columns of those row pairs a thread quantizes at a time: its packed bytes stay in L1
 
 
+@njit(nogil=True, cache=True, inline="always")  # inlined: called, it ran at half the speed
+def _quantize_pack_int4_tile(flat, stride, group_rows, scale, low, out, first, c0):
+    """One tile of `_quantize_pack_int4_bf16_rows_transposed`: row pairs [first, first + _ROW_PAIRS)
+    by columns [c0, c0 + _COLUMNS), cut at the matrix's edges."""
+    cols, pairs = out.shape
+    n, m = min(_ROW_PAIRS, pairs - first), min(_COLUMNS, cols - c0)
+    wide = np.empty(2 * _COLUMNS, np.uint32)  # the pair's bf16 values as float32 bits
+    x = wide.view(np.float32)
+    q = np.empty(2 * _COLUMNS, np.float32)
+    packed = np.empty((_ROW_PAIRS, _COLUMNS), np.uint8)
+    for p in range(n):
+        k = first + p
+        g = 2 * k // group_rows
+        at = 2 * k * stride + c0
+        even, odd, s = flat[at:at + m], flat[at + stride:at + stride + m], scale[g, c0:c0 + m]
+        for o in range(m):
+            wide[o] = np.uint32(even[o]) << np.uint32(16)
+            wide[_COLUMNS + o] = np.uint32(odd[o]) << np.uint32(16)
+        for o in range(m):
+            q[o] = (min(max(x[o] / s[o], np.float32(-8)), np.float32(7)) + _ROUNDER) - _ROUNDER
+            q[_COLUMNS + o] = (min(max(x[_COLUMNS + o] / s[o], np.float32(-8)), np.float32(7)) + _ROUNDER) - _ROUNDER
+        if low.shape[0] > 0:
+            at_least = low[g, c0:c0 + m]
+            for o in range(m):
+                q[o] = max(q[o], at_least[o])
+                q[_COLUMNS + o] = max(q[_COLUMNS + o], at_least[o])
+        row = packed[p]
+        for o in range(m):
+            row[o] = np.uint8(np.int32(q[o]) + 8) | (np.uint8(np.int32(q[_COLUMNS + o]) + 8) << np.uint8(4))
+    for o in range(m):
+        dst = out[c0 + o]
+        for p in range(n):
+            dst[first + p] = packed[p, o]
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def _quantize_pack_int4_bf16_rows_transposed(flat, stride, group_rows, scale, low, out):
     """`_quantize_bf16_rows` into [-8, 7] then `_pack_int4_rows_transposed`, in one pass: each thread
@@ -243,39 +286,53 @@ def _quantize_pack_int4_bf16_rows_transposed(flat, stride, group_rows, scale, lo
     tile, a Scout gate_up_proj expert's buffer was 1 MB and took 2.9x as long). Clamping before
     rounding gives what rounding then clamping gives, and lets the rounding be an add and a subtract
     that vectorize. Row r of w is flat[r * stride:][:cols]."""
-    cols = out.shape[0]
-    pairs = out.shape[1]
+    cols, pairs = out.shape
+    tiles = (cols + _COLUMNS - 1) // _COLUMNS
+    for job in prange(((pairs + _ROW_PAIRS - 1) // _ROW_PAIRS) * tiles):
+        _quantize_pack_int4_tile(flat, stride, group_rows, scale, low, out, (job // tiles) * _ROW_PAIRS,
+                                 (job % tiles) * _COLUMNS)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _rtn_int4_bf16_rows_transposed(flat, stride, half_range32, half_range, limit, scale_bits, scale, low, out, bad):
+    """int4 RTN of the transposed bf16 matrix in one pass over its stored rows, groups of
+    2 * _ROW_PAIRS rows: each tile of `_quantize_pack_int4_bf16_rows_transposed` is one group's rows
+    by _COLUMNS columns, so the tile first takes its columns' group maxima (the bits with the sign
+    cleared), makes their bf16 scales (`_bf16_scale_bits`, into scale_bits and, as float32, scale)
+    and lower clamps (-7 where -8 * scale overflows bf16, whose largest value is `limit`; else -8,
+    which the clamp to [-8, 7] gives anyway), and then quantizes the rows while they are still in
+    cache. bad[job] is set where a maximum is NaN/Inf or a scale overflows (the rest is then void)."""
+    cols, pairs = out.shape
     tiles = (cols + _COLUMNS - 1) // _COLUMNS
     for job in prange(((pairs + _ROW_PAIRS - 1) // _ROW_PAIRS) * tiles):
         first, c0 = (job // tiles) * _ROW_PAIRS, (job % tiles) * _COLUMNS
-        n, m = min(_ROW_PAIRS, pairs - first), min(_COLUMNS, cols - c0)
-        wide = np.empty(2 * _COLUMNS, np.uint32)  # the pair's bf16 values as float32 bits
-        x = wide.view(np.float32)
-        q = np.empty(2 * _COLUMNS, np.float32)
-        packed = np.empty((_ROW_PAIRS, _COLUMNS), np.uint8)
-        for p in range(n):
-            k = first + p
-            g = 2 * k // group_rows
-            at = 2 * k * stride + c0
-            even, odd, s = flat[at:at + m], flat[at + stride:at + stride + m], scale[g, c0:c0 + m]
+        g, m = first // _ROW_PAIRS, min(_COLUMNS, cols - c0)
+        largest = np.zeros(_COLUMNS, np.uint16)
+        for r in range(2 * first, 2 * first + 2 * _ROW_PAIRS):
+            row = flat[r * stride + c0:r * stride + c0 + m]
             for o in range(m):
-                wide[o] = np.uint32(even[o]) << np.uint32(16)
-                wide[_COLUMNS + o] = np.uint32(odd[o]) << np.uint32(16)
-            for o in range(m):
-                q[o] = (min(max(x[o] / s[o], np.float32(-8)), np.float32(7)) + _ROUNDER) - _ROUNDER
-                q[_COLUMNS + o] = (min(max(x[_COLUMNS + o] / s[o], np.float32(-8)), np.float32(7)) + _ROUNDER) - _ROUNDER
-            if low.shape[0] > 0:
-                at_least = low[g, c0:c0 + m]
-                for o in range(m):
-                    q[o] = max(q[o], at_least[o])
-                    q[_COLUMNS + o] = max(q[_COLUMNS + o], at_least[o])
-            row = packed[p]
-            for o in range(m):
-                row[o] = np.uint8(np.int32(q[o]) + 8) | (np.uint8(np.int32(q[_COLUMNS + o]) + 8) << np.uint8(4))
+                v = row[o] & np.uint16(0x7FFF)
+                largest[o] = v if v > largest[o] else largest[o]
+        scratch = np.empty(2, np.uint32)
+        as_float = scratch.view(np.float32)
+        clamped = False
         for o in range(m):
-            dst = out[c0 + o]
-            for p in range(n):
-                dst[first + p] = packed[p, o]
+            if largest[o] >= np.uint16(0x7F80):
+                bad[job] = True
+                break
+            scratch[0] = np.uint32(largest[o]) << np.uint32(16)
+            sb = _bf16_scale_bits(as_float[0], half_range32, half_range, scratch)
+            if sb >= np.uint32(0x7F80):
+                bad[job] = True
+                break
+            scale_bits[g, c0 + o] = np.uint16(sb)
+            scratch[0] = sb << np.uint32(16)
+            scale[g, c0 + o] = as_float[0]
+            overflows = np.float64(as_float[0]) * 8.0 > limit
+            low[g, c0 + o] = np.float32(-7) if overflows else np.float32(-8)
+            clamped = clamped or overflows
+        if not bad[job]:  # the lower clamps only where one is -7: the tile's loop skips them otherwise
+            _quantize_pack_int4_tile(flat, stride, 2 * _ROW_PAIRS, scale, low if clamped else low[:0], out, first, c0)
 
 
 def quantize_pack_int4_transposed(w: torch.Tensor, group_rows: int, scale: torch.Tensor,
@@ -288,6 +345,27 @@ def quantize_pack_int4_transposed(w: torch.Tensor, group_rows: int, scale: torch
     _quantize_pack_int4_bf16_rows_transposed(*_row_bits(w), group_rows, scale.numpy(),
                                              no_low if low is None else low.numpy(), out.numpy())
     return out
+
+
+RTN_INT4_GROUP = 2 * _ROW_PAIRS  # the group (of stored rows) `rtn_int4_transposed` takes: one tile's rows
+
+
+def rtn_int4_transposed(w: torch.Tensor, half_range: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`quantize_pack_int4_transposed` of bf16 [rows, cols] `w` (rows contiguous) in groups of
+    RTN_INT4_GROUP rows with its own RTN scales, in one pass: (uint8 [cols, rows / 2], the bf16
+    scales [rows / group, cols]) as `schemes.int4_scales` and `int_lower_clamp` give them; None
+    where a group holds NaN/Inf or a scale overflows (the general path then says which)."""
+    parallel.use_kernel_threads()
+    flat, stride = _row_bits(w)
+    groups, cols = w.shape[0] // RTN_INT4_GROUP, w.shape[1]
+    out = torch.empty((cols, w.shape[0] // 2), dtype=torch.uint8)
+    scale_bits = torch.empty((groups, cols), dtype=torch.int16)
+    scale, low = np.empty((groups, cols), np.float32), np.empty((groups, cols), np.float32)
+    bad = np.zeros(groups * -(-cols // _COLUMNS), dtype=np.bool_)
+    _rtn_int4_bf16_rows_transposed(flat, stride, np.float32(half_range), float(half_range),
+                                   float(torch.finfo(torch.bfloat16).max), scale_bits.numpy().view(np.uint16),
+                                   scale, low, out.numpy(), bad)
+    return None if bad.any() else (out, scale_bits.view(torch.bfloat16))
 
 
 _ROWS_TOGETHER = 64  # rows of a contiguous matrix a thread quantizes with one set of buffers

@@ -268,6 +268,25 @@ def int4_quantize(w: Tensor, scale: Tensor, group_size: int = INT4_GROUP_SIZE) -
     return _quantize_int(w, scale, group_size, INT4_MIN, INT4_MAX)
 
 
+def int4_rtn_packed(w: Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[Tensor, Tensor] | None:
+    """(`int4_quantize_packed(w, s)`, s) with s = `int4_scales(w, group_size)`, in one compiled pass
+    over a routed expert's bf16 projection on the CPU (stored transposed, groups of 128 input
+    columns): each group's rows are quantized while they are in cache after its maxima are taken,
+    where the two steps read the weight twice. None elsewhere, and where the scales would be refused
+    (NaN/Inf, overflow): the two steps then raise."""
+    from . import cpu_kernels
+
+    if not (w.dtype == torch.bfloat16 and stored_transposed(w) and cpu_kernels.supports_rows(w.T)
+            and group_size == cpu_kernels.RTN_INT4_GROUP and sys.byteorder == "little"):
+        return None
+    _check_groups(w.shape[1], group_size)
+    done = cpu_kernels.rtn_int4_transposed(w.T, (INT4_MAX - INT4_MIN) / 2)
+    if done is None:
+        return None
+    packed, scale = done
+    return packed.view(torch.int32), scale.T.contiguous()
+
+
 def int4_quantize_packed(w: Tensor, scale: Tensor, group_size: int = INT4_GROUP_SIZE) -> Tensor | None:
     """`pack_int4(int4_quantize(w, scale, group_size))` in one compiled pass, where that applies: a
     bf16 weight on the CPU of a little-endian machine, a routed expert's projection (stored

@@ -565,6 +565,48 @@ def test_fused_int4_tiles_cover_every_row_pair_and_column() -> None:
     assert torch.equal(S.int4_quantize_packed(w, scale), S.pack_int4(x.to(torch.int8)))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_pass_int4_rtn_equals_its_scales_then_the_values(threads) -> None:
+    """The one-pass RTN int4 of an expert view (1200 of 1300 stored columns: column tiles of 512,
+    512 and the rest; 3 groups of 128 rows) gives the scales of `int4_scales` and the values of
+    `int4_quantize_packed` with them, and so the float64 reference's: magnitudes over 40 binades per
+    column, a group of zeros (the smallest normal scale), subnormals, -bf16 max (whose -8 * scale
+    overflows: the -7 clamp), exact half-step ties. NaN or Inf anywhere: None, and the scheme's
+    encoder then refuses the weight."""
+    from llama4_quant import parallel
+
+    g = torch.Generator().manual_seed(6)
+    stored = (torch.randn(384, 1300, generator=g) * torch.logspace(-30, 10, 1300, base=2)).to(BF16)  # [in, out]
+    stored[128:256, 60] = 0
+    stored[:, 61] = torch.tensor(2.0**-130).to(BF16)  # subnormal
+    stored[:128, 62] = (torch.arange(128) % 31 - 15).to(BF16) / 2  # absmax 7.5: scale 1, ties at every half
+    stored[300, 600] = -BF16_MAX
+    w = stored[:, 50:1250].T
+    parallel.set_threads(threads)
+    try:
+        packed, scale = S.int4_rtn_packed(w)
+        expected_scale = S.int4_scales(w)
+        assert torch.equal(scale, expected_scale)
+        assert torch.equal(scale.double(), ref_scales(w, 128, 7.5))
+        assert S.int_lower_clamp(scale, -8, 7) is not None  # the -7 clamp is exercised
+        assert torch.equal(packed, S.int4_quantize_packed(w, expected_scale))
+        int4 = ct.get_scheme("int4")
+        assert int4.rtn_stored_from_weight(w) is not None  # the encoder takes this pass
+        for (name, ours), (_, theirs) in zip(int4.encode_weight("m", w), int4.encode_weight("m", w.float())):
+            assert torch.equal(ours, theirs), name  # torch's kernels on the same values
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            poisoned = stored.clone()
+            poisoned[383, 1249] = bad  # the last row of the last tile
+            assert S.int4_rtn_packed(poisoned[:, 50:1250].T) is None
+            with pytest.raises(NonFiniteWeightError):
+                int4.encode_weight("m", poisoned[:, 50:1250].T)
+    finally:
+        parallel.set_threads(None)
+    # elsewhere the two steps run: a contiguous matrix, float32, another group size
+    assert S.int4_rtn_packed(w.contiguous()) is None and S.int4_rtn_packed(w.float()) is None
+    assert S.int4_rtn_packed(w, 64) is None
+
+
 def test_compiled_fp8_quantize_equals_torch_on_every_bf16_value() -> None:
     from llama4_quant.cpu_kernels import quantize_fp8_bf16_rows
 

@@ -176,6 +176,11 @@ class Scheme(ABC):
         (for w's layout and device), else None."""
         return None
 
+    def rtn_stored_from_weight(self, w: Tensor) -> dict[str, Tensor] | None:
+        """`stored_from_weight(w, rtn_scales(w))` in one pass where the scheme has a kernel for that
+        (for w's layout and device), else None."""
+        return None
+
     def encode(self, module: str, q: Tensor, scales: Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
         """(name, tensor) on the CPU in `entries` order, for values and their scales."""
         return self._named(module, self.stored(q, scales))
@@ -183,6 +188,10 @@ class Scheme(ABC):
     def encode_weight(self, module: str, w: Tensor, group_scale: Tensor | None = None) -> list[tuple[str, Tensor]]:
         """Quantize one [out, in] weight (RTN scales unless `group_scale` is given) and encode it."""
         bound = self.for_weight(w)
+        if group_scale is None:
+            tensors = bound.rtn_stored_from_weight(w)
+            if tensors is not None:
+                return self._named(module, tensors)
         scales = bound.rtn_scales(w) if group_scale is None else bound.scales_with(w, group_scale)
         tensors = bound.stored_from_weight(w, scales)
         return self._named(module, bound.stored(bound.quantize(w, scales), scales) if tensors is None else tensors)
@@ -405,6 +414,12 @@ class Int4(_IntScheme):
 
         packed = schemes.int4_quantize_packed(w, scales["weight_scale"], self.group)
         return None if packed is None else self._stored_packed(packed, scales, w.shape)
+
+    def rtn_stored_from_weight(self, w: Tensor) -> dict[str, Tensor] | None:
+        from .. import schemes
+
+        done = schemes.int4_rtn_packed(w, self.group)
+        return None if done is None else self._stored_packed(done[0], {"weight_scale": done[1]}, w.shape)
 
     @staticmethod
     def _stored_packed(packed: Tensor, scales: Mapping[str, Tensor], shape) -> dict[str, Tensor]:
