@@ -17,7 +17,9 @@ byte-identical to the N-thread ones. Every row starts with the whole source read
 cache, untimed: the rows before it wrote up to 11.5 GB on a 23 GiB machine, and a row that read part
 of the source from the disk would not compare with one that did not (the one-thread rows, after
 llama.cpp's, did). With --cold (root, Linux), each row instead starts with the page cache dropped,
-as a real Scout or Maverick checkpoint, larger than memory, is read: from the disk.
+as a real Scout or Maverick checkpoint, larger than memory, is read: from the disk. With --runs N
+each row runs N times and the table shows its median run: on a shared machine one run's wall time
+can be 10% off.
 
 The default input is issue #12's: Scout's layer shapes, 2 MoE layers, a vocabulary of 2048 (the
 tiny model's tokenizer, which the GGUF rows carry), 8.85 GB of BF16. Like a real Scout checkpoint
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/l4q-bench"))
     parser.add_argument("--skip-llama-cpp", action="store_true")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each row (root)")
+    parser.add_argument("--runs", type=int, default=1, help="run each row this many times; the table shows the median run")
     parser.add_argument("--gguf-type", default="Q4_K_M", help="the GGUF type raced against llama.cpp (default Q4_K_M)")
     args = parser.parse_args()
     if args.cold and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
@@ -108,13 +111,17 @@ def main() -> None:
     rows, digests = [], {}
 
     def job(name: str, cmd: list, out: Path, keep: str | None = None) -> dict:
-        os.sync()  # no row pays for the writeback of what came before it (the checkpoint's generation included)
-        if args.cold:
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        else:
-            read_into_page_cache(src)
-        r = run_job(cmd)
-        r["written"] = size_of(out)
+        runs = []
+        for _ in range(args.runs):
+            remove(out)
+            os.sync()  # no row pays for the writeback of what came before it (the checkpoint's generation included)
+            if args.cold:
+                Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            else:
+                read_into_page_cache(src)
+            runs.append(run_job(cmd) | {"written": size_of(out)})
+        r = sorted(runs, key=lambda run: run["wall"])[(len(runs) - 1) // 2]  # the median run (the lower of two)
+        r["walls"] = [run["wall"] for run in runs]
         if keep:
             digests[keep] = digest(out)
         rows.append((name, r))
@@ -191,11 +198,15 @@ def print_table(rows: list, source_size: int, args, scaling: dict) -> None:
     print(f"\nScout-shaped synthetic, {args.layers} MoE layers, vocabulary {args.vocab_size}, "
           f"{source_size / 1e9:.2f} GB BF16; "
           f"{psutil.cpu_count()} CPU cores, --threads {args.threads}{cold}")
-    print("| job | wall s | vs cp -r | cores busy | peak RSS GB | written GB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    runs = f"; each row the median of {args.runs} runs (all runs' wall s in the last column)" if args.runs > 1 else ""
+    print(f"| job | wall s | vs cp -r | cores busy | peak RSS GB | written GB |{' runs |' if runs else ''}")
+    print(f"|---|---:|---:|---:|---:|---:|{'---|' if runs else ''}")
     for name, r in rows:
+        walls = f" {' '.join(f'{w:.1f}' for w in r['walls'])} |" if runs and "walls" in r else (" |" if runs else "")
         print(f"| {name} | {r['wall']:.1f} | {r['wall'] / cp:.2f}x | {r['cpu'] / r['wall']:.2f} | "
-              f"{r['rss'] / 1e9:.2f} | {r['written'] / 1e9:.2f} |")
+              f"{r['rss'] / 1e9:.2f} | {r['written'] / 1e9:.2f} |{walls}")
+    if runs:
+        print(runs[2:])
     walls = {name: r["wall"] for name, r in rows}
     theirs = walls.get("llama.cpp's two programs together")
     if theirs:
