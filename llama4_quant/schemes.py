@@ -195,7 +195,8 @@ def round_fp8(x: Tensor) -> Tensor:
 
 def _quantize_int(w: Tensor, scale: Tensor, group_size: int, qmin: int, qmax: int) -> Tensor:
     """int8 q = clamp(round_half_even(w / scale), qmin, qmax) per group, one float32 slice at a time
-    (of rows; of input columns when `w` is `stored_transposed`, returning the same layout)."""
+    (of rows; of input columns when `w` is `stored_transposed`: then the compiled pass returns q
+    contiguous, as it is stored, and torch's a transposed view)."""
     rows, cols = w.shape
     groups = _check_groups(cols, group_size)
     _check_scale(scale, (rows, groups))
@@ -206,7 +207,7 @@ def _quantize_int(w: Tensor, scale: Tensor, group_size: int, qmin: int, qmax: in
         if w.dtype == torch.bfloat16 and cpu_kernels.supports_rows(w.T):  # one compiled pass
             q = cpu_kernels.quantize_bf16_rows(w.T, group_size, scale.to(torch.float32).T.contiguous(),
                                                None if low is None else low.T.contiguous(), qmin, qmax)
-            return q.T
+            return cpu_kernels.transposed_bytes(q)  # [out, in] as stored, contiguous
         wt, s = w.T, scale.to(torch.float32).T.unsqueeze(1)  # [in, out]; [groups, 1, out]
         low = None if low is None else low.T.unsqueeze(1)
         qt = torch.empty((cols, rows), dtype=torch.int8, device=w.device)
@@ -416,7 +417,7 @@ def fp8_quantize(w: Tensor, scale: Tensor) -> Tensor:
         from . import cpu_kernels
 
         if w.dtype == torch.bfloat16 and cpu_kernels.supports_rows(w.T):  # one compiled pass
-            return cpu_kernels.quantize_fp8_bf16_rows(w.T, s[:, 0]).T
+            return cpu_kernels.transposed_bytes(cpu_kernels.quantize_fp8_bf16_rows(w.T, s[:, 0]))  # as stored
         wt, st = w.T, s.T  # [in, out]; [1, out]
         qt = torch.empty((cols, rows), dtype=torch.float8_e4m3fn, device=w.device)
         for r in _row_chunks(cols, rows):

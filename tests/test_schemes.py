@@ -607,6 +607,26 @@ def test_one_pass_int4_rtn_equals_its_scales_then_the_values(threads) -> None:
     assert S.int4_rtn_packed(w, 64) is None
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_transposed_bytes_equals_torch(threads) -> None:
+    """The 8 x 8 block transpose of 1-byte matrices (int8 and FP8 values as stored): shapes with whole
+    and partial strips of 64 columns, one block, and ones that are no multiple of 8 (torch's copy);
+    every byte value in every position."""
+    from llama4_quant import parallel
+    from llama4_quant.cpu_kernels import transposed_bytes
+
+    g = torch.Generator().manual_seed(7)
+    parallel.set_threads(threads)
+    try:
+        for rows, cols in ((8, 8), (16, 200), (264, 136), (40, 1000), (12, 16), (16, 12), (0, 8)):
+            a = torch.randint(-128, 128, (rows, cols), generator=g, dtype=torch.int8)
+            assert torch.equal(transposed_bytes(a), a.T.contiguous()), (rows, cols)
+            fp8 = a.view(torch.uint8)[:, :].view(torch.float8_e4m3fn)
+            assert torch.equal(transposed_bytes(fp8).view(torch.uint8), fp8.T.contiguous().view(torch.uint8))
+    finally:
+        parallel.set_threads(None)
+
+
 def test_compiled_fp8_quantize_equals_torch_on_every_bf16_value() -> None:
     from llama4_quant.cpu_kernels import quantize_fp8_bf16_rows
 

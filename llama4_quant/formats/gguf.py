@@ -458,7 +458,7 @@ class GGUFTarget:
             step = rows_per_block(w.info)  # the walk's row blocks, however the data came
             for first in range(0, data.shape[0], step):
                 self._write(t, start_row + first, data[first:first + step])
-        except NonFiniteWeightError:  # the encoder's names a row of the slice: name the weight, count them
+        except NonFiniteWeightError:  # the encoder's error names a row of the slice: name the weight, count them
             check_finite(data, w.name)
             raise
 
