@@ -202,7 +202,7 @@ def print_table(rows: list, source_size: int, args, scaling: dict) -> None:
     print(f"| job | wall s | vs cp -r | cores busy | peak RSS GB | written GB |{' runs |' if runs else ''}")
     print(f"|---|---:|---:|---:|---:|---:|{'---|' if runs else ''}")
     for name, r in rows:
-        walls = f" {' '.join(f'{w:.1f}' for w in r['walls'])} |" if runs and "walls" in r else (" |" if runs else "")
+        walls = f" {' '.join(f'{w:.1f}' for w in r.get('walls', []))} |" if runs else ""  # none for a sum row
         print(f"| {name} | {r['wall']:.1f} | {r['wall'] / cp:.2f}x | {r['cpu'] / r['wall']:.2f} | "
               f"{r['rss'] / 1e9:.2f} | {r['written'] / 1e9:.2f} |{walls}")
     if runs:

@@ -8,7 +8,8 @@ over the stored rows, where torch makes several passes of small ops; int4 quanti
 that pass, writing the transposed bytes directly, and the int8 and FP8 values are then transposed
 to their stored layout eight bytes at a time. Every loop gives the bytes of the torch code it
 replaces (tests compare them, FP8 on every bf16 value); the walk's reader thread runs the NaN count
-beside the kernels, which spread rows over `--threads` numba threads.
+beside the kernels (where no target finds NaN/Inf in its own pass), which spread rows over
+`--threads` numba threads.
 """
 
 from __future__ import annotations
