@@ -4,12 +4,11 @@ Counting NaN/Inf and the largest |w| per group only need the bits: a float is Na
 when its exponent bits are all ones, and for floats of one sign the order of the values is the order
 of their bits, so max |w| is an integer max of the bits with the sign cleared. The int and FP8
 quantizers of a routed expert (an [out, in] view of its stored [in, out] slice) run here in one pass
-over the stored rows, where torch makes several passes of small ops; int4 quantizes and packs in
-that pass, writing the transposed bytes directly, and the int8 and FP8 values are then transposed
-to their stored layout eight bytes at a time. Every loop gives the bytes of the torch code it
-replaces (tests compare them, FP8 on every bf16 value); the walk's reader thread runs the NaN count
-beside the kernels (where no target finds NaN/Inf in its own pass), which spread rows over
-`--threads` numba threads.
+over the stored rows, where torch makes several passes of small ops, and write the transposed
+bytes as stored directly (int4 packed two a byte; int8 and FP8 eight bytes a store). Every loop
+gives the bytes of the torch code it replaces (tests compare them, FP8 on every bf16 value); the
+walk's reader thread runs the NaN count beside the kernels (where no target finds NaN/Inf in its
+own pass), which spread rows or columns over `--threads` numba threads.
 """
 
 from __future__ import annotations
@@ -181,44 +180,6 @@ def group_absmax_in_rows(w: torch.Tensor, group: int) -> torch.Tensor:
     return out.view(w.dtype)
 
 
-@njit(nogil=True, cache=True)
-def _widened_bf16_row(flat, stride, r, cols):
-    """Row r of bf16 bits (flat[r * stride:][:cols]) as float32 bits (uint32) and the float32 view
-    of them."""
-    row = flat[r * stride:r * stride + cols]
-    wide = np.empty(cols, np.uint32)
-    for o in range(cols):
-        wide[o] = np.uint32(row[o]) << np.uint32(16)
-    return wide, wide.view(np.float32)
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def _quantize_bf16_rows(flat, stride, group_rows, scale, low, qmin, qmax, out):
-    """out[r, o] = clamp(round_half_even(float32(w[r, o]) / scale[r // group_rows, o]), qmin, qmax),
-    then at least low[r // group_rows, o] where `low` has rows; w as bf16 bits, row r at r * stride."""
-    cols = out.shape[1]
-    for r in prange(out.shape[0]):
-        _, x = _widened_bf16_row(flat, stride, r, cols)
-        g = r // group_rows
-        for o in range(cols):
-            q = min(max(np.rint(x[o] / scale[g, o]), qmin), qmax)
-            if low.shape[0] > 0:
-                q = max(q, low[g, o])
-            out[r, o] = np.int8(q)
-
-
-def quantize_bf16_rows(w: torch.Tensor, group_rows: int, scale: torch.Tensor, low: torch.Tensor | None,
-                       qmin: int, qmax: int) -> torch.Tensor:
-    """int8 [rows, cols] values of bf16 [rows, cols] `w` (rows contiguous) in groups of `group_rows`
-    rows with float32 scales [rows / group_rows, cols], as `schemes._quantize_int` computes them."""
-    parallel.use_kernel_threads()
-    out = torch.empty(w.shape, dtype=torch.int8)
-    no_low = np.empty((0, 0), np.float32)
-    _quantize_bf16_rows(*_row_bits(w), group_rows, scale.numpy(), no_low if low is None else low.numpy(),
-                        np.float32(qmin), np.float32(qmax), out.numpy())
-    return out
-
-
 @njit(nogil=True, cache=True, inline="always")
 def _swap(a, b, shift, mask):
     """Exchange the fields `mask` << shift of a with the fields `mask` of b."""
@@ -226,53 +187,89 @@ def _swap(a, b, shift, mask):
     return a ^ (t << shift), b ^ t
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def _transpose_bytes(src, dst):
-    """dst[c, r] = src[r, c] for uint64 views of byte matrices: src [rows, cols / 8], dst [cols,
-    rows / 8]. Each 8 x 8 block of bytes is loaded as eight words (in registers) and transposed by
-    three rounds of swaps (bytes, then pairs, then quads across words), so every load and store
-    moves eight bytes; each thread takes strips of 64 columns, reads whole cache lines of 8 rows at
-    a time and writes the strip's 64 output rows front to back (a strip of 8 columns, reading 8 bytes
-    of each line, took 58 ms for a Scout expert's [5120, 8192] on one thread; 40 ms this way, torch
-    57)."""
-    rows, col_words = src.shape
+_STRIP = 64  # columns a thread quantizes at a time: the 64 stored rows it fills stay in L1 (512 ran 1.6x as long)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _store_transposed(tile, width, out, c0, rb):
+    """out[c0 + c, rb] = column c of the 8 x `width` byte tile (rows _STRIP apart), for c < width,
+    as uint64 words: out is the uint64 view of the stored [cols, rows] bytes, so word rb of row c0 + c
+    holds the column's 8 bytes. Each 8 x 8 block is loaded as eight words (in registers) and
+    transposed by three rounds of swaps (bytes, then pairs, then quads across words), so every load
+    and store moves eight bytes."""
+    words = tile.view(np.uint64)
     m1, m2, m4 = np.uint64(0x00FF00FF00FF00FF), np.uint64(0x0000FFFF0000FFFF), np.uint64(0x00000000FFFFFFFF)
     s8, s16, s32 = np.uint64(8), np.uint64(16), np.uint64(32)
-    for strip in prange((col_words + 7) // 8):  # 64 columns: each row's part of them is one cache line
+    step = _STRIP // 8
+    for cb in range(width // 8):
+        x0, x1, x2, x3 = words[cb], words[step + cb], words[2 * step + cb], words[3 * step + cb]
+        x4, x5, x6, x7 = words[4 * step + cb], words[5 * step + cb], words[6 * step + cb], words[7 * step + cb]
+        x0, x1 = _swap(x0, x1, s8, m1)
+        x2, x3 = _swap(x2, x3, s8, m1)
+        x4, x5 = _swap(x4, x5, s8, m1)
+        x6, x7 = _swap(x6, x7, s8, m1)
+        x0, x2 = _swap(x0, x2, s16, m2)
+        x1, x3 = _swap(x1, x3, s16, m2)
+        x4, x6 = _swap(x4, x6, s16, m2)
+        x5, x7 = _swap(x5, x7, s16, m2)
+        x0, x4 = _swap(x0, x4, s32, m4)
+        x1, x5 = _swap(x1, x5, s32, m4)
+        x2, x6 = _swap(x2, x6, s32, m4)
+        x3, x7 = _swap(x3, x7, s32, m4)
+        c = c0 + 8 * cb
+        out[c, rb], out[c + 1, rb], out[c + 2, rb], out[c + 3, rb] = x0, x1, x2, x3
+        out[c + 4, rb], out[c + 5, rb], out[c + 6, rb], out[c + 7, rb] = x4, x5, x6, x7
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _quantize_bf16_rows_transposed(flat, stride, group_rows, scale, low, qmin, qmax, out):
+    """Stored byte [o, r] = clamp(round_half_even(float32(w[r, o]) / scale[r // group_rows, o]), qmin,
+    qmax), then at least low[r // group_rows, o] where `low` has rows; w as bf16 bits, row r at
+    r * stride; out the uint64 view of the [cols, rows] int8 result. Each thread takes strips of
+    _STRIP columns, 8 rows at a time: it quantizes them into a small tile and stores the tile
+    transposed (quantizing whole rows, then transposing the int8 result in a second pass, wrote and
+    read the result once more: a Scout expert's projection took 1.4-1.5x as long, 2x in fresh memory)."""
+    rows, cols = 8 * out.shape[1], out.shape[0]
+    for strip in prange((cols + _STRIP - 1) // _STRIP):
+        c0 = strip * _STRIP
+        width = min(_STRIP, cols - c0)
+        wide = np.empty(_STRIP, np.uint32)  # one row's bf16 values as float32 bits
+        x = wide.view(np.float32)
+        tile = np.empty(8 * _STRIP, np.int8)
         for rb in range(rows // 8):
-            r = 8 * rb
-            for cb in range(8 * strip, min(8 * strip + 8, col_words)):
-                x0, x1, x2, x3 = src[r, cb], src[r + 1, cb], src[r + 2, cb], src[r + 3, cb]
-                x4, x5, x6, x7 = src[r + 4, cb], src[r + 5, cb], src[r + 6, cb], src[r + 7, cb]
-                x0, x1 = _swap(x0, x1, s8, m1)
-                x2, x3 = _swap(x2, x3, s8, m1)
-                x4, x5 = _swap(x4, x5, s8, m1)
-                x6, x7 = _swap(x6, x7, s8, m1)
-                x0, x2 = _swap(x0, x2, s16, m2)
-                x1, x3 = _swap(x1, x3, s16, m2)
-                x4, x6 = _swap(x4, x6, s16, m2)
-                x5, x7 = _swap(x5, x7, s16, m2)
-                x0, x4 = _swap(x0, x4, s32, m4)
-                x1, x5 = _swap(x1, x5, s32, m4)
-                x2, x6 = _swap(x2, x6, s32, m4)
-                x3, x7 = _swap(x3, x7, s32, m4)
-                c = 8 * cb
-                dst[c, rb], dst[c + 1, rb], dst[c + 2, rb], dst[c + 3, rb] = x0, x1, x2, x3
-                dst[c + 4, rb], dst[c + 5, rb], dst[c + 6, rb], dst[c + 7, rb] = x4, x5, x6, x7
+            for k in range(8):
+                r = 8 * rb + k
+                g = r // group_rows
+                row, s, q = flat[r * stride + c0:r * stride + c0 + width], scale[g, c0:c0 + width], tile[k * _STRIP:]
+                for o in range(width):
+                    wide[o] = np.uint32(row[o]) << np.uint32(16)
+                if low.shape[0] > 0:
+                    at_least = low[g, c0:c0 + width]
+                    for o in range(width):
+                        q[o] = np.int8(max(min(max(np.rint(x[o] / s[o]), qmin), qmax), at_least[o]))
+                else:
+                    for o in range(width):
+                        q[o] = np.int8(min(max(np.rint(x[o] / s[o]), qmin), qmax))
+            _store_transposed(tile, width, out, c0, rb)
 
 
-def transposed_bytes(a: torch.Tensor) -> torch.Tensor:
-    """`a.T.contiguous()` for a contiguous 1-byte [rows, cols] CPU tensor (int8, FP8 values), on the
-    kernel threads, eight bytes a move; torch's copy moves one byte at a time on one thread (for a
-    routed expert's int8 or FP8 values, about 3 s of the main thread per 2-layer Scout-shaped job).
-    Where rows or cols is not a multiple of 8, torch's copy."""
-    rows, cols = a.shape
-    if a.element_size() != 1 or rows % 8 or cols % 8 or not a.is_contiguous() or a.device.type != "cpu":
-        return a.T.contiguous()
+def quantize_transposed(w: torch.Tensor, group_rows: int, scale: torch.Tensor, low: torch.Tensor | None,
+                        qmin: int, qmax: int) -> torch.Tensor:
+    """int8 [cols, rows], contiguous: the transposed values of bf16 [rows, cols] `w` (rows
+    contiguous; see supports_transposed) in groups of `group_rows` rows with float32 scales
+    [rows / group_rows, cols], as `schemes._quantize_int` computes them."""
     parallel.use_kernel_threads()
-    out = torch.empty((cols, rows), dtype=a.dtype)
-    _transpose_bytes(a.view(torch.uint8).numpy().view(np.uint64), out.view(torch.uint8).numpy().view(np.uint64))
+    out = torch.empty((w.shape[1], w.shape[0]), dtype=torch.int8)
+    no_low = np.empty((0, 0), np.float32)
+    _quantize_bf16_rows_transposed(*_row_bits(w), group_rows, scale.numpy(), no_low if low is None else low.numpy(),
+                                   np.float32(qmin), np.float32(qmax), out.view(torch.uint8).numpy().view(np.uint64))
     return out
+
+
+def supports_transposed(w: torch.Tensor) -> bool:
+    """Whether `quantize_transposed` and `quantize_fp8_transposed` take `w`: bf16 rows, contiguous,
+    whose numbers of rows and columns are multiples of 8 (the 8 x 8 byte blocks they store)."""
+    return supports_rows(w) and w.dtype == torch.bfloat16 and w.shape[0] % 8 == 0 and w.shape[1] % 8 == 0
 
 
 _TILE = 64  # output rows packed together: their bytes advance side by side, each in its own cache line
@@ -338,7 +335,7 @@ def _quantize_pack_int4_tile(flat, stride, group_rows, scale, low, out, first, c
 
 @njit(parallel=True, nogil=True, cache=True)
 def _quantize_pack_int4_bf16_rows_transposed(flat, stride, group_rows, scale, low, out):
-    """`_quantize_bf16_rows` into [-8, 7] then `_pack_int4_rows_transposed`, in one pass: each thread
+    """`_quantize_bf16_rows_transposed` into [-8, 7] then packed two values a byte, in one pass: each thread
     takes a tile of _ROW_PAIRS row pairs (2k, 2k + 1 share a group: group_rows is even) by _COLUMNS
     columns, packs it into a small buffer and writes the buffer transposed (with whole rows in the
     tile, a Scout gate_up_proj expert's buffer was 1 MB and took 2.9x as long). Clamping before
@@ -395,7 +392,7 @@ def _rtn_int4_bf16_rows_transposed(flat, stride, half_range32, half_range, limit
 
 def quantize_pack_int4_transposed(w: torch.Tensor, group_rows: int, scale: torch.Tensor,
                                   low: torch.Tensor | None) -> torch.Tensor:
-    """`pack_int4_transposed(quantize_bf16_rows(w, group_rows, scale, low, -8, 7))` in one pass, for
+    """`pack_int4_transposed(quantize_transposed(w, group_rows, scale, low, -8, 7).T)` in one pass, for
     bf16 [rows, cols] `w` (rows contiguous, group_rows even): uint8 [cols, rows / 2]."""
     parallel.use_kernel_threads()
     out = torch.empty((w.shape[1], w.shape[0] // 2), dtype=torch.uint8)
@@ -466,30 +463,44 @@ def quantize_pack_int4_rows(w: torch.Tensor, group: int, scale: torch.Tensor, lo
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _fp8_bf16_rows(flat, stride, scale, out):
-    """out[r, o] = e4m3fn bits of clamp(float32(w[r, o]) / scale[o], -448, 448), rounded to
-    nearest even as torch's conversion rounds (c10's fp8e4m3fn_from_fp32_value)."""
-    cols = out.shape[1]
-    for r in prange(out.shape[0]):
-        wide, x = _widened_bf16_row(flat, stride, r, cols)
-        for o in range(cols):
-            x[o] = min(max(x[o] / scale[o], np.float32(-448.0)), np.float32(448.0))
-        for o in range(cols):
-            u = wide[o]  # the bits of the clamped quotient (x is a view of them)
-            sign = np.uint8((u >> np.uint32(24)) & np.uint32(0x80))
-            a = abs(x[o])
-            if a < np.float32(0.015625):  # below 2**-6: a subnormal e4m3, a multiple of 2**-9
-                out[r, o] = sign | np.uint8(np.rint(a * np.float32(512.0)))
-            else:  # drop 20 mantissa bits, ties to even, and rebias the exponent from 127 to 7
-                m = u & np.uint32(0x7FFFFFFF)
-                m += np.uint32(0x7FFFF) + ((m >> np.uint32(20)) & np.uint32(1))
-                out[r, o] = sign | np.uint8((m >> np.uint32(20)) - np.uint32(960))
+def _fp8_bf16_rows_transposed(flat, stride, scale, out):
+    """Stored byte [o, r] = e4m3fn bits of clamp(float32(w[r, o]) / scale[o], -448, 448), rounded
+    to nearest even as torch's conversion rounds (c10's fp8e4m3fn_from_fp32_value); tiles as in
+    `_quantize_bf16_rows_transposed`. Both roundings are computed for every value and one is
+    kept, which vectorizes where a branch did not."""
+    rows, cols = 8 * out.shape[1], out.shape[0]
+    for strip in prange((cols + _STRIP - 1) // _STRIP):
+        c0 = strip * _STRIP
+        width = min(_STRIP, cols - c0)
+        wide = np.empty(_STRIP, np.uint32)
+        x = wide.view(np.float32)
+        tile = np.empty(8 * _STRIP, np.uint8)
+        s = scale[c0:c0 + width]
+        for rb in range(rows // 8):
+            for k in range(8):
+                r = 8 * rb + k
+                row, q = flat[r * stride + c0:r * stride + c0 + width], tile[k * _STRIP:]
+                for o in range(width):
+                    wide[o] = np.uint32(row[o]) << np.uint32(16)
+                for o in range(width):
+                    x[o] = min(max(x[o] / s[o], np.float32(-448.0)), np.float32(448.0))
+                for o in range(width):
+                    u = wide[o]  # the bits of the clamped quotient (x is a view of them)
+                    m = u & np.uint32(0x7FFFFFFF)
+                    a = abs(x[o])
+                    # below 2**-6: a subnormal e4m3, a multiple of 2**-9
+                    subnormal = np.uint32(np.int32(np.rint(min(a, np.float32(0.015625)) * np.float32(512.0))))
+                    # else drop 20 mantissa bits, ties to even, and rebias the exponent from 127 to 7
+                    normal = ((m + np.uint32(0x7FFFF) + ((m >> np.uint32(20)) & np.uint32(1))) >> np.uint32(20)) - np.uint32(960)
+                    q[o] = np.uint8(((u >> np.uint32(24)) & np.uint32(0x80)) | (subnormal if a < np.float32(0.015625) else normal))
+            _store_transposed(tile, width, out, c0, rb)
 
 
-def quantize_fp8_bf16_rows(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float8_e4m3fn [rows, cols] of bf16 `w` (rows contiguous) divided by float32 per-column
-    `scale` [cols], clamped to +-448: what `schemes.fp8_quantize` computes, in one pass."""
+def quantize_fp8_transposed(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn [cols, rows], contiguous: the transposed values of bf16 [rows, cols] `w` (see
+    supports_transposed) divided by float32 per-column `scale` [cols], clamped to +-448, as
+    `schemes.fp8_quantize` computes them."""
     parallel.use_kernel_threads()
-    out = torch.empty(w.shape, dtype=torch.uint8)
-    _fp8_bf16_rows(*_row_bits(w), scale.contiguous().numpy(), out.numpy())
+    out = torch.empty((w.shape[1], w.shape[0]), dtype=torch.uint8)
+    _fp8_bf16_rows_transposed(*_row_bits(w), scale.contiguous().numpy(), out.numpy().view(np.uint64))
     return out.view(torch.float8_e4m3fn)

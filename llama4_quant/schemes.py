@@ -204,10 +204,9 @@ def _quantize_int(w: Tensor, scale: Tensor, group_size: int, qmin: int, qmax: in
     if stored_transposed(w):
         from . import cpu_kernels
 
-        if w.dtype == torch.bfloat16 and cpu_kernels.supports_rows(w.T):  # one compiled pass
-            q = cpu_kernels.quantize_bf16_rows(w.T, group_size, scale.to(torch.float32).T.contiguous(),
-                                               None if low is None else low.T.contiguous(), qmin, qmax)
-            return cpu_kernels.transposed_bytes(q)  # [out, in] as stored, contiguous
+        if cpu_kernels.supports_transposed(w.T):  # one compiled pass, [out, in] as stored, contiguous
+            return cpu_kernels.quantize_transposed(w.T, group_size, scale.to(torch.float32).T.contiguous(),
+                                                   None if low is None else low.T.contiguous(), qmin, qmax)
         wt, s = w.T, scale.to(torch.float32).T.unsqueeze(1)  # [in, out]; [groups, 1, out]
         low = None if low is None else low.T.unsqueeze(1)
         qt = torch.empty((cols, rows), dtype=torch.int8, device=w.device)
@@ -416,8 +415,8 @@ def fp8_quantize(w: Tensor, scale: Tensor) -> Tensor:
     if stored_transposed(w):  # work in the stored [in, out] layout, return the same layout
         from . import cpu_kernels
 
-        if w.dtype == torch.bfloat16 and cpu_kernels.supports_rows(w.T):  # one compiled pass
-            return cpu_kernels.transposed_bytes(cpu_kernels.quantize_fp8_bf16_rows(w.T, s[:, 0]))  # as stored
+        if cpu_kernels.supports_transposed(w.T):  # one compiled pass, [out, in] as stored, contiguous
+            return cpu_kernels.quantize_fp8_transposed(w.T, s[:, 0])
         wt, st = w.T, s.T  # [in, out]; [1, out]
         qt = torch.empty((cols, rows), dtype=torch.float8_e4m3fn, device=w.device)
         for r in _row_chunks(cols, rows):

@@ -492,23 +492,33 @@ def test_true_div_rounds_the_exact_quotient() -> None:
         assert torch.equal(S.true_div(a, b), exact.float())
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("group_rows, qmin, qmax", [(128, -8, 7), (256, -128, 127)])
-def test_compiled_int_quantize_equals_float32_torch(group_rows, qmin, qmax) -> None:
-    from llama4_quant.cpu_kernels import quantize_bf16_rows
+def test_compiled_int_quantize_equals_float32_torch(group_rows, qmin, qmax, threads) -> None:
+    """The transposed int values of a strided bf16 view, as float32 torch gives them: half steps
+    (round-half-even ties), a lower clamp, one strip of columns, several with a partial one."""
+    from llama4_quant import parallel
+    from llama4_quant.cpu_kernels import quantize_transposed, supports_transposed
 
     g = torch.Generator().manual_seed(2)
-    scale = (torch.rand(256 // group_rows, 64, generator=g) + 0.01).to(BF16).float()
-    steps = torch.randint(-4 * qmax, 4 * qmax, (256, 64), generator=g) / 2  # half steps: round-half-even ties
-    stored = torch.empty(256, 96, dtype=BF16)
-    stored[:, 16:80] = (steps * scale.repeat_interleave(group_rows, 0)).to(BF16)
-    w = stored[:, 16:80]
-    x = w.float() / scale.repeat_interleave(group_rows, 0)
-    expected = x.round().clamp(qmin, qmax).to(torch.int8)
-    assert torch.equal(quantize_bf16_rows(w, group_rows, scale, None, qmin, qmax), expected)
-    low = torch.full_like(scale, float(qmin))
-    low[0, :8] = float(-qmax)
-    expected = torch.maximum(x.round().clamp(qmin, qmax), low.repeat_interleave(group_rows, 0)).to(torch.int8)
-    assert torch.equal(quantize_bf16_rows(w, group_rows, scale, low, qmin, qmax), expected)
+    parallel.set_threads(threads)
+    try:
+        for cols in (64, 200):
+            scale = (torch.rand(256 // group_rows, cols, generator=g) + 0.01).to(BF16).float()
+            steps = torch.randint(-4 * qmax, 4 * qmax, (256, cols), generator=g) / 2
+            stored = torch.empty(256, cols + 32, dtype=BF16)
+            stored[:, 16:cols + 16] = (steps * scale.repeat_interleave(group_rows, 0)).to(BF16)
+            w = stored[:, 16:cols + 16]
+            assert supports_transposed(w) and not supports_transposed(stored[:, 16:cols + 12])
+            x = w.float() / scale.repeat_interleave(group_rows, 0)
+            expected = x.round().clamp(qmin, qmax).to(torch.int8)
+            assert torch.equal(quantize_transposed(w, group_rows, scale, None, qmin, qmax), expected.T.contiguous())
+            low = torch.full_like(scale, float(qmin))
+            low[0, :8] = float(-qmax)
+            expected = torch.maximum(x.round().clamp(qmin, qmax), low.repeat_interleave(group_rows, 0)).to(torch.int8)
+            assert torch.equal(quantize_transposed(w, group_rows, scale, low, qmin, qmax), expected.T.contiguous())
+    finally:
+        parallel.set_threads(None)
 
 
 def test_fused_int4_quantize_and_pack_equals_the_two_steps() -> None:
@@ -608,36 +618,25 @@ def test_one_pass_int4_rtn_equals_its_scales_then_the_values(threads) -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_transposed_bytes_equals_torch(threads) -> None:
-    """The 8 x 8 block transpose of 1-byte matrices (int8 and FP8 values as stored): shapes with whole
-    and partial strips of 64 columns, one block, and ones that are no multiple of 8 (torch's copy);
-    every byte value in every position."""
+def test_compiled_fp8_quantize_equals_torch_on_every_bf16_value(threads) -> None:
+    """Every finite bf16 value, by scales around 1, ones that push values into e4m3's subnormals, its
+    top and past 448; then a strided view of several strips of columns, the last one partial."""
     from llama4_quant import parallel
-    from llama4_quant.cpu_kernels import transposed_bytes
-
-    g = torch.Generator().manual_seed(7)
-    parallel.set_threads(threads)
-    try:
-        for rows, cols in ((8, 8), (16, 200), (264, 136), (40, 1000), (12, 16), (16, 12), (0, 8)):
-            a = torch.randint(-128, 128, (rows, cols), generator=g, dtype=torch.int8)
-            assert torch.equal(transposed_bytes(a), a.T.contiguous()), (rows, cols)
-            fp8 = a.view(torch.uint8)[:, :].view(torch.float8_e4m3fn)
-            assert torch.equal(transposed_bytes(fp8).view(torch.uint8), fp8.T.contiguous().view(torch.uint8))
-    finally:
-        parallel.set_threads(None)
-
-
-def test_compiled_fp8_quantize_equals_torch_on_every_bf16_value() -> None:
-    from llama4_quant.cpu_kernels import quantize_fp8_bf16_rows
+    from llama4_quant.cpu_kernels import quantize_fp8_transposed
 
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(BF16)
     every = every[torch.isfinite(every)]
-    every = every[: every.numel() // 8 * 8].reshape(-1, 8)  # [rows, 8]: 8 columns, one scale each
-    # scales around 1 and ones that push values into e4m3's subnormals, its top and past 448
+    every = every[: every.numel() // 64 * 64].reshape(-1, 8)  # [rows, 8]: 8 columns, one scale each
     scale = torch.tensor([1.0, 0.5, 3.0, 1e-3, 7e-5, 2.0**-20, 1e30, 1.7e-38]).to(BF16).float()
-    expected = (every.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
-    ours = quantize_fp8_bf16_rows(every, scale)
-    assert torch.equal(ours.view(torch.uint8), expected.view(torch.uint8))
+    stored = random_weight(96, 240, 5).to(BF16)
+    strided, strided_scale = stored[:, 8:208], stored[:, 8:208].float().abs().amax(0) / 448
+    parallel.set_threads(threads)
+    try:
+        for w, s in ((every, scale), (strided, strided_scale)):
+            expected = (w.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).T.contiguous()
+            assert torch.equal(quantize_fp8_transposed(w, s).view(torch.uint8), expected.view(torch.uint8))
+    finally:
+        parallel.set_threads(None)
 
 
 # --------------------------------------------------------------------------- determinism and layout
