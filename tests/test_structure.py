@@ -84,9 +84,20 @@ def test_the_foundation_imports_nothing_above_it():
 
 
 def test_opening_a_model_imports_no_torch():
-    """What every command runs first stays fast: a bad path fails before torch is imported."""
+    """What every command runs first stays fast: a bad path fails before torch is imported (export
+    gguf reads its --tensor-type overrides first: with none, no block types are loaded)."""
     code = ("import sys, llama4_quant.model, llama4_quant.outputs, cli.main; "
+            "from llama4_quant.formats.gguf_types import parse_overrides; parse_overrides(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)
+
+
+def test_torch_loads_with_no_collection_then_stays_frozen():
+    """The heavy commands' first import of torch (in use_threads) runs no collection, and leaves its
+    objects frozen, so the walk's full collections skip them, and collection on."""
+    code = ("import gc, sys, cli.main; runs = []; gc.callbacks.append(lambda phase, info: runs.append(info)); "
+            "cli.main.use_threads(1); assert 'torch' in sys.modules; "
+            "assert not runs, runs; assert gc.isenabled(); assert gc.get_freeze_count() > 100_000, gc.get_freeze_count()")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)
 
 

@@ -120,7 +120,6 @@ def parse_overrides(tensor_types: tuple[str, ...] = (), output: str | None = Non
     the first '=', lower-cased; type names in any case); a bad pattern or type name is a UsageError."""
     from ..errors import UsageError
 
-    known = list(FLOAT_TYPES) + list(_block_types())
     output, token_embedding = (q.upper() if q else None for q in (output, token_embedding))
     pairs = []
     for spec in tensor_types:
@@ -133,7 +132,9 @@ def parse_overrides(tensor_types: tuple[str, ...] = (), output: str | None = Non
         except re.error as exc:
             raise UsageError(f"--tensor-type {spec!r}: bad regular expression ({exc})") from None
         pairs.append((pattern, qtype))
-    for qtype in [q for _, q in pairs] + [q for q in (output, token_embedding) if q]:
+    named = [q for _, q in pairs] + [q for q in (output, token_embedding) if q]
+    known = list(FLOAT_TYPES) + list(_block_types()) if named else []  # the block types import torch
+    for qtype in named:
         if qtype not in known:
             raise UsageError(f"unknown tensor type {qtype!r}; choose one of {', '.join(known)}")
     return Overrides(tuple(pairs), output, token_embedding)
