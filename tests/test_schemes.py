@@ -639,6 +639,20 @@ def test_compiled_fp8_quantize_equals_torch_on_every_bf16_value(threads) -> None
         parallel.set_threads(None)
 
 
+def test_expert_views_quantize_the_same_through_the_compiled_pass_and_torch() -> None:
+    """int8 and FP8 of an expert's transposed bf16 view: the compiled pass (rows and columns multiples
+    of 8), torch's loop (95 columns, or the same values as float32) and the contiguous weight all
+    give the same values, in the layout the view reads."""
+    stored = random_weight(256, 100, 9).to(BF16)  # an expert's [in, out] slice
+    for w in (stored[:, 2:98].T, stored[:, 2:97].T):
+        assert S.stored_transposed(w)
+        for scale, quantize in ((S.int8_scales(w), S.int8_quantize), (S.fp8_scales(w), S.fp8_quantize)):
+            ours = quantize(w, scale)
+            assert ours.shape == w.shape
+            for other in (w.float(), w.contiguous()):
+                assert torch.equal(ours.view(torch.uint8), quantize(other, scale).view(torch.uint8))
+
+
 # --------------------------------------------------------------------------- determinism and layout
 
 
