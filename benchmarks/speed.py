@@ -19,7 +19,7 @@ of the source from the disk would not compare with one that did not (the one-thr
 llama.cpp's, did). With --cold (root, Linux), each row instead starts with the page cache dropped,
 as a real Scout or Maverick checkpoint, larger than memory, is read: from the disk. With --runs N
 each row runs N times and the table shows its median run: on a shared machine one run's wall time
-can be 10% off.
+can be far off (cp -r took 6.6 to 23.8 s here).
 
 The default input is issue #12's: Scout's layer shapes, 2 MoE layers, a vocabulary of 2048 (the
 tiny model's tokenizer, which the GGUF rows carry), 8.85 GB of BF16. Like a real Scout checkpoint

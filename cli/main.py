@@ -27,7 +27,7 @@ atexit.register(gc.freeze)
 def imports_uncollected():
     """Around the first import of torch: objects (about 240,000) that live to the end of the run.
     Collecting while they load ran three full passes (0.15 s); frozen afterwards, later full passes
-    skip them (one on the walk's reader thread took 0.09 s, holding up every thread)."""
+    skip them (one on the walk's reader thread took 0.11 s, holding up every thread)."""
     gc.disable()
     try:
         yield
