@@ -5,7 +5,7 @@ when its exponent bits are all ones, and for floats of one sign the order of the
 of their bits, so max |w| is an integer max of the bits with the sign cleared. The int and FP8
 quantizers of a routed expert (an [out, in] view of its stored [in, out] slice) run here in one pass
 over the stored rows, where torch makes several passes of small ops, and write the transposed
-bytes as stored directly (int4 packed two a byte; int8 and FP8 eight bytes a store). Every loop
+bytes as stored directly, eight bytes a store (int4 packed two values a byte). Every loop
 gives the bytes of the torch code it replaces (tests compare them, FP8 on every bf16 value); the
 walk's reader thread runs the NaN count beside the kernels (where no target finds NaN/Inf in its
 own pass), which spread rows or columns over `--threads` numba threads.
@@ -191,8 +191,8 @@ _STRIP = 64  # columns a thread quantizes at a time: the 64 stored rows it fills
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _store_transposed(tile, width, out, c0, rb):
-    """out[c0 + c, rb] = column c of the 8 x `width` byte tile (rows _STRIP apart), for c < width,
+def _store_transposed(tile, step, width, out, c0, rb):
+    """out[c0 + c, rb] = column c of the 8 x `width` byte tile (rows `step` words apart), for c < width,
     as uint64 words: out is the uint64 view of the stored [cols, rows] bytes, so word rb of row c0 + c
     holds the column's 8 bytes. Each 8 x 8 block is loaded as eight words (in registers) and
     transposed by three rounds of swaps (bytes, then pairs, then quads across words), so every load
@@ -200,7 +200,6 @@ def _store_transposed(tile, width, out, c0, rb):
     words = tile.view(np.uint64)
     m1, m2, m4 = np.uint64(0x00FF00FF00FF00FF), np.uint64(0x0000FFFF0000FFFF), np.uint64(0x00000000FFFFFFFF)
     s8, s16, s32 = np.uint64(8), np.uint64(16), np.uint64(32)
-    step = _STRIP // 8
     for cb in range(width // 8):
         x0, x1, x2, x3 = words[cb], words[step + cb], words[2 * step + cb], words[3 * step + cb]
         x4, x5, x6, x7 = words[4 * step + cb], words[5 * step + cb], words[6 * step + cb], words[7 * step + cb]
@@ -250,7 +249,7 @@ def _quantize_bf16_rows_transposed(flat, stride, group_rows, scale, low, qmin, q
                 else:
                     for o in range(width):
                         q[o] = np.int8(min(max(np.rint(x[o] / s[o]), qmin), qmax))
-            _store_transposed(tile, width, out, c0, rb)
+            _store_transposed(tile, _STRIP // 8, width, out, c0, rb)
 
 
 def quantize_transposed(w: torch.Tensor, group_rows: int, scale: torch.Tensor, low: torch.Tensor | None,
@@ -298,10 +297,19 @@ _ROW_PAIRS = 64  # pairs of input rows packed together: each output row gets a 6
 _COLUMNS = 512  # columns of those row pairs a thread quantizes at a time: its packed bytes stay in L1
 
 
+def _bytes_and_words(out: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [cols, pairs] `out` as bytes, and as uint64 words where its rows are whole words (else
+    no words: the int4 tiles then store byte by byte)."""
+    data = out.numpy()
+    return data, data.view(np.uint64) if out.shape[1] % 8 == 0 else np.empty((0, 0), np.uint64)
+
+
 @njit(nogil=True, cache=True, inline="always")  # inlined: called, it ran at half the speed
-def _quantize_pack_int4_tile(flat, stride, group_rows, scale, low, out, first, c0):
+def _quantize_pack_int4_tile(flat, stride, group_rows, scale, low, out, words, first, c0):
     """One tile of `_quantize_pack_int4_bf16_rows_transposed`: row pairs [first, first + _ROW_PAIRS)
-    by columns [c0, c0 + _COLUMNS), cut at the matrix's edges."""
+    by columns [c0, c0 + _COLUMNS), cut at the matrix's edges. `words` is out's words (see
+    `_bytes_and_words`): where it has rows and the tile's width is a multiple of 8, the packed tile
+    is stored by 8 x 8 byte blocks (byte by byte, a Scout expert's gate projection took 2.1x as long)."""
     cols, pairs = out.shape
     n, m = min(_ROW_PAIRS, pairs - first), min(_COLUMNS, cols - c0)
     wide = np.empty(2 * _COLUMNS, np.uint32)  # the pair's bf16 values as float32 bits
@@ -327,14 +335,19 @@ def _quantize_pack_int4_tile(flat, stride, group_rows, scale, low, out, first, c
         row = packed[p]
         for o in range(m):
             row[o] = np.uint8(np.int32(q[o]) + 8) | (np.uint8(np.int32(q[_COLUMNS + o]) + 8) << np.uint8(4))
-    for o in range(m):
-        dst = out[c0 + o]
-        for p in range(n):
-            dst[first + p] = packed[p, o]
+    if words.shape[0] > 0 and m % 8 == 0:
+        flat_packed = packed.reshape(-1)
+        for pb in range(n // 8):
+            _store_transposed(flat_packed[8 * pb * _COLUMNS:], _COLUMNS // 8, m, words, c0, first // 8 + pb)
+    else:
+        for o in range(m):
+            dst = out[c0 + o]
+            for p in range(n):
+                dst[first + p] = packed[p, o]
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _quantize_pack_int4_bf16_rows_transposed(flat, stride, group_rows, scale, low, out):
+def _quantize_pack_int4_bf16_rows_transposed(flat, stride, group_rows, scale, low, out, words):
     """`_quantize_bf16_rows_transposed` into [-8, 7] then packed two values a byte, in one pass: each thread
     takes a tile of _ROW_PAIRS row pairs (2k, 2k + 1 share a group: group_rows is even) by _COLUMNS
     columns, packs it into a small buffer and writes the buffer transposed (with whole rows in the
@@ -344,12 +357,13 @@ def _quantize_pack_int4_bf16_rows_transposed(flat, stride, group_rows, scale, lo
     cols, pairs = out.shape
     tiles = (cols + _COLUMNS - 1) // _COLUMNS
     for job in prange(((pairs + _ROW_PAIRS - 1) // _ROW_PAIRS) * tiles):
-        _quantize_pack_int4_tile(flat, stride, group_rows, scale, low, out, (job // tiles) * _ROW_PAIRS,
+        _quantize_pack_int4_tile(flat, stride, group_rows, scale, low, out, words, (job // tiles) * _ROW_PAIRS,
                                  (job % tiles) * _COLUMNS)
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _rtn_int4_bf16_rows_transposed(flat, stride, half_range32, half_range, limit, scale_bits, scale, low, out, bad):
+def _rtn_int4_bf16_rows_transposed(flat, stride, half_range32, half_range, limit, scale_bits, scale, low, out, words,
+                                   bad):
     """int4 RTN of the transposed bf16 matrix in one pass over its stored rows, groups of
     2 * _ROW_PAIRS rows: each tile of `_quantize_pack_int4_bf16_rows_transposed` is one group's rows
     by _COLUMNS columns, so the tile first takes its columns' group maxima (the bits with the sign
@@ -387,7 +401,8 @@ def _rtn_int4_bf16_rows_transposed(flat, stride, half_range32, half_range, limit
             low[g, c0 + o] = np.float32(-7) if overflows else np.float32(-8)
             clamped = clamped or overflows
         if not bad[job]:  # the lower clamps only where one is -7: the tile's loop skips them otherwise
-            _quantize_pack_int4_tile(flat, stride, 2 * _ROW_PAIRS, scale, low if clamped else low[:0], out, first, c0)
+            _quantize_pack_int4_tile(flat, stride, 2 * _ROW_PAIRS, scale, low if clamped else low[:0], out, words,
+                                     first, c0)
 
 
 def quantize_pack_int4_transposed(w: torch.Tensor, group_rows: int, scale: torch.Tensor,
@@ -398,7 +413,7 @@ def quantize_pack_int4_transposed(w: torch.Tensor, group_rows: int, scale: torch
     out = torch.empty((w.shape[1], w.shape[0] // 2), dtype=torch.uint8)
     no_low = np.empty((0, 0), np.float32)
     _quantize_pack_int4_bf16_rows_transposed(*_row_bits(w), group_rows, scale.numpy(),
-                                             no_low if low is None else low.numpy(), out.numpy())
+                                             no_low if low is None else low.numpy(), *_bytes_and_words(out))
     return out
 
 
@@ -419,7 +434,7 @@ def rtn_int4_transposed(w: torch.Tensor, half_range: float) -> tuple[torch.Tenso
     bad = np.zeros(groups * -(-cols // _COLUMNS), dtype=np.bool_)
     _rtn_int4_bf16_rows_transposed(flat, stride, np.float32(half_range), float(half_range),
                                    float(torch.finfo(torch.bfloat16).max), scale_bits.numpy().view(np.uint16),
-                                   scale, low, out.numpy(), bad)
+                                   scale, low, *_bytes_and_words(out), bad)
     return None if bad.any() else (out, scale_bits.view(torch.bfloat16))
 
 
@@ -493,7 +508,7 @@ def _fp8_bf16_rows_transposed(flat, stride, scale, out):
                     # else drop 20 mantissa bits, ties to even, and rebias the exponent from 127 to 7
                     normal = ((m + np.uint32(0x7FFFF) + ((m >> np.uint32(20)) & np.uint32(1))) >> np.uint32(20)) - np.uint32(960)
                     q[o] = np.uint8(((u >> np.uint32(24)) & np.uint32(0x80)) | (subnormal if a < np.float32(0.015625) else normal))
-            _store_transposed(tile, width, out, c0, rb)
+            _store_transposed(tile, _STRIP // 8, width, out, c0, rb)
 
 
 def quantize_fp8_transposed(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

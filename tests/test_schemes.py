@@ -556,14 +556,16 @@ def test_fused_int4_quantize_and_pack_equals_the_two_steps() -> None:
             assert torch.equal(ours, theirs), name
 
 
-def test_fused_int4_tiles_cover_every_row_pair_and_column() -> None:
+@pytest.mark.parametrize("width", [1200, 1196])
+def test_fused_int4_tiles_cover_every_row_pair_and_column(width) -> None:
     """An expert view wide and tall enough for several tiles of the compiled pass in both directions
-    (1200 of 1300 stored columns: tiles of 512, 512 and the rest; 192 row pairs: three blocks),
+    (`width` of 1300 stored columns: tiles of 512, 512 and the rest; 192 row pairs: three blocks),
     against torch's float32 division, rounding and clamping, then packing; with and without a lower
-    clamp."""
+    clamp. A tile whose width is a multiple of 8 is stored by 8 x 8 blocks, the last of 1196 columns
+    (172) byte by byte."""
     g = torch.Generator().manual_seed(5)
     stored = (torch.randn(384, 1300, generator=g) * 0.02).to(BF16)  # [in, out]
-    w = stored[:, 50:1250].T
+    w = stored[:, 50:50 + width].T
     assert S.stored_transposed(w)
     scale = S.int4_scales(w)
     x = S.true_div(w.float(), scale.float().repeat_interleave(128, 1)).round().clamp(-8, 7)
