@@ -42,6 +42,17 @@ def _mapped_here(path) -> bool:
     return str(path) in open("/proc/self/maps").read()
 
 
+def _resident_bytes(path) -> int:
+    """The bytes of this process's mappings of `path` that are in its page tables (smaps' Rss)."""
+    resident, ours = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split(" ", 1)[0]:  # a mapping's first line: its address range, ..., its file
+            ours = line.rstrip().endswith(str(path))
+        elif ours and line.startswith("Rss:"):
+            resident += int(line.split()[1]) * 1024
+    return resident
+
+
 def _evict(path, offset: int = 0, length: int = 0) -> None:
     """Drop a file's pages (all, or those in [offset, offset + length)) from the page cache (written
     back first: dirty pages are not dropped)."""
@@ -73,6 +84,7 @@ def test_mapped_reads_map_cached_pages_only_and_unmap_when_dropped(model_copy):
     ref = read_tensor(info)  # FRESH reads through the page cache: its pages are cached now
     view = read_tensor(info, MAPPED)[1:]
     assert _mapped_here(info.file)
+    assert _resident_bytes(info.file) >= info.nbytes  # faulted in by the read, before any use
     assert not checkpoint._read_buffers.idle  # let go while slices are mapped
     del view  # the last thing made from the mapping: its pages go with it
     assert not _mapped_here(info.file)
