@@ -3,9 +3,11 @@
 GGUF: l4q's compiled block encoders (1 thread, N threads), its torch reference encoders, and ggml's
 own quantize_<type> (llama-cpp-python's libggml-base, one thread), on the same bf16-exact matrix of
 Scout's row length, with and without an importance vector; every l4q output is checked
-byte-identical to ggml's. Then int4 (scales, values and packing), Q8_0 and Q4_K of one routed
-expert's projection as the walk hands it over (a transposed view of the stored bf16 slice), against
-the same on a contiguous copy; the two outputs are checked identical.
+byte-identical to ggml's. Then int4 (scales, values and packing), int8, FP8, Q8_0 and Q4_K of one
+routed expert's projection as the walk hands it over (a transposed view of the stored bf16 slice),
+against the same on a contiguous copy; the two outputs are checked identical. Freed memory is kept
+for the next call, as `l4q` keeps it (`parallel.keep_freed_memory`): otherwise each call's output
+is fresh pages, and the table would time the kernel's page faults.
 
     python benchmarks/kernel_speed.py --threads 2
 """
@@ -50,6 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     if GGML is None:
         sys.exit("llama-cpp-python's libggml-base is missing: bash scripts/setup.sh test")
+    parallel.keep_freed_memory()
 
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((args.rows, args.cols), dtype=np.float32) * 0.02)
@@ -81,21 +84,23 @@ def main() -> None:
     expert_table(args)
 
 
-def int4(w: torch.Tensor) -> list[torch.Tensor]:
-    """The stored tensors, as `l4q quantize` makes them (one fused pass for a transposed bf16 view)."""
-    return [t for _, t in get_scheme("int4").encode_weight("m", w)]
+def stored_tensors(scheme: str):
+    """The tensors `l4q quantize --to scheme` stores for a weight (for a transposed bf16 view: the
+    compiled one-pass kernels)."""
+    return lambda w: [t for _, t in get_scheme(scheme).encode_weight("m", w)]
 
 
 def expert_table(args) -> None:
     """An expert's gate projection as the walk hands it over (Scout's [8192, 5120] transposed view
-    of half a stored [5120, 16384] slice) and as a contiguous copy: int4 (torch's path for the
-    copy), Q8_0 and Q4_K (the compiled loops either way)."""
+    of half a stored [5120, 16384] slice) and as a contiguous copy: int4, int8 and FP8 (torch's
+    path for the copy), Q8_0 and Q4_K (the compiled loops either way)."""
     stored = (torch.randn(5120, 2 * args.experts_out, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
     view, copy = stored[:, : args.experts_out].T, stored[:, : args.experts_out].T.contiguous()
     print(f"\nA [{view.shape[0]}, {view.shape[1]}] bf16 expert projection, M values/s, best of {args.repeat}")
     print("| format | input | 1 thread | N threads | scaling |")
     print("|---|---|---:|---:|---:|")
-    encoders = {"int4 g128": int4, "Q8_0": lambda w: [torch.from_numpy(gq.quantize(w, "Q8_0"))],
+    encoders = {"int4 g128": stored_tensors("int4"), "int8": stored_tensors("int8"), "FP8": stored_tensors("fp8"),
+                "Q8_0": lambda w: [torch.from_numpy(gq.quantize(w, "Q8_0"))],
                 "Q4_K": lambda w: [torch.from_numpy(gq.quantize(w, "Q4_K"))]}
     for fmt, encode in encoders.items():
         for name, w in (("transposed view", view), ("contiguous copy", copy)):
