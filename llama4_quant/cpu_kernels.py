@@ -18,6 +18,7 @@ import torch
 from numba import njit, prange
 
 from . import parallel
+from .byte_transpose import store_transposed
 
 # dtype -> (same-width int dtype, numpy unsigned view, exponent mask, magnitude mask: all but the sign)
 _BITS = {
@@ -33,7 +34,7 @@ def _bits(w: torch.Tensor) -> np.ndarray:
     return w.view(int_dtype).numpy().view(np_dtype)
 
 
-def _row_bits(w: torch.Tensor) -> tuple[np.ndarray, int]:
+def row_bits(w: torch.Tensor) -> tuple[np.ndarray, int]:
     """The bits of 2-D CPU tensor `w` (rows contiguous) as one contiguous 1-D array from its first
     value to its last, and how far apart its rows start. numba vectorizes loops over arrays it knows
     are contiguous, and an expert's gate or up projection is a view whose rows lie apart: the group
@@ -154,7 +155,7 @@ def group_absmax_of_rows(w: torch.Tensor, group_rows: int) -> torch.Tensor:
     int_dtype, np_dtype, _, magnitude = _BITS[w.dtype]
     parallel.use_kernel_threads()
     out = torch.empty((w.shape[0] // group_rows, w.shape[1]), dtype=int_dtype)
-    _group_max_abs_bits(*_row_bits(w), group_rows, np_dtype(magnitude), out.numpy().view(np_dtype))
+    _group_max_abs_bits(*row_bits(w), group_rows, np_dtype(magnitude), out.numpy().view(np_dtype))
     return out.view(w.dtype)
 
 
@@ -180,44 +181,7 @@ def group_absmax_in_rows(w: torch.Tensor, group: int) -> torch.Tensor:
     return out.view(w.dtype)
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _swap(a, b, shift, mask):
-    """Exchange the fields `mask` << shift of a with the fields `mask` of b."""
-    t = ((a >> shift) ^ b) & mask
-    return a ^ (t << shift), b ^ t
-
-
 _STRIP = 64  # columns a thread quantizes at a time: the 64 stored rows it fills stay in L1 (512 ran 1.6x as long)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _store_transposed(tile, step, width, out, c0, rb):
-    """out[c0 + c, rb] = column c of the 8 x `width` byte tile (rows `step` words apart), for c < width,
-    as uint64 words: out is the uint64 view of the stored [cols, rows] bytes, so word rb of row c0 + c
-    holds the column's 8 bytes. Each 8 x 8 block is loaded as eight words (in registers) and
-    transposed by three rounds of swaps (bytes, then pairs, then quads across words), so every load
-    and store moves eight bytes."""
-    words = tile.view(np.uint64)
-    m1, m2, m4 = np.uint64(0x00FF00FF00FF00FF), np.uint64(0x0000FFFF0000FFFF), np.uint64(0x00000000FFFFFFFF)
-    s8, s16, s32 = np.uint64(8), np.uint64(16), np.uint64(32)
-    for cb in range(width // 8):
-        x0, x1, x2, x3 = words[cb], words[step + cb], words[2 * step + cb], words[3 * step + cb]
-        x4, x5, x6, x7 = words[4 * step + cb], words[5 * step + cb], words[6 * step + cb], words[7 * step + cb]
-        x0, x1 = _swap(x0, x1, s8, m1)
-        x2, x3 = _swap(x2, x3, s8, m1)
-        x4, x5 = _swap(x4, x5, s8, m1)
-        x6, x7 = _swap(x6, x7, s8, m1)
-        x0, x2 = _swap(x0, x2, s16, m2)
-        x1, x3 = _swap(x1, x3, s16, m2)
-        x4, x6 = _swap(x4, x6, s16, m2)
-        x5, x7 = _swap(x5, x7, s16, m2)
-        x0, x4 = _swap(x0, x4, s32, m4)
-        x1, x5 = _swap(x1, x5, s32, m4)
-        x2, x6 = _swap(x2, x6, s32, m4)
-        x3, x7 = _swap(x3, x7, s32, m4)
-        c = c0 + 8 * cb
-        out[c, rb], out[c + 1, rb], out[c + 2, rb], out[c + 3, rb] = x0, x1, x2, x3
-        out[c + 4, rb], out[c + 5, rb], out[c + 6, rb], out[c + 7, rb] = x4, x5, x6, x7
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -249,7 +213,7 @@ def _quantize_bf16_rows_transposed(flat, stride, group_rows, scale, low, qmin, q
                 else:
                     for o in range(width):
                         q[o] = np.int8(min(max(np.rint(x[o] / s[o]), qmin), qmax))
-            _store_transposed(tile, _STRIP // 8, width, out, c0, rb)
+            store_transposed(tile, _STRIP // 8, width, out, c0, rb)
 
 
 def quantize_transposed(w: torch.Tensor, group_rows: int, scale: torch.Tensor, low: torch.Tensor | None,
@@ -260,7 +224,7 @@ def quantize_transposed(w: torch.Tensor, group_rows: int, scale: torch.Tensor, l
     parallel.use_kernel_threads()
     out = torch.empty((w.shape[1], w.shape[0]), dtype=torch.int8)
     no_low = np.empty((0, 0), np.float32)
-    _quantize_bf16_rows_transposed(*_row_bits(w), group_rows, scale.numpy(), no_low if low is None else low.numpy(),
+    _quantize_bf16_rows_transposed(*row_bits(w), group_rows, scale.numpy(), no_low if low is None else low.numpy(),
                                    np.float32(qmin), np.float32(qmax), out.view(torch.uint8).numpy().view(np.uint64))
     return out
 
@@ -338,7 +302,7 @@ def _quantize_pack_int4_tile(flat, stride, group_rows, scale, low, out, words, f
     if words.shape[0] > 0 and m % 8 == 0:
         flat_packed = packed.reshape(-1)
         for pb in range(n // 8):
-            _store_transposed(flat_packed[8 * pb * _COLUMNS:], _COLUMNS // 8, m, words, c0, first // 8 + pb)
+            store_transposed(flat_packed[8 * pb * _COLUMNS:], _COLUMNS // 8, m, words, c0, first // 8 + pb)
     else:
         for o in range(m):
             dst = out[c0 + o]
@@ -412,7 +376,7 @@ def quantize_pack_int4_transposed(w: torch.Tensor, group_rows: int, scale: torch
     parallel.use_kernel_threads()
     out = torch.empty((w.shape[1], w.shape[0] // 2), dtype=torch.uint8)
     no_low = np.empty((0, 0), np.float32)
-    _quantize_pack_int4_bf16_rows_transposed(*_row_bits(w), group_rows, scale.numpy(),
+    _quantize_pack_int4_bf16_rows_transposed(*row_bits(w), group_rows, scale.numpy(),
                                              no_low if low is None else low.numpy(), *_bytes_and_words(out))
     return out
 
@@ -426,7 +390,7 @@ def rtn_int4_transposed(w: torch.Tensor, half_range: float) -> tuple[torch.Tenso
     scales [rows / group, cols]) as `schemes.int4_scales` and `int_lower_clamp` give them; None
     where a group holds NaN/Inf or a scale overflows (the general path then says which)."""
     parallel.use_kernel_threads()
-    flat, stride = _row_bits(w)
+    flat, stride = row_bits(w)
     groups, cols = w.shape[0] // RTN_INT4_GROUP, w.shape[1]
     out = torch.empty((cols, w.shape[0] // 2), dtype=torch.uint8)
     scale_bits = torch.empty((groups, cols), dtype=torch.int16)
@@ -508,7 +472,7 @@ def _fp8_bf16_rows_transposed(flat, stride, scale, out):
                     # else drop 20 mantissa bits, ties to even, and rebias the exponent from 127 to 7
                     normal = ((m + np.uint32(0x7FFFF) + ((m >> np.uint32(20)) & np.uint32(1))) >> np.uint32(20)) - np.uint32(960)
                     q[o] = np.uint8(((u >> np.uint32(24)) & np.uint32(0x80)) | (subnormal if a < np.float32(0.015625) else normal))
-            _store_transposed(tile, _STRIP // 8, width, out, c0, rb)
+            store_transposed(tile, _STRIP // 8, width, out, c0, rb)
 
 
 def quantize_fp8_transposed(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -517,5 +481,5 @@ def quantize_fp8_transposed(w: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     `schemes.fp8_quantize` computes them."""
     parallel.use_kernel_threads()
     out = torch.empty((w.shape[1], w.shape[0]), dtype=torch.uint8)
-    _fp8_bf16_rows_transposed(*_row_bits(w), scale.contiguous().numpy(), out.numpy().view(np.uint64))
+    _fp8_bf16_rows_transposed(*row_bits(w), scale.contiguous().numpy(), out.numpy().view(np.uint64))
     return out.view(torch.float8_e4m3fn)

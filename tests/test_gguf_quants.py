@@ -630,20 +630,24 @@ def test_transposed_views_refuse_non_finite_and_overflow(qtype):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_q8_0_of_a_stored_slice_across_bands(threads):
-    """Q8_0 of an expert's view encodes its stored rows a band of output columns at a time: two
-    whole bands and a partial one, of a wider stored matrix, against the contiguous copy and the
-    torch encoder; an overflowing block in the second band and a NaN in the partial one are found."""
-    band = gguf_kernels._Q8_0_BAND
-    n_out = 2 * band + 76
-    stored = torch.from_numpy(gaussian(256, n_out + 40, 12)).bfloat16()  # [in, out + 40]
-    stored[:32, 1000] = 1.0e7  # block 0 of output row 1000: d = 1e7 / 127 overflows f16
+@pytest.mark.parametrize("n_in", [256, 160])
+def test_q8_0_of_a_stored_slice_across_strips(threads, n_in):
+    """Q8_0 of an expert's view encodes its stored rows a strip of output columns at a time, four
+    blocks to a tile stored as whole words: whole strips and a last one whose width is no multiple of
+    8 (stored byte by byte), of a wider stored matrix, against the contiguous copy and the torch
+    encoder; an overflowing block in a middle strip and a NaN in the last one are found. 160 input
+    values (five blocks, not whole tiles) take the general row-tile kernel instead, with the same bytes."""
+    strip = gguf_kernels._Q8_0_STRIP
+    n_out = 5 * strip + 12
+    stored = torch.from_numpy(gaussian(n_in, n_out + 40, 12)).bfloat16()  # [in, out + 40]
+    overflowing = 2 * strip + 5
+    stored[96:128, 30 + overflowing] = 1.0e7  # block 3 of that output row: d = 1e7 / 127 overflows f16
     view = stored[:, 30:30 + n_out].T
     parallel.set_threads(threads)
     try:
         with pytest.raises(gq.ScaleOverflowError, match="float16"):
             gq.quantize(view, "Q8_0")
-        stored[:32, 1000] = 0.5
+        stored[96:128, 30 + overflowing] = 0.5
         q = gq.quantize(view, "Q8_0")
         np.testing.assert_array_equal(q, gq.quantize(view.contiguous(), "Q8_0"))
         np.testing.assert_array_equal(q, gq.quantize_reference(view, "Q8_0"))

@@ -177,7 +177,7 @@ def quantize_q6_k(w: Any, importance: Any = None) -> np.ndarray:
 
 def _encode_compiled(w: Any, bt: BlockType, qw: Any) -> np.ndarray:
     """Encode a matrix with the compiled kernel, its rows spread over `parallel.threads()` threads."""
-    from .. import parallel
+    from .. import cpu_kernels, parallel
     from . import gguf_kernels
 
     src, rows, cols = _matrix(w, bt.name)
@@ -187,10 +187,10 @@ def _encode_compiled(w: Any, bt: BlockType, qw: Any) -> np.ndarray:
     out = np.empty((rows, cols // bt.block_size * bt.type_size), dtype=np.uint8)
     bad, overflow = np.zeros(rows, dtype=bool), np.zeros(rows, dtype=np.float32)
     kernel = getattr(gguf_kernels, bt.kernel)
-    if bt.name == "Q8_0" and shift == 16 and bits.strides[0] == 2 and bits.strides[1] >= 2 * rows:
-        block_overflow = np.zeros(cols // 32, dtype=np.float32)
-        gguf_kernels.encode_q8_0_stored_transposed(bits.T, out, bad, block_overflow)  # an expert's stored slice
-        overflow = block_overflow
+    if bt.name == "Q8_0" and shift == 16 and cols % 128 == 0 and cpu_kernels.supports_rows(src.T):
+        # an expert's view of its stored slice: the stored rows whole, the output rows whole words
+        gguf_kernels.encode_q8_0_stored_transposed(*cpu_kernels.row_bits(src.T), out, out.view(np.uint64), bad,
+                                                   overflow)
     elif bt.uses_importance:
         use_qw = qw is not None
         kernel(bits, shift, qw if use_qw else np.zeros(cols, dtype=np.float32), use_qw, out, bad, overflow)
