@@ -194,16 +194,17 @@ def round_fp8(x: Tensor) -> Tensor:
 
 
 def _quantize_int(w: Tensor, scale: Tensor, group_size: int, qmin: int, qmax: int) -> Tensor:
-    """int8 q = clamp(round_half_even(w / scale), qmin, qmax) per group, one float32 slice at a time
-    (of rows; of input columns when `w` is `stored_transposed`: then the compiled pass returns q
-    contiguous, as it is stored, and torch's a transposed view)."""
+    """int8 q = clamp(round_half_even(w / scale), qmin, qmax) per group: for bf16 on the CPU one
+    compiled pass (`cpu_kernels`), else one float32 slice at a time (of rows; of input columns when
+    `w` is `stored_transposed`: then the compiled pass returns q contiguous, as it is stored, and
+    torch's a transposed view)."""
     rows, cols = w.shape
     groups = _check_groups(cols, group_size)
     _check_scale(scale, (rows, groups))
     low = int_lower_clamp(scale, qmin, qmax)
-    if stored_transposed(w):
-        from . import cpu_kernels
+    from . import cpu_kernels
 
+    if stored_transposed(w):
         if cpu_kernels.supports_transposed(w.T):  # one compiled pass, [out, in] as stored, contiguous
             return cpu_kernels.quantize_transposed(w.T, group_size, scale.to(torch.float32).T.contiguous(),
                                                    None if low is None else low.T.contiguous(), qmin, qmax)
@@ -225,6 +226,8 @@ def _quantize_int(w: Tensor, scale: Tensor, group_size: int, qmin: int, qmax: in
                     x[a - start:b - start].clamp_(min=low[a // group_size])
             qt[r].copy_(x)
         return qt.T
+    if w.dtype == torch.bfloat16 and cpu_kernels.supports_rows(w):  # one compiled pass over the rows
+        return cpu_kernels.quantize_rows(w, group_size, scale.to(torch.float32).contiguous(), low, qmin, qmax)
     s = scale.to(torch.float32).unsqueeze(-1)  # [rows, groups, 1]
     if low is not None:
         low = low.unsqueeze(-1)
@@ -412,9 +415,9 @@ def fp8_quantize(w: Tensor, scale: Tensor) -> Tensor:
     rows, cols = w.shape
     _check_scale(scale, (rows, 1))
     s = scale.to(torch.float32)
-    if stored_transposed(w):  # work in the stored [in, out] layout, return the same layout
-        from . import cpu_kernels
+    from . import cpu_kernels
 
+    if stored_transposed(w):  # work in the stored [in, out] layout, return the same layout
         if cpu_kernels.supports_transposed(w.T):  # one compiled pass, [out, in] as stored, contiguous
             return cpu_kernels.quantize_fp8_transposed(w.T, s[:, 0])
         wt, st = w.T, s.T  # [in, out]; [1, out]
@@ -422,6 +425,8 @@ def fp8_quantize(w: Tensor, scale: Tensor) -> Tensor:
         for r in _row_chunks(cols, rows):
             qt[r].copy_(round_fp8(wt[r].to(torch.float32, copy=True).div_(st)))
         return qt.T
+    if w.dtype == torch.bfloat16 and cpu_kernels.supports_rows(w):  # one compiled pass over the rows
+        return cpu_kernels.quantize_fp8_rows(w, s[:, 0])
     q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=w.device)
     for r in _row_chunks(rows, cols):
         x = w[r].to(torch.float32, copy=True)

@@ -467,6 +467,10 @@ def test_group_absmax_in_rows_equals_torch(dtype) -> None:
     w = w.clone()
     w[40, 200] = float("nan")
     assert group_absmax_in_rows(w, 128)[40, 1].isnan() and not group_absmax_in_rows(w, 128)[40, 0].isnan()
+    planted = torch.rand(128, 256, generator=g).to(dtype)  # row r: the maxima at positions r and 127 - r
+    planted[range(128), range(128)] = 2.0
+    planted[range(128), range(255, 127, -1)] = -3.0
+    assert torch.equal(group_absmax_in_rows(planted, 128), torch.tensor([2.0, 3.0]).to(dtype).expand(128, 2))
 
 
 def test_transposed_group_absmax_is_the_same_with_and_without_the_compiled_kernel() -> None:
@@ -496,9 +500,10 @@ def test_true_div_rounds_the_exact_quotient() -> None:
 @pytest.mark.parametrize("group_rows, qmin, qmax", [(128, -8, 7), (256, -128, 127)])
 def test_compiled_int_quantize_equals_float32_torch(group_rows, qmin, qmax, threads) -> None:
     """The transposed int values of a strided bf16 view, as float32 torch gives them: half steps
-    (round-half-even ties), a lower clamp, one strip of columns, several with a partial one."""
+    (round-half-even ties), a lower clamp, one strip of columns, several with a partial one; and the
+    same values as contiguous rows."""
     from llama4_quant import parallel
-    from llama4_quant.cpu_kernels import quantize_transposed, supports_transposed
+    from llama4_quant.cpu_kernels import quantize_rows, quantize_transposed, supports_transposed
 
     g = torch.Generator().manual_seed(2)
     parallel.set_threads(threads)
@@ -517,6 +522,11 @@ def test_compiled_int_quantize_equals_float32_torch(group_rows, qmin, qmax, thre
             low[0, :8] = float(-qmax)
             expected = torch.maximum(x.round().clamp(qmin, qmax), low.repeat_interleave(group_rows, 0)).to(torch.int8)
             assert torch.equal(quantize_transposed(w, group_rows, scale, low, qmin, qmax), expected.T.contiguous())
+            # the same values as a Linear's own [out, in] rows: groups of columns
+            rows, row_scale, row_low = w.T.contiguous(), scale.T.contiguous(), low.T.contiguous()
+            assert torch.equal(quantize_rows(rows, group_rows, row_scale, row_low, qmin, qmax), expected.T)
+            expected = x.round().clamp(qmin, qmax).to(torch.int8)
+            assert torch.equal(quantize_rows(rows, group_rows, row_scale, None, qmin, qmax), expected.T)
     finally:
         parallel.set_threads(None)
 
@@ -622,9 +632,10 @@ def test_one_pass_int4_rtn_equals_its_scales_then_the_values(threads) -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 def test_compiled_fp8_quantize_equals_torch_on_every_bf16_value(threads) -> None:
     """Every finite bf16 value, by scales around 1, ones that push values into e4m3's subnormals, its
-    top and past 448; then a strided view of several strips of columns, the last one partial."""
+    top and past 448; then a strided view of several strips of columns, the last one partial; both
+    also as contiguous rows."""
     from llama4_quant import parallel
-    from llama4_quant.cpu_kernels import quantize_fp8_transposed
+    from llama4_quant.cpu_kernels import quantize_fp8_rows, quantize_fp8_transposed
 
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(BF16)
     every = every[torch.isfinite(every)]
@@ -637,6 +648,8 @@ def test_compiled_fp8_quantize_equals_torch_on_every_bf16_value(threads) -> None
         for w, s in ((every, scale), (strided, strided_scale)):
             expected = (w.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).T.contiguous()
             assert torch.equal(quantize_fp8_transposed(w, s).view(torch.uint8), expected.view(torch.uint8))
+            rows = quantize_fp8_rows(w.T.contiguous(), s)  # a Linear's own rows, one scale each
+            assert torch.equal(rows.view(torch.uint8), expected.view(torch.uint8))
     finally:
         parallel.set_threads(None)
 
