@@ -92,8 +92,8 @@ def stored_tensors(scheme: str):
 
 def expert_table(args) -> None:
     """An expert's gate projection as the walk hands it over (Scout's [8192, 5120] transposed view
-    of half a stored [5120, 16384] slice) and as a contiguous copy: int4, int8 and FP8 (torch's
-    path for the copy), Q8_0 and Q4_K (the compiled loops either way)."""
+    of half a stored [5120, 16384] slice), through the kernels of the stored layout, and as a
+    contiguous copy, through the row kernels: int4, int8, FP8, Q8_0 and Q4_K."""
     stored = (torch.randn(5120, 2 * args.experts_out, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
     view, copy = stored[:, : args.experts_out].T, stored[:, : args.experts_out].T.contiguous()
     print(f"\nA [{view.shape[0]}, {view.shape[1]}] bf16 expert projection, M values/s, best of {args.repeat}")

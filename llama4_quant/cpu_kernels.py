@@ -5,7 +5,8 @@ when its exponent bits are all ones, and for floats of one sign the order of the
 of their bits, so max |w| is an integer max of the bits with the sign cleared. The int and FP8
 quantizers of a routed expert (an [out, in] view of its stored [in, out] slice) run here in one pass
 over the stored rows, where torch makes several passes of small ops, and write the transposed
-bytes as stored directly, eight bytes a store (int4 packed two values a byte). Every loop
+bytes as stored directly, eight bytes a store (int4 packed two values a byte); those of a Linear's
+own bf16 weight run in one pass along its rows. Every loop
 gives the bytes of the torch code it replaces (tests compare them, FP8 on every bf16 value); the
 walk's reader thread runs the NaN count beside the kernels (where no target finds NaN/Inf in its
 own pass), which spread rows or columns over `--threads` numba threads.
