@@ -195,17 +195,17 @@ POISONED = {  # the tensor poisoned by `poison` -> the weight its NaN/Inf lands 
 
 
 FINDERS = {  # output type -> whether its encoder finds NaN/Inf itself (then the walk's reader does not look)
-    "int4": True, "int8": True, "fp8": False, "Q8_0": True, "Q4_K_M": True,
+    "int4": True, "int8": True, "fp8": True, "fp8-block": True, "mxfp4a16": False, "Q8_0": True, "Q4_K_M": True,
 }
 
 
 @pytest.mark.parametrize("job", list(FINDERS))
 @pytest.mark.parametrize("role", list(POISONED))
 def test_non_finite_weight_is_named_by_who_finds_it(job, role, bad_models, tmp_path, monkeypatch):
-    """int4, int8 and the GGUF block types find NaN/Inf in their own passes over a weight, so the
-    walk's reader does not look first: the error then names the weight (an expert's projection),
-    not the fused tensor's slice. Every other weight (here fp8's; the copies in `test_bad_model`) is
-    still checked by the reader, and every error counts the values."""
+    """int4, int8, the fp8 schemes and the GGUF block types find NaN/Inf in their own passes over a
+    weight, so the walk's reader does not look first: the error then names the weight (an expert's
+    projection), not the fused tensor's slice. Every other weight (here mxfp4a16's; the copies in
+    `test_bad_model`) is still checked by the reader, and every error counts the values."""
     from llama4_quant import pipeline, schemes
     from llama4_quant.formats import gguf
 

@@ -384,6 +384,22 @@ def test_non_finite_input_to_scales_raises() -> None:
         S.int4_scales(w)
 
 
+@pytest.mark.parametrize("name", [n for n, s in ct.SCHEMES.items() if s.rtn_refuses_non_finite])
+def test_schemes_that_say_so_refuse_non_finite_weights_in_their_rtn_encoding(name: str) -> None:
+    """The walk's reader skips its own NaN/Inf pass over a weight that such a scheme encodes by RTN,
+    so the encoding must refuse one anywhere: NaN and both infinities, in the first and last row and
+    column, in a Linear's own rows and in an expert's transposed view (the compiled kernels' inputs)."""
+    scheme = ct.get_scheme(name)
+    g = torch.Generator().manual_seed(3)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for row, col in ((0, 0), (255, 511), (130, 3)):
+            stored = torch.randn(512, 256, generator=g).to(BF16)  # an expert's [in, out]
+            stored[col, row] = bad
+            for w in (stored.T, stored.T.contiguous()):  # [out, in]: the view, and a Linear's own rows
+                with pytest.raises(NonFiniteWeightError):
+                    scheme.encode_weight("m", w)
+
+
 # ---------------------------------------------------------------------------------------- check_finite
 
 

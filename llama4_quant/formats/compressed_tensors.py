@@ -462,6 +462,10 @@ class _Fp8Grid:
     """fp8's rounding rule: the smallest scale >= absmax / 448 (one step down where 448 * scale
     overflows), values rounded to nearest even e4m3 and saturated at +-448."""
 
+    # its RTN scales come from the channel's or block's absmax, which a NaN or Inf makes NaN or Inf,
+    # and `schemes._symmetric_scale` refuses those (as for int)
+    rtn_refuses_non_finite = True
+
     def absmax_scale(self, absmax: Tensor, scale_dtype: torch.dtype) -> Tensor:
         from .. import schemes
 
