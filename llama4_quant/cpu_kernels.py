@@ -149,15 +149,26 @@ def supports_rows(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and w.ndim == 2 and w.stride(1) == 1
 
 
+_PART_ROWS = 128  # rows of the parts whose maxima combine where there are fewer groups than threads
+
+
 def group_absmax_of_rows(w: torch.Tensor, group_rows: int) -> torch.Tensor:
     """max |w| over consecutive groups of `group_rows` rows of [rows, cols] `w` (rows contiguous,
     any row stride), as [rows / group_rows, cols] in w's dtype. NaN ranks above every number, so a
     group holding one gets NaN, as torch's maximum gives."""
     int_dtype, np_dtype, _, magnitude = _BITS[w.dtype]
     parallel.use_kernel_threads()
-    out = torch.empty((w.shape[0] // group_rows, w.shape[1]), dtype=int_dtype)
-    _group_max_abs_bits(*row_bits(w), group_rows, np_dtype(magnitude), out.numpy().view(np_dtype))
-    return out.view(w.dtype)
+    groups = w.shape[0] // group_rows
+    # the threads take a group each, so a per-channel maximum (one group) ran on one thread: with
+    # fewer groups than threads they take parts of _PART_ROWS rows, whose maxima then combine (a
+    # Scout gate view on two threads: 5.0 ms against 8.9)
+    split = groups < parallel.threads() and group_rows % _PART_ROWS == 0
+    part_rows = _PART_ROWS if split else group_rows
+    out = np.empty((w.shape[0] // part_rows, w.shape[1]), np_dtype)
+    _group_max_abs_bits(*row_bits(w), part_rows, np_dtype(magnitude), out)
+    if split:
+        out = out.reshape(groups, group_rows // part_rows, -1).max(axis=1)
+    return torch.from_numpy(out).view(int_dtype).view(w.dtype)
 
 
 @njit(parallel=True, nogil=True, cache=True)

@@ -453,19 +453,29 @@ def test_count_non_finite_finds_one_among_the_largest_finite_values(dtype) -> No
             assert count_non_finite(v) == 1
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [BF16, torch.float16, torch.float32])
-def test_group_absmax_of_rows_equals_torch(dtype) -> None:
+def test_group_absmax_of_rows_equals_torch(dtype, threads) -> None:
+    """Groups of 128 rows, and one group of all 512 (a per-channel maximum: on two threads its parts'
+    maxima combine)."""
+    from llama4_quant import parallel
     from llama4_quant.cpu_kernels import group_absmax_of_rows
 
     g = torch.Generator().manual_seed(1)
-    stored = (torch.randn(256, 96, generator=g) * torch.logspace(-30, 4, 96)).to(dtype)  # subnormals to large
-    stored[3, 5], stored[130, 7] = -torch.finfo(dtype).max, -0.0
+    stored = (torch.randn(512, 96, generator=g) * torch.logspace(-30, 4, 96)).to(dtype)  # subnormals to large
+    stored[3, 21], stored[130, 23], stored[511, 24] = -torch.finfo(dtype).max, -0.0, torch.finfo(dtype).max
     w = stored[:, 16:80]  # a strided view, as the gate half of gate_up_proj is
-    expected = w.abs().unflatten(0, (2, 128)).amax(dim=1)
-    assert torch.equal(group_absmax_of_rows(w, 128), expected)
-    w = w.clone()
-    w[200, 3] = float("nan")
-    assert group_absmax_of_rows(w, 128)[1, 3].isnan() and not group_absmax_of_rows(w, 128)[0, 3].isnan()
+    parallel.set_threads(threads)
+    try:
+        for group_rows in (128, 512):
+            expected = w.abs().unflatten(0, (512 // group_rows, group_rows)).amax(dim=1)
+            assert torch.equal(group_absmax_of_rows(w, group_rows), expected)
+        poisoned = w.clone()
+        poisoned[200, 3] = float("nan")
+        assert group_absmax_of_rows(poisoned, 128)[1, 3].isnan() and not group_absmax_of_rows(poisoned, 128)[0, 3].isnan()
+        assert group_absmax_of_rows(poisoned, 512)[0, 3].isnan() and not group_absmax_of_rows(poisoned, 512)[0, 4].isnan()
+    finally:
+        parallel.set_threads(None)
 
 
 @pytest.mark.parametrize("dtype", [BF16, torch.float16, torch.float32])
