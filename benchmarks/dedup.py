@@ -14,6 +14,9 @@ slices are ~50 MB, far larger than Xet's 64 KiB chunks) and a synthetic fine-tun
    all experts (so one changed expert can move every expert's scales).
 
     python benchmarks/dedup.py [--layers 1] [--changed 2] [--workdir /tmp/l4q-bench]
+
+Each output is deleted once measured (only the synthetic checkpoints and the base's store stay), so
+one layer needs ~40 GB of free disk at most rather than the ~75 GB all outputs together take.
 """
 
 from __future__ import annotations
@@ -137,6 +140,11 @@ def gguf_expert_bytes(path: Path, layer: int, experts: list[int], num_experts: i
                if t.name.startswith(f"blk.{layer}.ffn_") and "_exps" in t.name)
 
 
+def discard(path: Path) -> None:
+    """Delete an output once measured: all of them together would not fit a 64 GB disk."""
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=1)
@@ -178,25 +186,33 @@ def main() -> None:
         scratch_copy(store_base, store)
         ensure_stored(store, upload_files(first))
         row(layout, "1. int4 of the same source again", second, store)
+        discard(second)
         tuned_out = make(tuned, w / f"{layout}-int4-finetune")
         row(layout, f"2. fine-tune ({args.changed} of {num_experts} experts of layer 0 changed), int4", tuned_out, store,
             expert_bytes(tuned_out, 0, changed, num_experts), "new / changed experts' bytes")
-        targets = [("int4", first)]
-        if layout == "l4q":
-            targets += [(s, quantized(base, w / f"l4q-{s}", s)) for s in ("int8", "fp8")]
-            if not args.skip_gguf:
-                base_gguf, tuned_gguf = gguf(base, w / "l4q-Q4_K_M.gguf"), gguf(tuned, w / "l4q-finetune-Q4_K_M.gguf")
-                targets.append(("GGUF Q4_K_M", base_gguf))
-                gguf_store = w / "store-gguf"  # the base and its GGUF
-                shutil.rmtree(gguf_store, ignore_errors=True)
-                scratch_copy(store_base, gguf_store)
-                ensure_stored(gguf_store, [base_gguf])
-                row(layout, "2. the fine-tune's GGUF Q4_K_M after the base's", tuned_gguf, gguf_store,
-                    gguf_expert_bytes(tuned_gguf, 0, changed, num_experts), "new / changed experts' bytes")
-                shutil.rmtree(gguf_store)  # disk: the next measurements need the room
-        for name, target in targets:
-            row(layout, f"3. {name} against the BF16 base", target, store_base, unchanged_bytes(base, target),
+        discard(tuned_out)
+        discard(store)
+        if layout == "l4q" and not args.skip_gguf:
+            base_gguf, tuned_gguf = gguf(base, w / "l4q-Q4_K_M.gguf"), gguf(tuned, w / "l4q-finetune-Q4_K_M.gguf")
+            gguf_store = w / "store-gguf"  # the base and its GGUF
+            shutil.rmtree(gguf_store, ignore_errors=True)
+            scratch_copy(store_base, gguf_store)
+            ensure_stored(gguf_store, [base_gguf])
+            row(layout, "2. the fine-tune's GGUF Q4_K_M after the base's", tuned_gguf, gguf_store,
+                gguf_expert_bytes(tuned_gguf, 0, changed, num_experts), "new / changed experts' bytes")
+            discard(tuned_gguf)
+            discard(gguf_store)
+            row(layout, "3. GGUF Q4_K_M against the BF16 base", base_gguf, store_base, unchanged_bytes(base, base_gguf),
                 "deduped / unchanged bytes")
+            discard(base_gguf)
+        row(layout, "3. int4 against the BF16 base", first, store_base, unchanged_bytes(base, first),
+            "deduped / unchanged bytes")
+        discard(first)
+        for scheme in ("int8", "fp8") if layout == "l4q" else ():
+            target = quantized(base, w / f"l4q-{scheme}", scheme)
+            row(layout, f"3. {scheme} against the BF16 base", target, store_base, unchanged_bytes(base, target),
+                "deduped / unchanged bytes")
+            discard(target)
 
     print(f"\nXet dedup (hf_xet local store), synthetic Scout-shaped checkpoint with {args.layers} layer(s)")
     print("| layout | case | size GB | new GB | dedup | reference GB | ratio | measured in s |")
