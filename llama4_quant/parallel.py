@@ -59,5 +59,12 @@ def keep_freed_memory() -> None:
 def use_kernel_threads() -> None:
     """Give numba's parallel loops `threads()` threads (numba keeps the setting per calling thread)."""
     import numba
+    import torch
 
+    torch_threads = torch.get_num_threads()
     numba.set_num_threads(min(threads(), numba.config.NUMBA_NUM_THREADS))
+    # numba's OpenMP layer, when it starts, sets this thread's OpenMP team to every core, and torch's
+    # kernels on this thread use that team: without this, `--threads 1` ran mse and GPTQ on all cores
+    # after the first compiled kernel, and each rank of a torchrun job on all of its machine's cores.
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
